@@ -1,0 +1,252 @@
+//! The contract between the loader and the kernel programs: map names, the
+//! layout of every map key and value, and the constants both sides agree on.
+//!
+//! Byte order is stated per field. As a rule, addresses are kept exactly as the
+//! kernel hands them to BPF programs (network order, in the `u32` words of
+//! `user_ip4` / `user_ip6`), so the hot path never converts them.
+
+/// Names of the maps in the eBPF object, as user space looks them up.
+pub mod map_names {
+    /// `Array<Config>`, one entry: the scalar part of the policy.
+    pub const CONFIG: &str = "CONFIG";
+    /// `Array<u8>`, 65,536 entries indexed by port: [`super::port_flags`] bits.
+    pub const PORTS: &str = "PORTS";
+    /// `HashMap<u32, u8>`: the proxy's UIDs.
+    pub const PROXY_UIDS: &str = "PROXY_UIDS";
+    /// `HashMap<u32, u8>`: the proxy's GIDs.
+    pub const PROXY_GIDS: &str = "PROXY_GIDS";
+    /// `LpmTrie<[u8; 4], u8>`: outbound CIDRs that are never captured.
+    pub const EXCLUDE_V4: &str = "EXCLUDE_V4";
+    /// `LpmTrie<[u8; 4], u8>`: outbound CIDRs that are captured.
+    pub const INCLUDE_V4: &str = "INCLUDE_V4";
+    /// `HashMap<u32, u8>`: the IPv4 addresses the pod's network namespace owns
+    /// (network order), used to tell which destinations are routed over `lo`.
+    pub const LOCAL_V4: &str = "LOCAL_V4";
+    /// `SkStorage<OrigDst>`: per-socket original destination. Lives and dies
+    /// with its socket, so it can never leak.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// `HashMap<TupleKey, OrigDst>`: hand-over from the application's socket to
+    /// the proxy's accepted socket, alive only between the client's `connect()`
+    /// and the proxy side's handshake completion (or the client's close).
+    pub const HANDOVER: &str = "HANDOVER";
+    /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+
+    /// Maps whose content is the policy: replaced as a whole on re-apply.
+    pub const POLICY: [&str; 7] = [
+        CONFIG, PORTS, PROXY_UIDS, PROXY_GIDS, EXCLUDE_V4, INCLUDE_V4, LOCAL_V4,
+    ];
+    /// Maps that hold connection state and counters: kept across re-apply so
+    /// that connections in flight during a re-apply keep their original
+    /// destination.
+    pub const STATE: [&str; 3] = [ORIG_DST, HANDOVER, COUNTERS];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// `cgroup/connect4`: decides and rewrites outbound IPv4 connects.
+    pub const CONNECT4: &str = "redirect_connect4";
+    /// `cgroup/getpeername4`: shows the application its original peer.
+    pub const GETPEERNAME4: &str = "redirect_getpeername4";
+    /// `sockops`: hands the original destination over to the proxy's socket.
+    pub const SOCK_OPS: &str = "redirect_sockops";
+    /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
+    pub const GETSOCKOPT: &str = "redirect_getsockopt";
+    /// All programs, in the order they are attached.
+    pub const ALL: [&str; 4] = [SOCK_OPS, GETSOCKOPT, GETPEERNAME4, CONNECT4];
+}
+
+/// Bits of the per-port flag array ([`map_names::PORTS`]).
+pub mod port_flags {
+    /// Destination port in the exclude-outbound-ports list (rule 1).
+    pub const OUT_EXCLUDE: u8 = 1 << 0;
+    /// Destination port in the include-outbound-ports list (rule 8).
+    pub const OUT_INCLUDE: u8 = 1 << 1;
+    /// Inbound port excluded from capture.
+    pub const IN_EXCLUDE: u8 = 1 << 2;
+    /// Inbound port captured.
+    pub const IN_INCLUDE: u8 = 1 << 3;
+}
+
+/// Bits of [`Config::flags`].
+pub mod config_flags {
+    /// The proxy UID list is not empty; [`super::Config::first_uid`] is valid.
+    pub const HAS_UIDS: u16 = 1 << 0;
+    /// The proxy GID list is not empty; [`super::Config::first_gid`] is valid.
+    pub const HAS_GIDS: u16 = 1 << 1;
+    /// Include outbound CIDRs is `*`: capture everything not excluded.
+    pub const INCLUDE_ALL: u16 = 1 << 2;
+    /// The include-outbound-CIDR trie has entries.
+    pub const HAS_INCLUDE_CIDRS: u16 = 1 << 3;
+    /// The exclude-outbound-CIDR trie has entries.
+    pub const HAS_EXCLUDE_CIDRS: u16 = 1 << 4;
+}
+
+/// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
+pub const SOL_IP: i32 = 0;
+/// `SO_ORIGINAL_DST` (netfilter's `getsockopt` option, value 80).
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// `AF_INET`.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+/// Size of the port flag array.
+pub const PORT_COUNT: u32 = 65_536;
+/// Default capacity of each CIDR trie (no preallocation: memory follows use).
+pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
+/// Capacity of the hand-over map: connections between `connect()` and the
+/// proxy's side of the handshake, all pods of one apply together.
+pub const HANDOVER_CAPACITY: u32 = 1 << 16;
+/// Capacity of the UID, GID and local-address sets.
+pub const SET_CAPACITY: u32 = 1024;
+
+/// The scalar part of a policy: `Array<Config>` with one entry.
+///
+/// Ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Config {
+    /// Where captured outbound TCP goes (istio `-p`, 15001).
+    pub proxy_port: u16,
+    /// Where captured inbound TCP goes (istio `-z`, 15006).
+    pub inbound_port: u16,
+    /// The proxy's tunnel port, never captured (15008).
+    pub tunnel_port: u16,
+    /// [`config_flags`] bits.
+    pub flags: u16,
+    /// First proxy UID (the iptables rules for it come first and decide every
+    /// connection routed over `lo`).
+    pub first_uid: u32,
+    /// First proxy GID, likewise.
+    pub first_gid: u32,
+    /// The source address (network order) the pod's routing picks for
+    /// non-local destinations, or 0 if unknown. Redirected sockets are bound
+    /// to it so the application and the proxy see the addresses iptables
+    /// REDIRECT would give them.
+    pub source_v4: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+impl Config {
+    /// Whether a [`config_flags`] bit is set.
+    #[inline(always)]
+    pub const fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// The original destination of a redirected connection.
+///
+/// Stored per socket (the application's, then the proxy's accepted one) and in
+/// the hand-over map between them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct OrigDst {
+    /// Address in network order; IPv4 uses word 0.
+    pub ip: [u32; 4],
+    /// Port in network order, as in `sockaddr_in`.
+    pub port_be: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// The [`crate::policy::Rule`] that redirected it, as a number.
+    pub rule: u16,
+    /// [`orig_flags`] bits.
+    pub flags: u16,
+}
+
+/// Bits of [`OrigDst::flags`].
+pub mod orig_flags {
+    /// Stored on the proxy's accepted socket (not the application's): its
+    /// `getpeername()` is left alone, since the proxy must see the real peer.
+    pub const PROXY_SIDE: u16 = 1 << 0;
+}
+
+/// Key of the hand-over map: one TCP connection, from the client's side.
+///
+/// The client's socket writes it (local = client, remote = proxy listener) and
+/// the proxy's accepted socket reads it (its remote = client, local =
+/// listener). The network namespace cookie keeps keys of different pods
+/// apart when one map serves many.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TupleKey {
+    /// `bpf_get_netns_cookie` of the connection's network namespace.
+    pub netns: u64,
+    /// Client address, network order (IPv4 in word 0).
+    pub client_ip: [u32; 4],
+    /// Proxy listener address, network order.
+    pub proxy_ip: [u32; 4],
+    /// Client port, host order.
+    pub client_port: u16,
+    /// Proxy listener port, host order.
+    pub proxy_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+}
+
+/// Indices of the counter array beyond the per-rule ones.
+///
+/// Counters `0 .. Rule::COUNT` count decisions by [`crate::policy::Rule`];
+/// these follow.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `bpf_bind` to the pod's source address failed; the connection was still
+    /// redirected, from a loopback source.
+    BindFailed = crate::policy::Rule::COUNT,
+    /// No per-socket storage could be allocated: the connect was refused
+    /// (`EPERM`) rather than let through uncaptured or lose its destination,
+    /// as iptables drops packets when conntrack is full.
+    StorageFailed,
+    /// The hand-over map was full: the proxy will not learn the destination.
+    HandoverFull,
+    /// `SO_ORIGINAL_DST` answered from the map.
+    OrigDstServed,
+    /// `SO_ORIGINAL_DST` asked on a socket with no recorded destination.
+    OrigDstMissing,
+    /// Hand-over entries consumed by the proxy's accepted socket.
+    HandoverTaken,
+    /// Hand-over entries removed because the client closed first.
+    HandoverDropped,
+}
+
+impl Counter {
+    /// Number of counter slots (rules plus the extra counters).
+    pub const TOTAL: u32 = Counter::HandoverDropped as u32 + 1;
+    /// All extra counters, in index order.
+    pub const ALL: [Counter; 7] = [
+        Counter::BindFailed,
+        Counter::StorageFailed,
+        Counter::HandoverFull,
+        Counter::OrigDstServed,
+        Counter::OrigDstMissing,
+        Counter::HandoverTaken,
+        Counter::HandoverDropped,
+    ];
+
+    /// Stable snake_case name, as `redirect status --json` prints it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::BindFailed => "bind_failed",
+            Counter::StorageFailed => "storage_failed",
+            Counter::HandoverFull => "handover_full",
+            Counter::OrigDstServed => "orig_dst_served",
+            Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::HandoverTaken => "handover_taken",
+            Counter::HandoverDropped => "handover_dropped",
+        }
+    }
+}
+
+// SAFETY: plain `#[repr(C)]` data without padding (checked by the bytemuck
+// derives above), valid for any bit pattern.
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::TupleKey {}
+}

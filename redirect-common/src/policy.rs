@@ -1,0 +1,325 @@
+//! The redirection decision, written once.
+//!
+//! [`decide_outbound`] walks the rules of istio-iptables' `nat OUTPUT` chain in
+//! order (first match wins) and returns what iptables would do with the first
+//! packet of a TCP connection: pass it, or REDIRECT it to a port. Rule numbers
+//! are those of `shared/SEMANTICS.md` and `docs/semantics.md`.
+//!
+//! The policy is reached through the [`PolicyMaps`] trait so the same code runs
+//! in the kernel (backed by BPF maps) and in user space (backed by ordinary
+//! collections, for `redirect explain` and the tests). Lookups happen lazily,
+//! in rule order, so a connection decided by an early rule costs no more.
+
+use crate::abi::{Config, config_flags, port_flags};
+
+/// An IP address, host byte order for IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Addr {
+    /// IPv4, host order (`0x7f00_0001` is 127.0.0.1).
+    V4(u32),
+    /// IPv6, as its 16 bytes in network order.
+    V6([u8; 16]),
+}
+
+/// 127.0.0.1 in host order.
+pub const V4_LOCALHOST: u32 = 0x7f00_0001;
+/// 127.0.0.6, the source the proxy binds when it forwards inbound traffic.
+pub const V4_PASSTHROUGH: u32 = 0x7f00_0006;
+
+impl Addr {
+    /// In 127.0.0.0/8 or `::1`: always routed over `lo`.
+    #[inline(always)]
+    pub fn is_loopback_range(&self) -> bool {
+        match self {
+            Addr::V4(a) => a >> 24 == 127,
+            Addr::V6(b) => *b == V6_LOCALHOST,
+        }
+    }
+
+    /// The host loopback address of rules 3a and 6: 127.0.0.1/32 or ::1/128.
+    #[inline(always)]
+    pub fn is_host_loopback(&self) -> bool {
+        match self {
+            Addr::V4(a) => *a == V4_LOCALHOST,
+            Addr::V6(b) => *b == V6_LOCALHOST,
+        }
+    }
+
+    /// The passthrough source of rule 2: 127.0.0.6 or ::6.
+    #[inline(always)]
+    pub fn is_passthrough(&self) -> bool {
+        match self {
+            Addr::V4(a) => *a == V4_PASSTHROUGH,
+            Addr::V6(b) => *b == V6_PASSTHROUGH,
+        }
+    }
+}
+
+/// `::1`.
+pub const V6_LOCALHOST: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// `::6`.
+pub const V6_PASSTHROUGH: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
+/// The policy data that is too large for [`Config`]: sets and prefix tries.
+///
+/// Implemented over BPF maps in the kernel and over collections in user space.
+pub trait PolicyMaps {
+    /// [`port_flags`] bits of a port.
+    fn port_flags(&self, port: u16) -> u8;
+    /// Whether `uid` is one of the proxy's UIDs.
+    fn is_proxy_uid(&self, uid: u32) -> bool;
+    /// Whether `gid` is one of the proxy's GIDs.
+    fn is_proxy_gid(&self, gid: u32) -> bool;
+    /// Whether `dst` falls in an exclude-outbound CIDR.
+    fn cidr_excluded(&self, dst: &Addr) -> bool;
+    /// Whether `dst` falls in an include-outbound CIDR.
+    fn cidr_included(&self, dst: &Addr) -> bool;
+    /// Whether the pod's network namespace owns `dst` (so the route to it
+    /// leaves through `lo`).
+    fn is_local_addr(&self, dst: &Addr) -> bool;
+}
+
+/// An outbound TCP connect, as the connect hook sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    /// UID of the task calling `connect()`.
+    pub uid: u32,
+    /// Primary GID of that task.
+    pub gid: u32,
+    /// Source address if the socket was bound before `connect()`.
+    pub bound_src: Option<Addr>,
+    /// Destination address asked for.
+    pub dst: Addr,
+    /// Destination port asked for, host order.
+    pub dport: u16,
+}
+
+/// Which rule decided, numbered as in `docs/semantics.md`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// 1: destination port excluded → pass.
+    ExcludedPort = 0,
+    /// 2: source 127.0.0.6 over `lo` → pass.
+    PassthroughSource,
+    /// 3a: the proxy calls a local, non-127.0.0.1 address → inbound port.
+    ProxyToLocal,
+    /// 3b: someone other than the (first) proxy owner over `lo` → pass.
+    LoopbackNotProxy,
+    /// 3c: the proxy's own traffic → pass.
+    ProxyOwner,
+    /// 6: destination 127.0.0.1 → pass.
+    HostLoopback,
+    /// 7: destination in an excluded CIDR → pass.
+    ExcludedCidr,
+    /// 8: destination port included → proxy port.
+    IncludedPort,
+    /// 9: destination in an included CIDR → proxy port.
+    IncludedCidr,
+    /// 9 with `*`: everything left → proxy port.
+    IncludeAll,
+    /// End of the chain: nothing captured it → pass.
+    NotCaptured,
+}
+
+impl Rule {
+    /// Number of rules (and of per-rule counters).
+    pub const COUNT: u32 = Rule::NotCaptured as u32 + 1;
+    /// All rules, in index order.
+    pub const ALL: [Rule; 11] = [
+        Rule::ExcludedPort,
+        Rule::PassthroughSource,
+        Rule::ProxyToLocal,
+        Rule::LoopbackNotProxy,
+        Rule::ProxyOwner,
+        Rule::HostLoopback,
+        Rule::ExcludedCidr,
+        Rule::IncludedPort,
+        Rule::IncludedCidr,
+        Rule::IncludeAll,
+        Rule::NotCaptured,
+    ];
+
+    /// The rule's number in `shared/SEMANTICS.md` (outbound section).
+    pub const fn number(self) -> &'static str {
+        match self {
+            Rule::ExcludedPort => "1",
+            Rule::PassthroughSource => "2",
+            Rule::ProxyToLocal => "3a",
+            Rule::LoopbackNotProxy => "3b",
+            Rule::ProxyOwner => "3c",
+            Rule::HostLoopback => "6",
+            Rule::ExcludedCidr => "7",
+            Rule::IncludedPort => "8",
+            Rule::IncludedCidr | Rule::IncludeAll => "9",
+            Rule::NotCaptured => "end",
+        }
+    }
+
+    /// Stable snake_case name (counters, JSON).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Rule::ExcludedPort => "excluded_port",
+            Rule::PassthroughSource => "passthrough_source",
+            Rule::ProxyToLocal => "proxy_to_local",
+            Rule::LoopbackNotProxy => "loopback_not_proxy",
+            Rule::ProxyOwner => "proxy_owner",
+            Rule::HostLoopback => "host_loopback",
+            Rule::ExcludedCidr => "excluded_cidr",
+            Rule::IncludedPort => "included_port",
+            Rule::IncludedCidr => "included_cidr",
+            Rule::IncludeAll => "include_all",
+            Rule::NotCaptured => "not_captured",
+        }
+    }
+
+    /// One line on what the rule is.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Rule::ExcludedPort => "destination port is in the exclude-outbound-ports list",
+            Rule::PassthroughSource => "source is the passthrough address 127.0.0.6 over lo",
+            Rule::ProxyToLocal => {
+                "the proxy connects over lo to a local address other than 127.0.0.1"
+            }
+            Rule::LoopbackNotProxy => "a non-proxy owner connects over lo",
+            Rule::ProxyOwner => "the proxy's own traffic (UID/GID match)",
+            Rule::HostLoopback => "destination is 127.0.0.1",
+            Rule::ExcludedCidr => "destination is in an exclude-outbound CIDR",
+            Rule::IncludedPort => "destination port is in the include-outbound-ports list",
+            Rule::IncludedCidr => "destination is in an include-outbound CIDR",
+            Rule::IncludeAll => "include-outbound CIDRs is '*'",
+            Rule::NotCaptured => "no rule captured it (include list empty or no match)",
+        }
+    }
+}
+
+/// What happens to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Left alone: it goes where it asked.
+    Pass,
+    /// Sent to this local port (the proxy's outbound or inbound port).
+    Redirect(u16),
+}
+
+/// A decision and the rule that made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    /// Pass or redirect.
+    pub action: Action,
+    /// Which rule decided.
+    pub rule: Rule,
+}
+
+impl Verdict {
+    #[inline(always)]
+    const fn pass(rule: Rule) -> Self {
+        Verdict {
+            action: Action::Pass,
+            rule,
+        }
+    }
+
+    #[inline(always)]
+    const fn redirect(port: u16, rule: Rule) -> Self {
+        Verdict {
+            action: Action::Redirect(port),
+            rule,
+        }
+    }
+}
+
+/// Rule 3 for one owner list (UIDs or GIDs), collapsed.
+///
+/// istio-iptables emits, per owner `o` of the list in order:
+/// a. `-o lo ! -d 127.0.0.1 ! --dport tunnel --owner o → inbound port`,
+/// b. `-o lo ! --owner o → RETURN`, c. `--owner o → RETURN`.
+/// Over `lo`, rule b of the *first* owner catches everything rules a and c of
+/// that owner do not, so the first owner alone decides; off `lo`, only rule c
+/// can match, for any owner of the list.
+#[inline(always)]
+fn owner_rules(
+    cfg: &Config,
+    over_lo: bool,
+    is_first: bool,
+    in_list: impl FnOnce() -> bool,
+    c: &Outbound,
+) -> Option<Verdict> {
+    if over_lo {
+        if !is_first {
+            return Some(Verdict::pass(Rule::LoopbackNotProxy));
+        }
+        if !c.dst.is_host_loopback() && c.dport != cfg.tunnel_port {
+            return Some(Verdict::redirect(cfg.inbound_port, Rule::ProxyToLocal));
+        }
+        return Some(Verdict::pass(Rule::ProxyOwner));
+    }
+    if in_list() {
+        return Some(Verdict::pass(Rule::ProxyOwner));
+    }
+    None
+}
+
+/// Decide an outbound TCP connect the way istio-iptables' `nat OUTPUT` chain
+/// would (rules 1, 2, 3, 6, 7, 8, 9 of `docs/semantics.md`).
+#[inline(always)]
+pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> Verdict {
+    let ports = maps.port_flags(c.dport);
+    // 1. exclude outbound ports.
+    if ports & port_flags::OUT_EXCLUDE != 0 {
+        return Verdict::pass(Rule::ExcludedPort);
+    }
+    // "Routed over lo": a loopback destination or one the namespace owns.
+    let over_lo = c.dst.is_loopback_range() || maps.is_local_addr(&c.dst);
+    // 2. the proxy's passthrough source.
+    if over_lo {
+        if let Some(src) = c.bound_src {
+            if src.is_passthrough() {
+                return Verdict::pass(Rule::PassthroughSource);
+            }
+        }
+    }
+    // 3. proxy owners: UIDs, then GIDs.
+    if cfg.has(config_flags::HAS_UIDS) {
+        if let Some(v) = owner_rules(
+            cfg,
+            over_lo,
+            c.uid == cfg.first_uid,
+            || maps.is_proxy_uid(c.uid),
+            c,
+        ) {
+            return v;
+        }
+    }
+    if cfg.has(config_flags::HAS_GIDS) {
+        if let Some(v) = owner_rules(
+            cfg,
+            over_lo,
+            c.gid == cfg.first_gid,
+            || maps.is_proxy_gid(c.gid),
+            c,
+        ) {
+            return v;
+        }
+    }
+    // 6. the host loopback address.
+    if c.dst.is_host_loopback() {
+        return Verdict::pass(Rule::HostLoopback);
+    }
+    // 7. exclude outbound CIDRs.
+    if cfg.has(config_flags::HAS_EXCLUDE_CIDRS) && maps.cidr_excluded(&c.dst) {
+        return Verdict::pass(Rule::ExcludedCidr);
+    }
+    // 8. include outbound ports.
+    if ports & port_flags::OUT_INCLUDE != 0 {
+        return Verdict::redirect(cfg.proxy_port, Rule::IncludedPort);
+    }
+    // 9. include outbound CIDRs.
+    if cfg.has(config_flags::INCLUDE_ALL) {
+        return Verdict::redirect(cfg.proxy_port, Rule::IncludeAll);
+    }
+    if cfg.has(config_flags::HAS_INCLUDE_CIDRS) && maps.cidr_included(&c.dst) {
+        return Verdict::redirect(cfg.proxy_port, Rule::IncludedCidr);
+    }
+    Verdict::pass(Rule::NotCaptured)
+}

@@ -1,0 +1,35 @@
+//! The redirect kernel programs, one file per hook (after Merbridge's `bpf/`
+//! layout): `connect.rs` (`cgroup/connect4`), `getpeername.rs`
+//! (`cgroup/getpeername4`), `sockops.rs` (`sockops`), `getsockopt.rs`
+//! (`cgroup/getsockopt`). Maps and the glue to the shared decision code live in
+//! `maps.rs` and `policy.rs`. The decision itself is in `redirect-common`.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod getpeername;
+#[cfg(target_arch = "bpf")]
+mod getsockopt;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod policy;
+#[cfg(target_arch = "bpf")]
+mod sockops;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// Built for the host (e.g. by `cargo clippy --workspace`), this crate is empty.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,51 @@
+//! The kernel's view of the policy: [`PolicyMaps`] over the BPF maps, so the
+//! shared decision code in `redirect_common::policy` runs unchanged here.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use redirect_common::{Addr, PolicyMaps};
+
+use crate::maps::{EXCLUDE_V4, INCLUDE_V4, LOCAL_V4, PORTS, PROXY_GIDS, PROXY_UIDS};
+
+/// The policy as stored in this object's maps.
+pub struct KernelPolicy;
+
+impl PolicyMaps for KernelPolicy {
+    #[inline(always)]
+    fn port_flags(&self, port: u16) -> u8 {
+        PORTS.get(port as u32).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn is_proxy_uid(&self, uid: u32) -> bool {
+        PROXY_UIDS.get_ptr(uid).is_some()
+    }
+
+    #[inline(always)]
+    fn is_proxy_gid(&self, gid: u32) -> bool {
+        PROXY_GIDS.get_ptr(gid).is_some()
+    }
+
+    #[inline(always)]
+    fn cidr_excluded(&self, dst: &Addr) -> bool {
+        match dst {
+            Addr::V4(a) => EXCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
+            Addr::V6(_) => false,
+        }
+    }
+
+    #[inline(always)]
+    fn cidr_included(&self, dst: &Addr) -> bool {
+        match dst {
+            Addr::V4(a) => INCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
+            Addr::V6(_) => false,
+        }
+    }
+
+    #[inline(always)]
+    fn is_local_addr(&self, dst: &Addr) -> bool {
+        match dst {
+            Addr::V4(a) => LOCAL_V4.get_ptr(a.to_be()).is_some(),
+            Addr::V6(_) => false,
+        }
+    }
+}

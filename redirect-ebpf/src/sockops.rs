@@ -1,0 +1,115 @@
+//! `sockops`: carry a captured connection's original destination from the
+//! application's socket to the proxy's accepted socket.
+//!
+//! 1. `TCP_CONNECT_CB` (client socket, before its SYN; ports are known): if
+//!    connect4 stored an original destination on it, publish it in the
+//!    hand-over map under the connection's 4-tuple (plus netns cookie), and
+//!    ask for state callbacks.
+//! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): take the entry for
+//!    its 4-tuple, store it on the proxy's socket, delete it from the map.
+//! 3. `STATE_CB` → `TCP_CLOSE` (client socket): delete the entry if the proxy
+//!    never took it (refused, reset, accept queue overflow).
+//!
+//! So a hand-over entry lives for one handshake, and the per-socket copies die
+//! with their sockets: nothing outlives its connection and nothing needs LRU.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+    },
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use redirect_common::{AF_INET, Counter, TupleKey, orig_flags};
+
+use crate::maps::{HANDOVER, count, orig_dst_of, set_orig_dst};
+
+const AF_INET_U32: u32 = AF_INET as u32;
+
+#[sock_ops]
+pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx, ops),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == BPF_TCP_CLOSE {
+                on_client_close(ops);
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// The 4-tuple of `ops`'s connection, seen from the client. `client_is_local`
+/// says whether `ops` is the client's socket or the proxy's.
+#[inline(always)]
+fn tuple(ops: *mut bpf_sock_ops, client_is_local: bool) -> TupleKey {
+    let o = unsafe { &*ops };
+    let local_port = o.local_port as u16;
+    let remote_port = u16::from_be((o.remote_port >> 16) as u16);
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    let (client_ip, client_port, proxy_ip, proxy_port) = if client_is_local {
+        (o.local_ip4, local_port, o.remote_ip4, remote_port)
+    } else {
+        (o.remote_ip4, remote_port, o.local_ip4, local_port)
+    };
+    TupleKey {
+        netns,
+        client_ip: [client_ip, 0, 0, 0],
+        proxy_ip: [proxy_ip, 0, 0, 0],
+        client_port,
+        proxy_port,
+        family: AF_INET_U32,
+    }
+}
+
+#[inline(always)]
+fn sk_of(ops: *mut bpf_sock_ops) -> *mut aya_ebpf::bindings::bpf_sock {
+    unsafe { (*ops).__bindgen_anon_2.sk }
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
+    if unsafe { (*ops).family } != AF_INET_U32 {
+        return;
+    }
+    let Some(orig) = orig_dst_of(sk_of(ops)) else {
+        return;
+    };
+    let orig = unsafe { *orig };
+    if HANDOVER.insert(tuple(ops, true), orig, 0).is_err() {
+        count(Counter::HandoverFull as u32);
+        return;
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[inline(always)]
+fn on_passive_established(ops: *mut bpf_sock_ops) {
+    if unsafe { (*ops).family } != AF_INET_U32 {
+        return;
+    }
+    let key = tuple(ops, false);
+    let Some(entry) = HANDOVER.get_ptr(key) else {
+        return;
+    };
+    let mut orig = unsafe { *entry };
+    orig.flags |= orig_flags::PROXY_SIDE;
+    let _ = set_orig_dst(sk_of(ops), &orig);
+    let _ = HANDOVER.remove(key);
+    count(Counter::HandoverTaken as u32);
+}
+
+#[inline(always)]
+fn on_client_close(ops: *mut bpf_sock_ops) {
+    if unsafe { (*ops).family } != AF_INET_U32 {
+        return;
+    }
+    if HANDOVER.remove(tuple(ops, true)).is_ok() {
+        count(Counter::HandoverDropped as u32);
+    }
+}

@@ -1,0 +1,357 @@
+//! `apply` and `remove`: load the programs, fill the policy maps, attach to a
+//! cgroup and pin everything so redirection outlives the loader.
+//!
+//! Pin layout under the pin dir (see `docs/design.md`):
+//!
+//! ```text
+//! <pin-dir>/state/    ORIG_DST HANDOVER COUNTERS      kept across re-apply
+//! <pin-dir>/gen-<N>/  CONFIG PORTS ... (policy maps)   one per apply
+//!                     prog_* link_*                    programs and links
+//! ```
+//!
+//! A re-apply builds `gen-<N+1>` completely, attaches it next to `gen-<N>`
+//! (both sets of programs share the state maps and agree on every decision
+//! already made), then unpins `gen-<N>`, which detaches it. No connection
+//! escapes in between. Any failure removes what this run created and leaves
+//! the previous state exactly as it was.
+
+use std::{
+    fs::{self, File},
+    net::IpAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::Program,
+};
+use redirect_common::{Config, map_names, program_names};
+
+use crate::{
+    fs::{check_cgroup, ensure_bpffs},
+    netns,
+    policy::{Include, NetnsFacts, PolicySpec},
+    sys::{self, AttachType},
+};
+
+/// The compiled eBPF object (built by `build.rs`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
+
+/// Programs in attach order, with their hook and short pin name. Connect4 comes
+/// last so nothing is redirected before the hand-over path is in place.
+pub const PROGRAMS: [(&str, AttachType, &str); 4] = [
+    (program_names::SOCK_OPS, AttachType::SockOps, "sockops"),
+    (
+        program_names::GETSOCKOPT,
+        AttachType::GetSockopt,
+        "getsockopt",
+    ),
+    (
+        program_names::GETPEERNAME4,
+        AttachType::GetPeerName4,
+        "getpeername4",
+    ),
+    (program_names::CONNECT4, AttachType::Connect4, "connect4"),
+];
+
+/// What to apply, where.
+#[derive(Clone, Debug)]
+pub struct ApplyRequest {
+    /// The pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    /// The pod's network namespace (default: the loader's own).
+    pub netns: Option<PathBuf>,
+    /// Where to pin (on bpffs).
+    pub pin_dir: PathBuf,
+    /// The policy.
+    pub policy: PolicySpec,
+}
+
+/// What an apply did.
+#[derive(Clone, Debug)]
+pub struct ApplyReport {
+    /// Generation number now active.
+    pub generation: u64,
+    /// Generations replaced (detached and unpinned).
+    pub replaced: Vec<u64>,
+    /// Facts read from the namespace.
+    pub facts: NetnsFacts,
+}
+
+/// The pin directory's layout.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// Layout rooted at `pin_dir`.
+    pub fn new(pin_dir: &Path) -> Self {
+        Layout {
+            root: pin_dir.to_path_buf(),
+        }
+    }
+
+    /// The pin dir itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of the state maps.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    /// Directory of generation `n`.
+    pub fn gen_dir(&self, n: u64) -> PathBuf {
+        self.root.join(format!("gen-{n}"))
+    }
+
+    /// Existing generations, oldest first.
+    pub fn generations(&self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.root.display())),
+        };
+        for entry in entries {
+            let name = entry?.file_name();
+            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix("gen-")) {
+                if let Ok(n) = n.parse() {
+                    out.push(n);
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The active generation, if anything is applied.
+    pub fn current(&self) -> Result<Option<u64>> {
+        Ok(self.generations()?.last().copied())
+    }
+}
+
+/// Validates everything, then loads, fills, attaches and pins. On any error
+/// nothing of this run stays behind and a previous apply keeps working.
+pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
+    // 1. Validate every input before touching the kernel.
+    check_cgroup(&req.cgroup)?;
+    let facts = netns::probe(req.netns.as_deref())?;
+    ensure_bpffs(&req.pin_dir)?;
+    let cgroup = File::open(&req.cgroup)
+        .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
+    if facts.local_addrs.iter().filter(|a| a.is_ipv4()).count()
+        > redirect_common::SET_CAPACITY as usize
+    {
+        bail!("the network namespace owns more IPv4 addresses than redirect tracks");
+    }
+
+    let layout = Layout::new(&req.pin_dir);
+    let old = layout.generations()?;
+    let generation = old.last().map_or(1, |g| g + 1);
+
+    // 2. Create this run's directories, remembering what to undo.
+    let mut created: Vec<PathBuf> = Vec::new();
+    let result = (|| {
+        for dir in [layout.root().to_path_buf(), layout.state_dir()] {
+            if !dir.exists() {
+                fs::create_dir_all(&dir)
+                    .with_context(|| format!("--pin-dir: cannot create {}", dir.display()))?;
+                created.push(dir);
+            }
+        }
+        let gen_dir = layout.gen_dir(generation);
+        fs::create_dir(&gen_dir)
+            .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
+        created.push(gen_dir.clone());
+        install(req, &facts, &cgroup, &layout, &gen_dir)
+    })();
+
+    if let Err(err) = result {
+        // Links and programs of this run were dropped with `install`'s
+        // locals; removing the pins releases the last references.
+        for dir in created.iter().rev() {
+            if let Err(e) = fs::remove_dir_all(dir) {
+                tracing::warn!("rollback: cannot remove {}: {e}", dir.display());
+            }
+        }
+        return Err(err);
+    }
+
+    // 3. The new generation is attached: retire the old ones.
+    for g in &old {
+        let dir = layout.gen_dir(*g);
+        fs::remove_dir_all(&dir)
+            .with_context(|| format!("detaching the previous generation {}", dir.display()))?;
+    }
+    Ok(ApplyReport {
+        generation,
+        replaced: old,
+        facts,
+    })
+}
+
+/// Loads the object, fills and pins the policy maps, loads, attaches and pins
+/// the programs. Returns only when everything is in place.
+fn install(
+    req: &ApplyRequest,
+    facts: &NetnsFacts,
+    cgroup: &File,
+    layout: &Layout,
+    gen_dir: &Path,
+) -> Result<()> {
+    let state = layout.state_dir();
+    let mut loader = EbpfLoader::new();
+    let state_paths: Vec<(&str, PathBuf)> = map_names::STATE
+        .iter()
+        .map(|n| (*n, state.join(n)))
+        .collect();
+    for (name, path) in &state_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .context("loading the eBPF object (maps) into the kernel")?;
+
+    fill_policy(&mut ebpf, &req.policy, facts)?;
+    for name in map_names::POLICY {
+        let map = ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing from the eBPF object"))?;
+        map.pin(gen_dir.join(name))
+            .with_context(|| format!("pinning map {name} in {}", gen_dir.display()))?;
+    }
+
+    let mut links: Vec<OwnedFd> = Vec::new();
+    for (name, attach, short) in PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the eBPF object"))?;
+        let loaded = match prog {
+            Program::SockOps(p) => p.load(),
+            Program::CgroupSockopt(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            _ => bail!("program {name} has an unexpected type"),
+        };
+        loaded.with_context(|| {
+            format!(
+                "the kernel refused to load the {} program (does this kernel support the hook?)",
+                attach.hook()
+            )
+        })?;
+        prog.pin(gen_dir.join(format!("prog_{short}")))
+            .with_context(|| format!("pinning program {name}"))?;
+        let fd = prog.fd().context("program fd")?;
+        let link = sys::link_create(fd, cgroup, attach).with_context(|| {
+            format!(
+                "attaching {} to cgroup {} (kernel without cgroup bpf links or this hook?)",
+                attach.hook(),
+                req.cgroup.display()
+            )
+        })?;
+        sys::obj_pin(&link, &gen_dir.join(format!("link_{short}")))
+            .with_context(|| format!("pinning the {} link", attach.hook()))?;
+        links.push(link);
+    }
+    Ok(())
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the eBPF object"))
+}
+
+/// Writes the policy into the (fresh, unattached) policy maps.
+fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result<()> {
+    let cfg = spec.config(facts);
+    Array::<_, Config>::try_from(map_mut(ebpf, map_names::CONFIG)?)?
+        .set(0, cfg, 0)
+        .context("writing CONFIG")?;
+
+    let mut ports = Array::<_, u8>::try_from(map_mut(ebpf, map_names::PORTS)?)?;
+    for (port, flags) in spec.port_entries() {
+        ports
+            .set(u32::from(port), flags, 0)
+            .context("writing PORTS")?;
+    }
+
+    for (name, ids) in [
+        (map_names::PROXY_UIDS, &spec.proxy_uids),
+        (map_names::PROXY_GIDS, &spec.proxy_gids),
+    ] {
+        let mut set = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, name)?)?;
+        for id in ids.iter() {
+            set.insert(id, 1, 0)
+                .with_context(|| format!("writing {name}"))?;
+        }
+    }
+
+    let include: &[_] = match &spec.include_cidrs {
+        Include::All => &[],
+        Include::List(l) => l,
+    };
+    for (name, list) in [
+        (map_names::EXCLUDE_V4, spec.exclude_cidrs.as_slice()),
+        (map_names::INCLUDE_V4, include),
+    ] {
+        let mut trie = LpmTrie::<_, [u8; 4], u8>::try_from(map_mut(ebpf, name)?)?;
+        for (addr, prefix) in PolicySpec::v4_cidrs(list) {
+            trie.insert(&Key::new(u32::from(prefix), addr.octets()), 1, 0)
+                .with_context(|| format!("writing {name} ({addr}/{prefix})"))?;
+        }
+    }
+
+    let mut local = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, map_names::LOCAL_V4)?)?;
+    for addr in &facts.local_addrs {
+        if let IpAddr::V4(a) = addr {
+            local
+                .insert(u32::from_ne_bytes(a.octets()), 1, 0)
+                .context("writing LOCAL_V4")?;
+        }
+    }
+    Ok(())
+}
+
+/// Detaches and unpins everything applied at `pin_dir`.
+pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
+    let layout = Layout::new(pin_dir);
+    let gens = layout.generations()?;
+    if gens.is_empty() && !layout.state_dir().exists() {
+        bail!(
+            "--pin-dir {}: nothing applied there (no gen-* or state directory)",
+            pin_dir.display()
+        );
+    }
+    // Newest last: detach connect4 users of the newest generation last.
+    for g in &gens {
+        let dir = layout.gen_dir(*g);
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let state = layout.state_dir();
+    if state.exists() {
+        fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
+    }
+    fs::remove_dir(pin_dir).with_context(|| {
+        format!(
+            "removing {} (it holds something redirect did not put there)",
+            pin_dir.display()
+        )
+    })?;
+    Ok(gens)
+}
+
+/// Opens a pinned map (read-write, as root).
+pub fn open_pinned(path: &Path) -> Result<aya::maps::Map> {
+    let data = MapData::from_pin(path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    aya::maps::Map::from_map_data(data)
+        .with_context(|| format!("reading pinned map {}", path.display()))
+}

@@ -1,0 +1,313 @@
+//! Command-line interface. Policy flags keep istio-iptables' short names so
+//! `redirect apply` can stand in for `istio-iptables` in an init container;
+//! each also has a readable long name (and istio's long name as an alias).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    apply::DEFAULT_PIN_DIR,
+    policy::{
+        PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_include, parse_port, parse_ports,
+    },
+};
+
+/// Service-mesh traffic redirection with eBPF instead of iptables.
+#[derive(Debug, Parser)]
+#[command(name = "redirect", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate, load, attach to a cgroup, pin, and exit. Re-running replaces
+    /// the previous policy with no gap.
+    Apply(ApplyArgs),
+    /// Detach and unpin everything applied at a pin dir.
+    Remove(PinDirArgs),
+    /// Show what is attached, the policy in force and the counters.
+    Status(StatusArgs),
+    /// Make a throwaway pod, capture an app's connection to a sample proxy,
+    /// show what each side sees, clean up.
+    Demo,
+    /// A sample transparent proxy: accepts, asks SO_ORIGINAL_DST, answers one
+    /// line saying what it saw (used by the demo and the tests).
+    #[command(hide = true)]
+    SampleServer(crate::peer::ServerArgs),
+    /// A sample client: connects, prints what it saw as JSON.
+    #[command(hide = true)]
+    SampleConnect(crate::peer::ConnectArgs),
+}
+
+/// `--pin-dir`.
+#[derive(Debug, Args)]
+pub struct PinDirArgs {
+    /// bpffs directory holding the pinned programs, links and maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+}
+
+/// `status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Where it was applied.
+    #[command(flatten)]
+    pub pin: PinDirArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `apply` arguments.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The pod's cgroup v2 directory; programs attach there and apply to
+    /// every process below it.
+    #[arg(long)]
+    pub cgroup: PathBuf,
+    /// The pod's network namespace file (e.g. /proc/PID/ns/net or
+    /// /run/netns/NAME); default: the loader's own.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+    /// Where to pin.
+    #[command(flatten)]
+    pub pin: PinDirArgs,
+    /// The policy.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// The policy flags (istio-iptables compatible).
+#[derive(Debug, Args, Clone)]
+pub struct PolicyArgs {
+    /// Port captured outbound TCP goes to.
+    #[arg(
+        short = 'p',
+        long = "proxy-port",
+        visible_alias = "envoy-port",
+        default_value = "15001"
+    )]
+    pub proxy_port: String,
+    /// Port captured inbound TCP goes to, and where the proxy's calls to its
+    /// own pod go (rule 3a).
+    #[arg(short = 'z', long = "inbound-capture-port", default_value = "15006")]
+    pub inbound_capture_port: String,
+    /// The proxy's tunnel port, never captured.
+    #[arg(
+        long = "tunnel-port",
+        visible_alias = "inbound-tunnel-port",
+        default_value = "15008"
+    )]
+    pub tunnel_port: String,
+    /// Proxy UIDs (comma-separated): their traffic is never captured.
+    #[arg(short = 'u', long = "proxy-uid", default_value = "1337")]
+    pub proxy_uid: String,
+    /// Proxy GIDs (comma-separated).
+    #[arg(short = 'g', long = "proxy-gid", default_value = "1337")]
+    pub proxy_gid: String,
+    /// Outbound CIDRs to capture: `*` for all, a list, or empty for none.
+    #[arg(
+        short = 'i',
+        long = "include-cidrs",
+        visible_alias = "outbound-ip-ranges-include",
+        default_value = ""
+    )]
+    pub include_cidrs: String,
+    /// Outbound CIDRs never captured.
+    #[arg(
+        short = 'x',
+        long = "exclude-cidrs",
+        visible_alias = "outbound-ip-ranges-exclude",
+        default_value = ""
+    )]
+    pub exclude_cidrs: String,
+    /// A file of further exclude CIDRs, one per line (`#` comments allowed),
+    /// for lists too long for a command line.
+    #[arg(long = "exclude-cidrs-file")]
+    pub exclude_cidrs_file: Option<PathBuf>,
+    /// Outbound destination ports always captured.
+    #[arg(
+        short = 'q',
+        long = "include-ports",
+        visible_alias = "outbound-ports-include",
+        default_value = ""
+    )]
+    pub include_ports: String,
+    /// Outbound destination ports never captured.
+    #[arg(
+        short = 'o',
+        long = "exclude-ports",
+        visible_alias = "outbound-ports-exclude",
+        default_value = ""
+    )]
+    pub exclude_ports: String,
+}
+
+/// A policy flag problem, or an unreadable CIDR file.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyArgsError {
+    /// A bad value.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The CIDR file cannot be read.
+    #[error("--exclude-cidrs-file {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl PolicyArgs {
+    /// Validates every flag and builds the policy.
+    pub fn to_spec(&self) -> Result<PolicySpec, PolicyArgsError> {
+        let mut exclude_cidrs = parse_cidrs("--exclude-cidrs", &self.exclude_cidrs)?;
+        if let Some(path) = &self.exclude_cidrs_file {
+            let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let joined: Vec<&str> = text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            exclude_cidrs.extend(parse_cidrs("--exclude-cidrs-file", &joined.join(","))?);
+            exclude_cidrs.sort();
+            exclude_cidrs.dedup();
+        }
+        Ok(PolicySpec {
+            proxy_port: parse_port("--proxy-port", &self.proxy_port)?,
+            inbound_port: parse_port("--inbound-capture-port", &self.inbound_capture_port)?,
+            tunnel_port: parse_port("--tunnel-port", &self.tunnel_port)?,
+            proxy_uids: parse_ids("--proxy-uid", &self.proxy_uid)?,
+            proxy_gids: parse_ids("--proxy-gid", &self.proxy_gid)?,
+            include_cidrs: parse_include("--include-cidrs", &self.include_cidrs)?,
+            exclude_cidrs,
+            include_ports: parse_ports("--include-ports", &self.include_ports)?,
+            exclude_ports: parse_ports("--exclude-ports", &self.exclude_ports)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Include;
+
+    fn parse(args: &[&str]) -> Result<PolicySpec, String> {
+        let mut full = vec!["redirect", "apply", "--cgroup", "/x"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Apply(a) => a.policy.to_spec().map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_istio_defaults() {
+        assert_eq!(parse(&[]).unwrap(), PolicySpec::default());
+    }
+
+    #[test]
+    fn istio_init_style_invocation() {
+        // As the istio sidecar injector passes them, empty values included.
+        let spec = parse(&[
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ]);
+        // -m / -b / -d are not outbound flags: rejected until implemented.
+        assert!(spec.is_err());
+        let spec = parse(&[
+            "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "",
+        ])
+        .unwrap();
+        assert_eq!(spec.include_cidrs, Include::All);
+        assert!(spec.exclude_cidrs.is_empty());
+    }
+
+    #[test]
+    fn short_and_long_names_agree() {
+        let a = parse(&[
+            "-i",
+            "10.0.0.0/8",
+            "-x",
+            "10.1.0.0/16",
+            "-q",
+            "80",
+            "-o",
+            "22",
+            "-g",
+            "7",
+        ]);
+        let b = parse(&[
+            "--include-cidrs",
+            "10.0.0.0/8",
+            "--outbound-ip-ranges-exclude",
+            "10.1.0.0/16",
+            "--include-ports",
+            "80",
+            "--outbound-ports-exclude",
+            "22",
+            "--proxy-gid",
+            "7",
+        ]);
+        assert_eq!(a.unwrap(), b.unwrap());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["-p", "70000"]).unwrap_err();
+        assert!(e.contains("--proxy-port") && e.contains("70000"), "{e}");
+        let e = parse(&["-p", "0"]).unwrap_err();
+        assert!(e.contains("--proxy-port"), "{e}");
+        let e = parse(&["-x", "10.0.0.0/40"]).unwrap_err();
+        assert!(
+            e.contains("--exclude-cidrs") && e.contains("10.0.0.0/40"),
+            "{e}"
+        );
+        let e = parse(&["-i", "not-a-cidr"]).unwrap_err();
+        assert!(e.contains("--include-cidrs"), "{e}");
+        let e = parse(&["--bogus"]).unwrap_err();
+        assert!(e.contains("--bogus"), "{e}");
+    }
+
+    #[test]
+    fn cidr_file() {
+        let dir = std::env::temp_dir().join(format!("redirect-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cidrs");
+        std::fs::write(&file, "# comment\n10.0.0.0/8\n\n192.168.1.0/24 # lab\n").unwrap();
+        let spec = parse(&[
+            "-x",
+            "1.1.1.1",
+            "--exclude-cidrs-file",
+            file.to_str().unwrap(),
+        ]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(spec.unwrap().exclude_cidrs.len(), 3);
+        let e = parse(&["--exclude-cidrs-file", "/nonexistent/x"]).unwrap_err();
+        assert!(e.contains("/nonexistent/x"), "{e}");
+    }
+}

@@ -1,0 +1,122 @@
+//! `redirect demo`: the whole path in one command, on a throwaway pod.
+//!
+//! It builds a pod (netns + cgroup) wired to an upstream host, starts a
+//! sample proxy (UID 1337) and an upstream service, applies redirection with
+//! `-i '*'`, lets an application (UID 1000) connect to the service, prints
+//! what the application and the proxy saw, shows `status`, and removes it all.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    apply::{self, ApplyRequest},
+    pod::{As, Pod, Side, UPSTREAM_IP, upstream_extra},
+    policy::{Include, PolicySpec},
+    status,
+};
+
+/// Runs the demo, printing to stdout.
+pub fn run() -> Result<()> {
+    let exe = std::env::current_exe().context("locating the redirect binary")?;
+    let mut pod = Pod::create("redirect-demo", &exe)?;
+    let pin_dir = PathBuf::from(apply::DEFAULT_PIN_DIR).with_file_name(&pod.name);
+    let result = demo(&mut pod, &pin_dir);
+    if pin_dir.exists() {
+        let _ = apply::remove(&pin_dir);
+    }
+    drop(pod);
+    println!("\ncleaned up: pins, pod namespaces and cgroups removed");
+    result
+}
+
+fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
+    let service = format!("{}:80", upstream_extra(1));
+    println!(
+        "pod {} : netns {}, cgroup {}",
+        pod.name,
+        pod.netns_name(Side::Pod),
+        pod.cgroup.display()
+    );
+    pod.start_server(
+        Side::Upstream,
+        As::PROXY_LESS,
+        "upstream",
+        &[&format!("{UPSTREAM_IP}:80"), &service],
+    )?;
+    pod.start_server(
+        Side::Pod,
+        As::PROXY,
+        "sample-proxy",
+        &["0.0.0.0:15001", "0.0.0.0:15006"],
+    )?;
+
+    let before = pod.connect(As::APP, &service, None)?;
+    println!(
+        "\nwithout redirect, app (uid 1000) -> {service}: answered by {}",
+        before
+            .reply
+            .as_ref()
+            .map_or("nobody", |r| r.server.as_str())
+    );
+
+    let policy = PolicySpec {
+        include_cidrs: Include::All,
+        ..PolicySpec::default()
+    };
+    let report = apply::apply(&ApplyRequest {
+        cgroup: pod.cgroup.clone(),
+        netns: Some(pod.netns_path(Side::Pod)),
+        pin_dir: pin_dir.to_path_buf(),
+        policy,
+    })?;
+    println!(
+        "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*'",
+        pod.cgroup.display(),
+        pod.netns_path(Side::Pod).display(),
+        pin_dir.display()
+    );
+    println!(
+        "applied generation {}; the loader is done, the pins keep it attached",
+        report.generation
+    );
+
+    let after = pod.connect(As::APP, &service, None)?;
+    let reply = after
+        .reply
+        .as_ref()
+        .context("no answer through the proxy")?;
+    println!("\nwith redirect, app (uid 1000) -> {service}:");
+    println!(
+        "  app   getsockname {}  getpeername {}",
+        after.local.as_deref().unwrap_or("?"),
+        after.peer.as_deref().unwrap_or("?")
+    );
+    println!(
+        "  {} accepted on {} from {}",
+        reply.server, reply.local, reply.peer
+    );
+    println!(
+        "  {} getsockopt(SO_ORIGINAL_DST) = {}",
+        reply.server,
+        reply
+            .orig_dst
+            .as_deref()
+            .unwrap_or_else(|| reply.orig_dst_error.as_deref().unwrap_or("?"))
+    );
+
+    let proxy_own = pod.connect(As::PROXY, &service, None)?;
+    println!(
+        "\nproxy (uid 1337) -> {service}: answered by {} (its own traffic is exempt)",
+        proxy_own
+            .reply
+            .as_ref()
+            .map_or("nobody", |r| r.server.as_str())
+    );
+
+    println!("\n$ redirect status --pin-dir {}", pin_dir.display());
+    print!("{}", status::status(pin_dir)?);
+    apply::remove(pin_dir)?;
+    println!("\n$ redirect remove --pin-dir {}", pin_dir.display());
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! redirect: service-mesh traffic redirection with eBPF instead of iptables.
+//!
+//! For proxy authors, this crate's one public function that needs no
+//! privileges and no eBPF toolchain is [`original_dst`]: depend on it with
+//! `default-features = false`. It answers the same way behind iptables
+//! REDIRECT and behind redirect.
+//!
+//! With the default `loader` feature the crate also holds the loader behind
+//! the `redirect` binary: [`policy`] (flags → validated policy), [`apply`]
+//! (load, attach, pin, remove), [`status`], and the helpers the demo and the
+//! integration tests use to build throwaway pods ([`pod`], [`peer`]).
+
+mod orig_dst;
+pub use orig_dst::original_dst;
+
+#[cfg(feature = "loader")]
+pub mod apply;
+#[cfg(feature = "loader")]
+pub mod cli;
+#[cfg(feature = "loader")]
+pub mod demo;
+#[cfg(feature = "loader")]
+pub mod fs;
+#[cfg(feature = "loader")]
+pub mod netns;
+#[cfg(feature = "loader")]
+pub mod peer;
+#[cfg(feature = "loader")]
+pub mod pod;
+#[cfg(feature = "loader")]
+pub mod policy;
+#[cfg(feature = "loader")]
+pub mod status;
+#[cfg(feature = "loader")]
+pub mod sys;

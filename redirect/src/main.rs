@@ -1,0 +1,74 @@
+//! The `redirect` binary: a thin CLI over the `redirect` library.
+
+use anyhow::{Context as _, Result};
+use clap::Parser as _;
+use redirect::{
+    apply::{self, ApplyRequest},
+    cli::{Cli, Command},
+    demo, peer, status,
+};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        eprintln!("redirect: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Apply(args) => {
+            let policy = args.policy.to_spec()?;
+            let req = ApplyRequest {
+                cgroup: args.cgroup,
+                netns: args.netns,
+                pin_dir: args.pin.pin_dir,
+                policy,
+            };
+            let report = tokio::task::spawn_blocking(move || apply::apply(&req))
+                .await
+                .context("apply task")??;
+            tracing::info!(?report, "applied");
+            println!(
+                "applied generation {}{}",
+                report.generation,
+                if report.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (replaced {:?})", report.replaced)
+                }
+            );
+        }
+        Command::Remove(args) => {
+            let gens = apply::remove(&args.pin_dir)?;
+            println!(
+                "removed {} generation(s) from {}",
+                gens.len(),
+                args.pin_dir.display()
+            );
+        }
+        Command::Status(args) => {
+            let st = status::status(&args.pin.pin_dir)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{st}");
+            }
+        }
+        Command::Demo => tokio::task::spawn_blocking(demo::run).await??,
+        Command::SampleServer(args) => peer::run_server(&args)?,
+        Command::SampleConnect(args) => {
+            println!("{}", serde_json::to_string(&peer::connect(&args))?);
+        }
+    }
+    Ok(())
+}

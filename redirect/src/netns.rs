@@ -1,0 +1,121 @@
+//! Reading facts from a network namespace without entering it with the whole
+//! process: a short-lived thread joins it (`setns` is per thread) and reads
+//! the addresses it owns and the source address its routing picks.
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::policy::NetnsFacts;
+
+/// Checks that `path` is a network namespace file (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`, ...) and returns it opened.
+pub fn open_netns(path: &Path) -> Result<File> {
+    let file = File::open(path)
+        .with_context(|| format!("--netns {}: cannot open the namespace file", path.display()))?;
+    // NS_GET_NSTYPE = _IO(0xb7, 0x3)
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: ioctl on an fd we own, no argument.
+    let ty = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if ty < 0 {
+        bail!(
+            "--netns {}: not a namespace file ({})",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+    if ty != libc::CLONE_NEWNET {
+        bail!(
+            "--netns {}: a namespace, but not a network namespace",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Runs `f` on a thread that has joined the network namespace `netns` (or the
+/// caller's own when `None`).
+pub fn in_netns<T: Send + 'static>(
+    netns: Option<&Path>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = netns.map(open_netns).transpose()?;
+    let path: Option<PathBuf> = netns.map(Path::to_path_buf);
+    std::thread::spawn(move || {
+        if let Some(file) = file {
+            // SAFETY: setns on a namespace fd we own; affects this thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!(
+                    "--netns {}: cannot join it ({})",
+                    path.unwrap_or_default().display(),
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace probe thread panicked"))?
+}
+
+/// Addresses the namespace owns, and its source address for the outside.
+pub fn probe(netns: Option<&Path>) -> Result<NetnsFacts> {
+    in_netns(netns, || {
+        Ok(NetnsFacts {
+            local_addrs: local_addrs()?,
+            source_v4: source_v4(),
+        })
+    })
+}
+
+/// Every address configured on an interface of the current namespace.
+pub fn local_addrs() -> Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head`; freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: nodes of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            } else if family == libc::AF_INET6 {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The source the routing picks for a destination outside the pod: a UDP
+/// `connect()` only does the route lookup and sends nothing. `None` without a
+/// route (for example a namespace with only `lo`).
+pub fn source_v4() -> Option<Ipv4Addr> {
+    let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
+    // TEST-NET-2 (RFC 5737): documentation space, never a real peer.
+    sock.connect("198.51.100.1:9").ok()?;
+    match sock.local_addr().ok()? {
+        SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
+    }
+}

@@ -1,0 +1,153 @@
+//! Sample peers for the demo and the tests: a server that behaves like a
+//! transparent proxy (accept, `SO_ORIGINAL_DST`, answer one line), and a
+//! client that connects and reports what it saw. Both speak one JSON line.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+/// `sample-server` arguments.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Name put in every answer (which listener got the connection).
+    #[arg(long)]
+    pub name: String,
+    /// Addresses to listen on (repeatable).
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddr>,
+}
+
+/// `sample-connect` arguments.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Where to connect.
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// Bind this source address first (port 0).
+    #[arg(long)]
+    pub bind: Option<IpAddr>,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value = "3000")]
+    pub timeout_ms: u64,
+}
+
+/// What a sample server saw of one connection.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerView {
+    /// The server's `--name`.
+    pub server: String,
+    /// The accepted socket's local address.
+    pub local: String,
+    /// Its peer.
+    pub peer: String,
+    /// `SO_ORIGINAL_DST`, or `None` if the call failed.
+    pub orig_dst: Option<String>,
+    /// The error of the call, if it failed.
+    pub orig_dst_error: Option<String>,
+}
+
+/// What the sample client saw.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientView {
+    /// The connect succeeded and the server answered.
+    pub ok: bool,
+    /// Error text otherwise.
+    pub error: Option<String>,
+    /// `getsockname()` after connect.
+    pub local: Option<String>,
+    /// `getpeername()` after connect.
+    pub peer: Option<String>,
+    /// The server's answer.
+    pub reply: Option<ServerView>,
+}
+
+/// Serves until killed. Prints `ready` once every listener is bound.
+pub fn run_server(args: &ServerArgs) -> Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &args.listen {
+        let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        listeners.push(l);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut threads = Vec::new();
+    for l in listeners {
+        let name = args.name.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in l.incoming().flatten() {
+                let _ = answer(&name, stream);
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn answer(name: &str, mut stream: TcpStream) -> Result<()> {
+    let (orig_dst, orig_dst_error) = match crate::original_dst(&stream) {
+        Ok(a) => (Some(a.to_string()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let view = ServerView {
+        server: name.to_string(),
+        local: stream.local_addr()?.to_string(),
+        peer: stream.peer_addr()?.to_string(),
+        orig_dst,
+        orig_dst_error,
+    };
+    let mut line = serde_json::to_string(&view)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+/// Connects once and describes what happened.
+pub fn connect(args: &ConnectArgs) -> ClientView {
+    match try_connect(args) {
+        Ok(v) => v,
+        Err(e) => ClientView {
+            ok: false,
+            error: Some(format!("{e:#}")),
+            local: None,
+            peer: None,
+            reply: None,
+        },
+    }
+}
+
+fn try_connect(args: &ConnectArgs) -> Result<ClientView> {
+    use socket2::{Domain, Socket, Type};
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let sock = Socket::new(Domain::for_address(args.to), Type::STREAM, None)?;
+    if let Some(ip) = args.bind {
+        sock.bind(&SocketAddr::new(ip, 0).into())
+            .with_context(|| format!("bind {ip}"))?;
+    }
+    sock.connect_timeout(&args.to.into(), timeout)
+        .with_context(|| format!("connect {}", args.to))?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(timeout))?;
+    let local = stream.local_addr()?.to_string();
+    let peer = stream.peer_addr()?.to_string();
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("reading the server's answer")?;
+    let reply: ServerView =
+        serde_json::from_str(line.trim()).with_context(|| format!("server answered {line:?}"))?;
+    Ok(ClientView {
+        ok: true,
+        error: None,
+        local: Some(local),
+        peer: Some(peer),
+        reply: Some(reply),
+    })
+}

@@ -1,0 +1,347 @@
+//! A throwaway "pod" for the demo and the integration tests: its own network
+//! namespace wired by a veth to a second namespace acting as the upstream
+//! host, its own cgroup v2 subtree (`app/` and `proxy/` below it), and
+//! helpers to start processes inside it as a given user. Everything is
+//! removed on drop, also when a test panics.
+//!
+//! ```text
+//!  pod netns  eth0 10.200.0.2/24 ──veth── eth0 10.200.0.1/24  upstream netns
+//!             default via 10.200.0.1                         lo: 10.201.0.1 .. 10.201.0.9
+//! ```
+
+use std::{
+    ffi::CString,
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{fs::cgroup2_mount, peer::ClientView};
+
+/// The pod's address.
+pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// The upstream host's address on the shared link.
+pub const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+/// Extra upstream addresses `10.201.0.1 ..= 10.201.0.9` ("services" outside
+/// the pod, reachable through the pod's default route).
+pub fn upstream_extra(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 201, 0, i)
+}
+/// Number of extra upstream addresses.
+pub const UPSTREAM_EXTRA: u8 = 9;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Who a process in the pod runs as, and in which part of the pod's cgroup.
+#[derive(Clone, Copy, Debug)]
+pub struct As {
+    /// UID.
+    pub uid: u32,
+    /// Primary GID.
+    pub gid: u32,
+    /// Sub-cgroup of the pod (`"app"` or `"proxy"`), or `None` for none (stay
+    /// where the caller is, outside the pod's cgroup).
+    pub cgroup: Option<&'static str>,
+}
+
+impl As {
+    /// The proxy: UID/GID 1337 in `proxy/`.
+    pub const PROXY: As = As {
+        uid: 1337,
+        gid: 1337,
+        cgroup: Some("proxy"),
+    };
+    /// Outside the pod's cgroup, as root (the upstream host's servers).
+    pub const PROXY_LESS: As = As {
+        uid: 0,
+        gid: 0,
+        cgroup: None,
+    };
+    /// An application: UID/GID 1000 in `app/`.
+    pub const APP: As = As {
+        uid: 1000,
+        gid: 1000,
+        cgroup: Some("app"),
+    };
+}
+
+/// Which namespace to run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The pod.
+    Pod,
+    /// The upstream host.
+    Upstream,
+}
+
+/// A throwaway pod. Dropping it kills its processes and removes its
+/// namespaces and cgroups.
+#[derive(Debug)]
+pub struct Pod {
+    /// Unique name (also of the namespaces, with `-pod` / `-up`).
+    pub name: String,
+    /// The pod's cgroup v2 directory (attach here).
+    pub cgroup: PathBuf,
+    children: Vec<Child>,
+    exe: PathBuf,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} (is iproute2 installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Pod {
+    /// Creates a pod named `<prefix>-<pid>-<n>`. `exe` is the `redirect`
+    /// binary used to start the sample peers.
+    pub fn create(prefix: &str, exe: &Path) -> Result<Pod> {
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let cg2 = cgroup2_mount().context("no cgroup v2 hierarchy is mounted")?;
+        let mut pod = Pod {
+            cgroup: cg2.join(&name),
+            name,
+            children: Vec::new(),
+            exe: exe.to_path_buf(),
+        };
+        // From here on, Drop cleans whatever was created.
+        pod.setup()?;
+        Ok(pod)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let (p, u) = (self.netns_name(Side::Pod), self.netns_name(Side::Upstream));
+        run("ip", &["netns", "add", &p])?;
+        run("ip", &["netns", "add", &u])?;
+        run(
+            "ip",
+            &[
+                "-n", &p, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+                &u,
+            ],
+        )?;
+        for (ns, addr) in [(&p, POD_IP), (&u, UPSTREAM_IP)] {
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        }
+        run(
+            "ip",
+            &[
+                "-n",
+                &p,
+                "route",
+                "add",
+                "default",
+                "via",
+                &UPSTREAM_IP.to_string(),
+            ],
+        )?;
+        for i in 1..=UPSTREAM_EXTRA {
+            let a = format!("{}/32", upstream_extra(i));
+            run("ip", &["-n", &u, "addr", "add", &a, "dev", "lo"])?;
+        }
+        for dir in [
+            self.cgroup.clone(),
+            self.cgroup.join("app"),
+            self.cgroup.join("proxy"),
+        ] {
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("creating cgroup {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `ip netns` name of a side.
+    pub fn netns_name(&self, side: Side) -> String {
+        match side {
+            Side::Pod => format!("{}-pod", self.name),
+            Side::Upstream => format!("{}-up", self.name),
+        }
+    }
+
+    /// The namespace file of a side (for `--netns`).
+    pub fn netns_path(&self, side: Side) -> PathBuf {
+        PathBuf::from("/run/netns").join(self.netns_name(side))
+    }
+
+    /// A command that runs `exe args` in `side`'s namespace as `who`. Joins
+    /// the cgroup first, then the namespace (no `ip netns exec`: it would
+    /// remount /sys and hide bpffs and cgroupfs).
+    pub fn command(&self, side: Side, who: As, program: &Path) -> Result<Command> {
+        let netns = CString::new(self.netns_path(side).as_os_str().as_bytes())?;
+        let procs = match who.cgroup {
+            Some(sub) => Some(CString::new(
+                self.cgroup
+                    .join(sub)
+                    .join("cgroup.procs")
+                    .as_os_str()
+                    .as_bytes(),
+            )?),
+            None => None,
+        };
+        let mut cmd = Command::new(program);
+        let (uid, gid) = (who.uid, who.gid);
+        // SAFETY: only async-signal-safe libc calls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = || Err(std::io::Error::last_os_error());
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return fail();
+                    }
+                    // "0" moves the writing process itself.
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if !ok {
+                        return fail();
+                    }
+                }
+                let fd = libc::open(netns.as_ptr(), libc::O_RDONLY);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return fail();
+                }
+                libc::close(fd);
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return fail();
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Starts a sample server named `name` on `listen` addresses and waits
+    /// until it is listening. It lives until the pod is dropped.
+    pub fn start_server(&mut self, side: Side, who: As, name: &str, listen: &[&str]) -> Result<()> {
+        let mut cmd = self.command(side, who, &self.exe)?;
+        cmd.arg("sample-server").arg("--name").arg(name);
+        for l in listen {
+            cmd.arg("--listen").arg(l);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting sample server {name}"))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        self.children.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let child = self.children.last_mut().unwrap();
+            let _ = child.kill();
+            let out = child.wait_with_output_ref();
+            bail!("sample server {name} did not start: {out}");
+        }
+        Ok(())
+    }
+
+    /// Kills the sample servers named `name`... all servers started so far
+    /// (used to restart a proxy).
+    pub fn stop_servers(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs the sample client in the pod as `who`, connecting to `to`.
+    pub fn connect(&self, who: As, to: &str, bind: Option<&str>) -> Result<ClientView> {
+        let mut cmd = self.command(Side::Pod, who, &self.exe)?;
+        cmd.arg("sample-connect").arg("--to").arg(to);
+        if let Some(b) = bind {
+            cmd.arg("--bind").arg(b);
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .context("running the sample client")?;
+        if !out.status.success() {
+            bail!(
+                "sample client failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "sample client printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+trait WaitRef {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl WaitRef for Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        let _ = self.wait();
+        let mut err = String::new();
+        if let Some(e) = self.stderr.take() {
+            use std::io::Read as _;
+            let _ = BufReader::new(e).read_to_string(&mut err);
+        }
+        err.trim().to_string()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.stop_servers();
+        // Innermost first; a cgroup whose last process just died can stay
+        // busy for a moment.
+        for dir in [
+            self.cgroup.join("app"),
+            self.cgroup.join("proxy"),
+            self.cgroup.clone(),
+        ] {
+            for _ in 0..50 {
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    Ok(()) => break,
+                }
+            }
+        }
+        for side in [Side::Pod, Side::Upstream] {
+            let _ = run("ip", &["netns", "del", &self.netns_name(side)]);
+        }
+    }
+}

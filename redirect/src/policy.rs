@@ -1,0 +1,499 @@
+//! A redirection policy in user space: parsed from istio-iptables style flag
+//! values, validated as a whole before anything touches the kernel, and
+//! turned into the map contents the kernel programs read.
+//!
+//! [`UserPolicy`] implements the shared [`PolicyMaps`] trait over ordinary
+//! collections so `redirect explain` and the tests run the exact decision code
+//! the kernel runs.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use redirect_common::{
+    Addr, Config, Outbound, PolicyMaps, Verdict, config_flags, decide_outbound, port_flags,
+};
+
+/// A policy value a user gave that cannot be used. Names the flag and value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// Not a port number in 1..=65535.
+    #[error("{flag}: '{value}' is not a port (expected a number from 1 to 65535)")]
+    BadPort {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// Not an address or CIDR.
+    #[error("{flag}: '{value}' is not an IP address or CIDR ({reason})")]
+    BadCidr {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Not a numeric user or group id.
+    #[error("{flag}: '{value}' is not a numeric id (expected a number from 0 to 4294967294)")]
+    BadId {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// `*` mixed with other entries.
+    #[error("{flag}: '*' means everything and cannot be combined with other entries")]
+    WildcardMixed {
+        /// The flag (long form).
+        flag: &'static str,
+    },
+    /// Too many entries for one list.
+    #[error("{flag}: {count} entries is more than the {max} this list holds")]
+    TooMany {
+        /// The flag (long form).
+        flag: &'static str,
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// An IPv4 or IPv6 prefix, host bits cleared (as iptables does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    /// The network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` falls inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn mask_v4(a: u32, prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - prefix))
+    }
+}
+
+fn mask_v6(a: u128, prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u128::MAX << (128 - prefix))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| "bad address")?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => {
+                let p: u8 = p.parse().map_err(|_| "bad prefix length")?;
+                if p > max {
+                    return Err(if max == 32 {
+                        "prefix length above 32"
+                    } else {
+                        "prefix length above 128"
+                    });
+                }
+                p
+            }
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(mask_v4(u32::from(a), prefix))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(mask_v6(u128::from(a), prefix))),
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// Include-outbound CIDRs: everything, or a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Include {
+    /// `*`: capture everything not excluded.
+    All,
+    /// Capture these (empty: capture nothing by CIDR).
+    List(Vec<Cidr>),
+}
+
+/// A complete, validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySpec {
+    /// Outbound capture port (`-p`).
+    pub proxy_port: u16,
+    /// Inbound capture port (`-z`).
+    pub inbound_port: u16,
+    /// Tunnel port, never captured.
+    pub tunnel_port: u16,
+    /// Proxy UIDs, in the order given (the first one matters over `lo`).
+    pub proxy_uids: Vec<u32>,
+    /// Proxy GIDs, in the order given.
+    pub proxy_gids: Vec<u32>,
+    /// Include-outbound CIDRs (`-i`).
+    pub include_cidrs: Include,
+    /// Exclude-outbound CIDRs (`-x`).
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Include-outbound ports (`-q`).
+    pub include_ports: Vec<u16>,
+    /// Exclude-outbound ports (`-o`).
+    pub exclude_ports: Vec<u16>,
+}
+
+impl Default for PolicySpec {
+    /// istio-iptables' defaults: ports 15001/15006/15008, UID and GID 1337,
+    /// nothing included.
+    fn default() -> Self {
+        PolicySpec {
+            proxy_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            proxy_uids: vec![1337],
+            proxy_gids: vec![1337],
+            include_cidrs: Include::List(Vec::new()),
+            exclude_cidrs: Vec::new(),
+            include_ports: Vec::new(),
+            exclude_ports: Vec::new(),
+        }
+    }
+}
+
+/// Most CIDRs one list may hold (the tries hold a million; this keeps a typo
+/// from exhausting kernel memory).
+pub const MAX_CIDRS: usize = 1_000_000;
+/// Most proxy UIDs or GIDs.
+pub const MAX_IDS: usize = redirect_common::SET_CAPACITY as usize;
+
+fn items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Parses a port number, 1..=65535.
+pub fn parse_port(flag: &'static str, value: &str) -> Result<u16, PolicyError> {
+    match value.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(PolicyError::BadPort {
+            flag,
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// Parses a comma-separated port list; empty means none.
+pub fn parse_ports(flag: &'static str, value: &str) -> Result<Vec<u16>, PolicyError> {
+    let set: BTreeSet<u16> = items(value)
+        .map(|p| parse_port(flag, p))
+        .collect::<Result<_, _>>()?;
+    Ok(set.into_iter().collect())
+}
+
+/// Parses a comma-separated id list, keeping order and dropping repeats.
+pub fn parse_ids(flag: &'static str, value: &str) -> Result<Vec<u32>, PolicyError> {
+    let mut out = Vec::new();
+    for item in items(value) {
+        let id = match item.parse::<u32>() {
+            Ok(id) if id != u32::MAX => id,
+            _ => {
+                return Err(PolicyError::BadId {
+                    flag,
+                    value: item.to_string(),
+                });
+            }
+        };
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    if out.len() > MAX_IDS {
+        return Err(PolicyError::TooMany {
+            flag,
+            count: out.len(),
+            max: MAX_IDS,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses a comma-separated CIDR list (bare addresses are /32 or /128).
+pub fn parse_cidrs(flag: &'static str, value: &str) -> Result<Vec<Cidr>, PolicyError> {
+    let mut out = BTreeSet::new();
+    for item in items(value) {
+        if item == "*" {
+            return Err(PolicyError::WildcardMixed { flag });
+        }
+        let cidr = item
+            .parse::<Cidr>()
+            .map_err(|reason| PolicyError::BadCidr {
+                flag,
+                value: item.to_string(),
+                reason,
+            })?;
+        out.insert(cidr);
+    }
+    if out.len() > MAX_CIDRS {
+        return Err(PolicyError::TooMany {
+            flag,
+            count: out.len(),
+            max: MAX_CIDRS,
+        });
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Parses include-outbound CIDRs: `*` alone, or a list.
+pub fn parse_include(flag: &'static str, value: &str) -> Result<Include, PolicyError> {
+    let all: Vec<&str> = items(value).collect();
+    if all.contains(&"*") {
+        if all.len() > 1 {
+            return Err(PolicyError::WildcardMixed { flag });
+        }
+        return Ok(Include::All);
+    }
+    parse_cidrs(flag, value).map(Include::List)
+}
+
+/// Facts about the pod's network namespace that the decision needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetnsFacts {
+    /// Addresses the namespace owns (routes to them leave through `lo`).
+    pub local_addrs: Vec<IpAddr>,
+    /// Source address the namespace's routing picks for outside destinations.
+    pub source_v4: Option<Ipv4Addr>,
+}
+
+impl PolicySpec {
+    /// The scalar part as the kernel reads it.
+    pub fn config(&self, facts: &NetnsFacts) -> Config {
+        let mut flags = 0;
+        if !self.proxy_uids.is_empty() {
+            flags |= config_flags::HAS_UIDS;
+        }
+        if !self.proxy_gids.is_empty() {
+            flags |= config_flags::HAS_GIDS;
+        }
+        match &self.include_cidrs {
+            Include::All => flags |= config_flags::INCLUDE_ALL,
+            Include::List(l) if l.iter().any(|c| c.addr.is_ipv4()) => {
+                flags |= config_flags::HAS_INCLUDE_CIDRS
+            }
+            Include::List(_) => {}
+        }
+        if self.exclude_cidrs.iter().any(|c| c.addr.is_ipv4()) {
+            flags |= config_flags::HAS_EXCLUDE_CIDRS;
+        }
+        Config {
+            proxy_port: self.proxy_port,
+            inbound_port: self.inbound_port,
+            tunnel_port: self.tunnel_port,
+            flags,
+            first_uid: self.proxy_uids.first().copied().unwrap_or(0),
+            first_gid: self.proxy_gids.first().copied().unwrap_or(0),
+            source_v4: facts
+                .source_v4
+                .map(|a| u32::from_ne_bytes(a.octets()))
+                .unwrap_or(0),
+            reserved: 0,
+        }
+    }
+
+    /// `(port, flags)` for every port with a flag set.
+    pub fn port_entries(&self) -> Vec<(u16, u8)> {
+        let mut map = std::collections::BTreeMap::new();
+        for p in &self.exclude_ports {
+            *map.entry(*p).or_insert(0) |= port_flags::OUT_EXCLUDE;
+        }
+        for p in &self.include_ports {
+            *map.entry(*p).or_insert(0) |= port_flags::OUT_INCLUDE;
+        }
+        map.into_iter().collect()
+    }
+
+    /// IPv4 CIDRs that go into a trie (IPv6 ones wait for connect6).
+    pub fn v4_cidrs(list: &[Cidr]) -> impl Iterator<Item = (Ipv4Addr, u8)> + '_ {
+        list.iter().filter_map(|c| match c.addr {
+            IpAddr::V4(a) => Some((a, c.prefix)),
+            IpAddr::V6(_) => None,
+        })
+    }
+}
+
+/// The policy over plain collections: what `explain` and the tests decide
+/// with, through the same [`decide_outbound`] the kernel runs.
+#[derive(Clone, Debug)]
+pub struct UserPolicy {
+    /// The scalar part.
+    pub config: Config,
+    spec: PolicySpec,
+    facts: NetnsFacts,
+}
+
+impl UserPolicy {
+    /// Builds it from a spec and the namespace facts.
+    pub fn new(spec: PolicySpec, facts: NetnsFacts) -> Self {
+        UserPolicy {
+            config: spec.config(&facts),
+            spec,
+            facts,
+        }
+    }
+
+    /// Decides an outbound connection.
+    pub fn decide(&self, conn: &Outbound) -> Verdict {
+        decide_outbound(&self.config, self, conn)
+    }
+}
+
+/// Converts a std address into the decision code's.
+pub fn to_addr(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(a) => Addr::V4(u32::from(a)),
+        IpAddr::V6(a) => Addr::V6(a.octets()),
+    }
+}
+
+fn from_addr(a: &Addr) -> IpAddr {
+    match a {
+        Addr::V4(a) => IpAddr::V4(Ipv4Addr::from(*a)),
+        Addr::V6(b) => IpAddr::V6(Ipv6Addr::from(*b)),
+    }
+}
+
+impl PolicyMaps for UserPolicy {
+    fn port_flags(&self, port: u16) -> u8 {
+        let mut f = 0;
+        if self.spec.exclude_ports.contains(&port) {
+            f |= port_flags::OUT_EXCLUDE;
+        }
+        if self.spec.include_ports.contains(&port) {
+            f |= port_flags::OUT_INCLUDE;
+        }
+        f
+    }
+
+    fn is_proxy_uid(&self, uid: u32) -> bool {
+        self.spec.proxy_uids.contains(&uid)
+    }
+
+    fn is_proxy_gid(&self, gid: u32) -> bool {
+        self.spec.proxy_gids.contains(&gid)
+    }
+
+    fn cidr_excluded(&self, dst: &Addr) -> bool {
+        let ip = from_addr(dst);
+        self.spec.exclude_cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    fn cidr_included(&self, dst: &Addr) -> bool {
+        let ip = from_addr(dst);
+        match &self.spec.include_cidrs {
+            Include::All => true,
+            Include::List(l) => l.iter().any(|c| c.contains(ip)),
+        }
+    }
+
+    fn is_local_addr(&self, dst: &Addr) -> bool {
+        self.facts.local_addrs.contains(&from_addr(dst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            "10.1.2.3/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().prefix, 32);
+        assert_eq!("fd00::1/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix, 0);
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.0.0/8".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/x".parse::<Cidr>().is_err());
+        assert!("::/129".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn lists_accept_empty_values() {
+        assert_eq!(parse_cidrs("--exclude-cidrs", "").unwrap(), vec![]);
+        assert_eq!(parse_ports("--exclude-ports", " ").unwrap(), vec![]);
+        assert_eq!(parse_ids("--proxy-uid", "").unwrap(), Vec::<u32>::new());
+        assert_eq!(
+            parse_include("--include-cidrs", "").unwrap(),
+            Include::List(vec![])
+        );
+    }
+
+    #[test]
+    fn ports_are_checked() {
+        assert_eq!(parse_ports("f", "80, 443,80").unwrap(), vec![80, 443]);
+        for bad in ["0", "70000", "-1", "http", "1.5"] {
+            let err = parse_ports("--exclude-ports", bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+            assert!(err.to_string().contains("--exclude-ports"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wildcard_alone_only() {
+        assert_eq!(parse_include("-i", "*").unwrap(), Include::All);
+        assert!(matches!(
+            parse_include("-i", "*,10.0.0.0/8"),
+            Err(PolicyError::WildcardMixed { .. })
+        ));
+        assert!(parse_cidrs("-x", "*").is_err());
+    }
+
+    #[test]
+    fn ids_keep_order() {
+        assert_eq!(parse_ids("-u", "4,3,4").unwrap(), vec![4, 3]);
+        assert!(parse_ids("-u", "root").is_err());
+        assert!(parse_ids("-u", "4294967295").is_err());
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.255.0.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+    }
+}

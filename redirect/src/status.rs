@@ -1,0 +1,276 @@
+//! `status`: what is attached at a pin dir, the policy in force (read back
+//! from the pinned maps, not from any cached copy) and the counters.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray};
+use redirect_common::{Config, Counter, Rule, config_flags, map_names, port_flags};
+use serde::Serialize;
+
+use crate::{
+    apply::{Layout, PROGRAMS, open_pinned},
+    sys,
+};
+
+/// One attached program.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkStatus {
+    /// Hook name.
+    pub hook: &'static str,
+    /// Kernel link id.
+    pub link_id: u32,
+    /// Kernel program id.
+    pub prog_id: u32,
+    /// Cgroup id (inode of the cgroup directory).
+    pub cgroup_id: u64,
+}
+
+/// The policy as the kernel holds it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyStatus {
+    /// Outbound capture port.
+    pub proxy_port: u16,
+    /// Inbound capture port.
+    pub inbound_port: u16,
+    /// Tunnel port.
+    pub tunnel_port: u16,
+    /// Proxy UIDs (first one first).
+    pub proxy_uids: Vec<u32>,
+    /// Proxy GIDs (first one first).
+    pub proxy_gids: Vec<u32>,
+    /// `*` or the include CIDRs.
+    pub include_cidrs: Vec<String>,
+    /// Exclude CIDRs.
+    pub exclude_cidrs: Vec<String>,
+    /// Include ports.
+    pub include_ports: Vec<u16>,
+    /// Exclude ports.
+    pub exclude_ports: Vec<u16>,
+    /// Addresses the pod's namespace owns.
+    pub local_addrs: Vec<String>,
+    /// Source address bound on redirected sockets.
+    pub source_v4: Option<String>,
+}
+
+/// Everything `status` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// The pin dir.
+    pub pin_dir: String,
+    /// Active generation.
+    pub generation: u64,
+    /// Attached programs.
+    pub links: Vec<LinkStatus>,
+    /// The policy.
+    pub policy: PolicyStatus,
+    /// Decisions by rule (`redirected` and `passed` split).
+    pub decisions: BTreeMap<String, u64>,
+    /// Other counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Reads the status of what is applied at `pin_dir`.
+pub fn status(pin_dir: &Path) -> Result<Status> {
+    let layout = Layout::new(pin_dir);
+    let Some(generation) = layout.current()? else {
+        bail!("--pin-dir {}: nothing applied there", pin_dir.display());
+    };
+    let dir = layout.gen_dir(generation);
+
+    let mut links = Vec::new();
+    for (_, attach, short) in PROGRAMS {
+        let path = dir.join(format!("link_{short}"));
+        let fd = sys::obj_get(&path, 0)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        let info = sys::cgroup_link_info(fd.as_fd())
+            .with_context(|| format!("reading link {}", path.display()))?;
+        links.push(LinkStatus {
+            hook: attach.hook(),
+            link_id: info.id,
+            prog_id: info.prog_id,
+            cgroup_id: info.cgroup_id,
+        });
+    }
+
+    let policy = read_policy(&dir)?;
+
+    let counters_map = open_pinned(&layout.state_dir().join(map_names::COUNTERS))?;
+    let counters_map = PerCpuArray::<_, u64>::try_from(counters_map)?;
+    let read = |i: u32| -> Result<u64> {
+        Ok(counters_map
+            .get(&i, 0)
+            .with_context(|| format!("reading counter {i}"))?
+            .iter()
+            .sum())
+    };
+    let mut decisions = BTreeMap::new();
+    for rule in Rule::ALL {
+        decisions.insert(rule.name().to_string(), read(rule as u32)?);
+    }
+    let mut counters = BTreeMap::new();
+    for c in Counter::ALL {
+        counters.insert(c.name().to_string(), read(c as u32)?);
+    }
+    Ok(Status {
+        pin_dir: pin_dir.display().to_string(),
+        generation,
+        links,
+        policy,
+        decisions,
+        counters,
+    })
+}
+
+fn ids(dir: &Path, name: &str, first: Option<u32>) -> Result<Vec<u32>> {
+    let set = HashMap::<_, u32, u8>::try_from(open_pinned(&dir.join(name))?)?;
+    let mut all: Vec<u32> = set.keys().collect::<Result<_, _>>()?;
+    all.sort_unstable();
+    if let Some(first) = first {
+        all.retain(|x| *x != first);
+        all.insert(0, first);
+    }
+    Ok(all)
+}
+
+fn cidrs(dir: &Path, name: &str) -> Result<Vec<String>> {
+    let trie = LpmTrie::<_, [u8; 4], u8>::try_from(open_pinned(&dir.join(name))?)?;
+    let mut out: Vec<(Ipv4Addr, u32)> = trie
+        .keys()
+        .map(|k| k.map(|k| (Ipv4Addr::from(k.data()), k.prefix_len())))
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    Ok(out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect())
+}
+
+fn read_policy(dir: &Path) -> Result<PolicyStatus> {
+    let config = Array::<_, Config>::try_from(open_pinned(&dir.join(map_names::CONFIG))?)?;
+    let cfg = config.get(&0, 0).context("reading CONFIG")?;
+    let ports = Array::<_, u8>::try_from(open_pinned(&dir.join(map_names::PORTS))?)?;
+    let (mut include_ports, mut exclude_ports) = (Vec::new(), Vec::new());
+    for (port, flags) in ports.iter().enumerate() {
+        let flags = flags?;
+        if flags & port_flags::OUT_INCLUDE != 0 {
+            include_ports.push(port as u16);
+        }
+        if flags & port_flags::OUT_EXCLUDE != 0 {
+            exclude_ports.push(port as u16);
+        }
+    }
+    let include_cidrs = if cfg.has(config_flags::INCLUDE_ALL) {
+        vec!["*".to_string()]
+    } else {
+        cidrs(dir, map_names::INCLUDE_V4)?
+    };
+    let local = HashMap::<_, u32, u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V4))?)?;
+    let mut local_addrs: Vec<Ipv4Addr> = local
+        .keys()
+        .map(|k| k.map(|k| Ipv4Addr::from(k.to_ne_bytes())))
+        .collect::<Result<_, _>>()?;
+    local_addrs.sort();
+    Ok(PolicyStatus {
+        proxy_port: cfg.proxy_port,
+        inbound_port: cfg.inbound_port,
+        tunnel_port: cfg.tunnel_port,
+        proxy_uids: ids(
+            dir,
+            map_names::PROXY_UIDS,
+            cfg.has(config_flags::HAS_UIDS).then_some(cfg.first_uid),
+        )?,
+        proxy_gids: ids(
+            dir,
+            map_names::PROXY_GIDS,
+            cfg.has(config_flags::HAS_GIDS).then_some(cfg.first_gid),
+        )?,
+        include_cidrs,
+        exclude_cidrs: cidrs(dir, map_names::EXCLUDE_V4)?,
+        include_ports,
+        exclude_ports,
+        local_addrs: local_addrs.iter().map(ToString::to_string).collect(),
+        source_v4: (cfg.source_v4 != 0)
+            .then(|| Ipv4Addr::from(cfg.source_v4.to_ne_bytes()).to_string()),
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "pin dir     {} (generation {})",
+            self.pin_dir, self.generation
+        )?;
+        for l in &self.links {
+            writeln!(
+                f,
+                "attached    {:<20} link {:<5} prog {:<5} cgroup id {}",
+                l.hook, l.link_id, l.prog_id, l.cgroup_id
+            )?;
+        }
+        let p = &self.policy;
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.join(",")
+            }
+        };
+        let nums = |v: &[u32]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        let ports = |v: &[u16]| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        writeln!(
+            f,
+            "ports       proxy {} inbound {} tunnel {}",
+            p.proxy_port, p.inbound_port, p.tunnel_port
+        )?;
+        writeln!(f, "proxy uids  {}", nums(&p.proxy_uids))?;
+        writeln!(f, "proxy gids  {}", nums(&p.proxy_gids))?;
+        writeln!(f, "include     {}", list(&p.include_cidrs))?;
+        writeln!(f, "exclude     {} CIDR(s)", p.exclude_cidrs.len())?;
+        writeln!(f, "ports in    {}", ports(&p.include_ports))?;
+        writeln!(f, "ports out   {}", ports(&p.exclude_ports))?;
+        writeln!(
+            f,
+            "pod addrs   {} (source {})",
+            list(&p.local_addrs),
+            p.source_v4.as_deref().unwrap_or("-")
+        )?;
+        writeln!(f, "decisions")?;
+        for rule in Rule::ALL {
+            let n = self.decisions.get(rule.name()).copied().unwrap_or(0);
+            let what = match rule {
+                Rule::ProxyToLocal => "redirected (inbound port)",
+                Rule::IncludedPort | Rule::IncludedCidr | Rule::IncludeAll => "redirected",
+                _ => "passed",
+            };
+            writeln!(
+                f,
+                "  {:<20} {:>10}  rule {:<3} {what}",
+                rule.name(),
+                n,
+                rule.number()
+            )?;
+        }
+        writeln!(f, "counters")?;
+        for (k, v) in &self.counters {
+            writeln!(f, "  {k:<20} {v:>10}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! The few `bpf(2)` commands aya 0.14 does not expose the way the loader needs
+//! them: creating a cgroup link for any attach type (aya cannot turn a
+//! `cgroup/getsockopt` link into a pinnable `FdLink`), pinning and opening
+//! objects, and reading a link's info for `status`.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// `BPF_F_RDONLY`, for opening pinned maps read-only.
+pub const BPF_F_RDONLY: u32 = 1 << 3;
+
+/// Cgroup attach types used by redirect (`enum bpf_attach_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    /// `BPF_CGROUP_SOCK_OPS`.
+    SockOps = 3,
+    /// `BPF_CGROUP_INET4_CONNECT`.
+    Connect4 = 10,
+    /// `BPF_CGROUP_GETSOCKOPT`.
+    GetSockopt = 21,
+    /// `BPF_CGROUP_INET4_GETPEERNAME`.
+    GetPeerName4 = 29,
+}
+
+impl AttachType {
+    /// From the kernel's number, for the ones redirect uses.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        [
+            Self::SockOps,
+            Self::Connect4,
+            Self::GetSockopt,
+            Self::GetPeerName4,
+        ]
+        .into_iter()
+        .find(|t| *t as u32 == raw)
+    }
+
+    /// The hook's name as `bpftool` and the docs write it.
+    pub fn hook(self) -> &'static str {
+        match self {
+            Self::SockOps => "sock_ops",
+            Self::Connect4 => "cgroup/connect4",
+            Self::GetSockopt => "cgroup/getsockopt",
+            Self::GetPeerName4 => "cgroup/getpeername4",
+        }
+    }
+}
+
+/// `union bpf_attr`, large enough for every command used here; unused
+/// bytes stay zero as the kernel requires.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Self {
+        Attr([0; 128])
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr of the size we pass.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn fd_result(ret: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `BPF_LINK_CREATE`: attach `prog` to the cgroup `cgroup` as a link (links
+/// on cgroups always allow other programs beside them).
+pub fn link_create(prog: impl AsFd, cgroup: impl AsFd, attach: AttachType) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_fd().as_raw_fd() as u32);
+    attr.put_u32(4, cgroup.as_fd().as_raw_fd() as u32);
+    attr.put_u32(8, attach as u32);
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
+}
+
+/// `BPF_OBJ_PIN`: pin a program, map or link at `path` on a bpffs.
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
+    let cpath = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, cpath.as_ptr() as u64);
+    attr.put_u32(8, fd.as_fd().as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// `BPF_OBJ_GET`: open a pinned object (`flags`: 0 or [`BPF_F_RDONLY`]).
+pub fn obj_get(path: &Path, flags: u32) -> io::Result<OwnedFd> {
+    let cpath = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, cpath.as_ptr() as u64);
+    attr.put_u32(12, flags);
+    bpf(BPF_OBJ_GET, &mut attr).map(fd_result)
+}
+
+/// What `status` shows of an attached link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    /// Link id (as `bpftool link` lists it).
+    pub id: u32,
+    /// Id of the attached program.
+    pub prog_id: u32,
+    /// Id of the cgroup it is attached to (its inode number on cgroupfs).
+    pub cgroup_id: u64,
+    /// Raw attach type.
+    pub attach_type: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup link.
+pub fn cgroup_link_info(link: impl AsFd) -> io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info { u32 type, id, prog_id; union { struct { u64
+    // cgroup_id; u32 attach_type; } cgroup; ... } } (union at offset 16).
+    let mut info = [0u8; 64];
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_fd().as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+    Ok(CgroupLinkInfo {
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: u64::from_ne_bytes(info[16..24].try_into().unwrap()),
+        attach_type: u32_at(24),
+    })
+}
