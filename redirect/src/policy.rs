@@ -451,8 +451,14 @@ mod tests {
 
     #[test]
     fn lists_accept_empty_values() {
-        assert_eq!(parse_cidrs("--exclude-cidrs", "").unwrap(), vec![]);
-        assert_eq!(parse_ports("--exclude-ports", " ").unwrap(), vec![]);
+        assert_eq!(
+            parse_cidrs("--exclude-cidrs", "").unwrap(),
+            Vec::<Cidr>::new()
+        );
+        assert_eq!(
+            parse_ports("--exclude-ports", " ").unwrap(),
+            Vec::<u16>::new()
+        );
         assert_eq!(parse_ids("--proxy-uid", "").unwrap(), Vec::<u32>::new());
         assert_eq!(
             parse_include("--include-cidrs", "").unwrap(),

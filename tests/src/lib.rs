@@ -1,1 +1,196 @@
+//! Harness for the real-kernel integration tests in `tests/tests/`.
+//!
+//! Each test builds its own [`Fixture`]: a throwaway pod (netns + veth to an
+//! upstream netns, its own cgroup), a sample proxy running as UID 1337 on
+//! 15001/15006, sample upstream services, a pin dir of its own, and the real
+//! `redirect` binary to apply policies. Dropping the fixture removes pins,
+//! processes, namespaces and cgroups, also when the test panics.
+//!
+//! Tests need root and a kernel with cgroup BPF hooks. Without root they fail
+//! under `CI=true`, and on a developer's machine they print that they are
+//! skipped and pass.
 
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use redirect::{
+    peer::ClientView,
+    pod::{As, Pod, Side, UPSTREAM_EXTRA, UPSTREAM_IP, upstream_extra},
+};
+
+pub use redirect::pod;
+
+/// Whether the tests can run here. Panics under `CI=true` when they cannot.
+pub fn can_run() -> bool {
+    // SAFETY: trivial libc call.
+    let root = unsafe { libc_geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("integration tests need root (CI=true, so this is a failure, not a skip)");
+    }
+    eprintln!("SKIPPED: not root; the real-kernel tests need root (they would fail under CI=true)");
+    false
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// The `redirect` binary under test: `$REDIRECT_BIN` (set by `cargo xtask
+/// test`), else `target/debug/redirect` next to the test executable.
+pub fn redirect_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REDIRECT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|d| d.join("redirect"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests with `cargo xtask test`",
+        bin.display()
+    );
+    bin
+}
+
+/// Service ports upstream listens on (on every upstream address).
+pub const UPSTREAM_PORTS: [u16; 3] = [80, 81, 82];
+/// Port of the application's own server inside the pod.
+pub const APP_PORT: u16 = 8080;
+
+/// One test's world.
+pub struct Fixture {
+    /// The pod.
+    pub pod: Pod,
+    /// This test's pin dir.
+    pub pin_dir: PathBuf,
+}
+
+impl Fixture {
+    /// A pod with upstream services on [`UPSTREAM_PORTS`] of every upstream
+    /// address, the sample proxy (UID 1337) on 15001 and 15006, and an app
+    /// server (UID 1000) on [`APP_PORT`] inside the pod.
+    pub fn new() -> Fixture {
+        let pod = Pod::create("rdt", &redirect_bin()).expect("creating the test pod");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&pod.name);
+        let mut f = Fixture { pod, pin_dir };
+        let mut upstream: Vec<String> = Vec::new();
+        for port in UPSTREAM_PORTS {
+            upstream.push(format!("{UPSTREAM_IP}:{port}"));
+            for i in 1..=UPSTREAM_EXTRA {
+                upstream.push(format!("{}:{port}", upstream_extra(i)));
+            }
+        }
+        let refs: Vec<&str> = upstream.iter().map(String::as_str).collect();
+        f.pod
+            .start_server(Side::Upstream, As::PROXY_LESS, "upstream", &refs)
+            .expect("upstream server");
+        f.start_proxy();
+        f.pod
+            .start_server(Side::Pod, As::APP, "app", &[&format!("0.0.0.0:{APP_PORT}")])
+            .expect("app server");
+        f
+    }
+
+    /// Starts the sample proxy (UID 1337, `proxy/` cgroup) on 15001 and 15006.
+    pub fn start_proxy(&mut self) {
+        self.pod
+            .start_server(
+                Side::Pod,
+                As::PROXY,
+                "proxy",
+                &["0.0.0.0:15001", "0.0.0.0:15006"],
+            )
+            .expect("proxy server");
+    }
+
+    /// Runs `redirect <args>` and returns its output.
+    pub fn redirect(&self, args: &[&str]) -> Output {
+        Command::new(redirect_bin())
+            .args(args)
+            .output()
+            .expect("running redirect")
+    }
+
+    /// `redirect apply` on this pod with `policy` flags.
+    pub fn apply(&self, policy: &[&str]) -> Output {
+        let cgroup = self.pod.cgroup.display().to_string();
+        let netns = self.pod.netns_path(Side::Pod).display().to_string();
+        let pin = self.pin_dir.display().to_string();
+        let mut args = vec![
+            "apply",
+            "--cgroup",
+            &cgroup,
+            "--netns",
+            &netns,
+            "--pin-dir",
+            &pin,
+        ];
+        args.extend_from_slice(policy);
+        self.redirect(&args)
+    }
+
+    /// `apply` that must succeed.
+    pub fn apply_ok(&self, policy: &[&str]) {
+        let out = self.apply(policy);
+        assert!(
+            out.status.success(),
+            "redirect apply {policy:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Connects from the pod as `who` to `to`; panics if the client could
+    /// not run at all (a failed connect is reported in the view).
+    pub fn connect(&self, who: As, to: &str) -> ClientView {
+        self.pod.connect(who, to, None).expect("sample client")
+    }
+
+    /// Connects and returns the name of the server that answered, or
+    /// `"error: ..."`.
+    pub fn who_answers(&self, who: As, to: &str) -> String {
+        let v = self.connect(who, to);
+        match v.reply {
+            Some(r) => r.server,
+            None => format!("error: {}", v.error.unwrap_or_default()),
+        }
+    }
+
+    /// `status --json` parsed, or `None` when it fails.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.redirect(&[
+            "status",
+            "--json",
+            "--pin-dir",
+            &self.pin_dir.display().to_string(),
+        ]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("status JSON"))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+/// A process of some other owner: UID 2000 with GID `gid`, in `app/`.
+pub fn other(uid: u32, gid: u32) -> As {
+    As {
+        uid,
+        gid,
+        cgroup: Some("app"),
+    }
+}

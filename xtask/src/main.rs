@@ -1,1 +1,167 @@
-fn main() {}
+//! `cargo xtask`: everything that is not plain cargo.
+//!
+//! - `setup`: install what the build needs and a fresh machine lacks (the
+//!   nightly `rust-src` component and `bpf-linker` 0.10.4, iproute2);
+//! - `demo`: setup, build, run `redirect demo` (root);
+//! - `test`: setup, build, run every test of the workspace, including the
+//!   real-kernel integration tests (root).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker release that works with this toolchain (it loads rustc's own
+/// LLVM; newer ones need a system LLVM 22).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing build and test prerequisites.
+    Setup,
+    /// Build and run the demo (needs root).
+    Demo,
+    /// Build and run all tests, real-kernel ones included (needs root).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`: to the harness).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Demo => {
+            setup()?;
+            require_root("the demo")?;
+            cargo(&["build", "--package", "redirect", "--bin", "redirect"])?;
+            run(Command::new(target_dir().join("debug/redirect")).arg("demo"))
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            require_root("the integration tests")?;
+            cargo(&["build", "--workspace", "--bins"])?;
+            let bin = target_dir().join("debug/redirect");
+            let mut cmd = Command::new(env_cargo());
+            cmd.current_dir(root())
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("REDIRECT_BIN", &bin);
+            run(&mut cmd)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn env_cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(env_cargo()).current_dir(root()).args(args))
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if output("id", &["-u"]).as_deref().map(str::trim) != Some("0") {
+        bail!("{what} load eBPF programs and create namespaces: run as root");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    // The eBPF side builds with nightly + rust-src (-Z build-std=core).
+    let toolchains = output("rustup", &["toolchain", "list"])
+        .context("rustup is required (the eBPF build runs `rustup run nightly cargo`)")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain with rust-src");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    } else {
+        let installed = output(
+            "rustup",
+            &["component", "list", "--toolchain", "nightly", "--installed"],
+        )
+        .unwrap_or_default();
+        if !installed.lines().any(|l| l.starts_with("rust-src")) {
+            eprintln!("xtask: adding rust-src to the nightly toolchain");
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))?;
+        }
+    }
+
+    let linker = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION}");
+        run(Command::new(env_cargo()).args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]))?;
+    }
+
+    if output("ip", &["-V"]).is_none() {
+        apt_install(&["iproute2"])?;
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    eprintln!("xtask: installing {} with apt-get", packages.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
