@@ -272,35 +272,34 @@ pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> V
     // "Routed over lo": a loopback destination or one the namespace owns.
     let over_lo = c.dst.is_loopback_range() || maps.is_local_addr(&c.dst);
     // 2. the proxy's passthrough source.
-    if over_lo {
-        if let Some(src) = c.bound_src {
-            if src.is_passthrough() {
-                return Verdict::pass(Rule::PassthroughSource);
-            }
-        }
+    if over_lo
+        && let Some(src) = c.bound_src
+        && src.is_passthrough()
+    {
+        return Verdict::pass(Rule::PassthroughSource);
     }
     // 3. proxy owners: UIDs, then GIDs.
-    if cfg.has(config_flags::HAS_UIDS) {
-        if let Some(v) = owner_rules(
+    if cfg.has(config_flags::HAS_UIDS)
+        && let Some(v) = owner_rules(
             cfg,
             over_lo,
             c.uid == cfg.first_uid,
             || maps.is_proxy_uid(c.uid),
             c,
-        ) {
-            return v;
-        }
+        )
+    {
+        return v;
     }
-    if cfg.has(config_flags::HAS_GIDS) {
-        if let Some(v) = owner_rules(
+    if cfg.has(config_flags::HAS_GIDS)
+        && let Some(v) = owner_rules(
             cfg,
             over_lo,
             c.gid == cfg.first_gid,
             || maps.is_proxy_gid(c.gid),
             c,
-        ) {
-            return v;
-        }
+        )
+    {
+        return v;
     }
     // 6. the host loopback address.
     if c.dst.is_host_loopback() {

@@ -124,10 +124,10 @@ impl Layout {
         };
         for entry in entries {
             let name = entry?.file_name();
-            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix("gen-")) {
-                if let Ok(n) = n.parse() {
-                    out.push(n);
-                }
+            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix("gen-"))
+                && let Ok(n) = n.parse()
+            {
+                out.push(n);
             }
         }
         out.sort_unstable();

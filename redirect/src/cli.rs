@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Validate, load, attach to a cgroup, pin, and exit. Re-running replaces
     /// the previous policy with no gap.
-    Apply(ApplyArgs),
+    Apply(Box<ApplyArgs>),
     /// Detach and unpin everything applied at a pin dir.
     Remove(PinDirArgs),
     /// Show what is attached, the policy in force and the counters.

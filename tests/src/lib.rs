@@ -74,6 +74,7 @@ pub struct Fixture {
     pub pin_dir: PathBuf,
 }
 
+#[allow(clippy::new_without_default)] // creating a pod is not a default value
 impl Fixture {
     /// A pod with upstream services on [`UPSTREAM_PORTS`] of every upstream
     /// address, the sample proxy (UID 1337) on 15001 and 15006, and an app
