@@ -403,3 +403,63 @@ fn unredirected_getsockopt_is_untouched() {
         "{err}"
     );
 }
+
+/// The same connection behind real iptables REDIRECT and behind redirect:
+/// what the app and the proxy see must match, and `redirect::original_dst`
+/// (which the sample proxy calls) works behind both.
+#[test]
+fn same_view_as_iptables_redirect() {
+    need_root!();
+    let f = Fixture::new();
+    let ns = f.pod.netns_name(redirect::pod::Side::Pod);
+    let ipt = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "iptables"])
+            .args(args)
+            .output()
+            .expect("running iptables (cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "iptables {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        "1337",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    let under_iptables = f.connect(As::APP, &svc(1, 80));
+    ipt(&["-t", "nat", "-F", "OUTPUT"]);
+    assert_eq!(f.who_answers(As::APP, &svc(1, 80)), "upstream");
+
+    f.apply_ok(&["-i", "*"]);
+    let under_redirect = f.connect(As::APP, &svc(1, 80));
+
+    let (a, b) = (&under_iptables, &under_redirect);
+    let (ra, rb) = (a.reply.as_ref().unwrap(), b.reply.as_ref().unwrap());
+    let ip = |s: &str| s.rsplit_once(':').unwrap().0.to_string();
+    assert_eq!(ra.server, rb.server);
+    assert_eq!(ra.orig_dst, rb.orig_dst, "SO_ORIGINAL_DST");
+    assert_eq!(ra.orig_dst.as_deref(), Some(svc(1, 80).as_str()));
+    assert_eq!(ra.local, rb.local, "proxy's local address");
+    assert_eq!(ip(&ra.peer), ip(&rb.peer), "proxy's view of the peer");
+    assert_eq!(a.peer, b.peer, "app's getpeername");
+    assert_eq!(
+        ip(a.local.as_deref().unwrap()),
+        ip(b.local.as_deref().unwrap()),
+        "app's getsockname"
+    );
+}

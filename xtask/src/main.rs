@@ -151,8 +151,17 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
+    // iproute2 builds the test pods; iptables is the reference the tests
+    // compare against.
+    let mut missing = Vec::new();
     if output("ip", &["-V"]).is_none() {
-        apt_install(&["iproute2"])?;
+        missing.push("iproute2");
+    }
+    if output("iptables", &["--version"]).is_none() {
+        missing.push("iptables");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
     }
     Ok(())
 }
