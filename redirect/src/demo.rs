@@ -20,14 +20,25 @@ use crate::{
 pub fn run() -> Result<()> {
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let mut pod = Pod::create("redirect-demo", &exe)?;
-    let pin_dir = PathBuf::from(apply::DEFAULT_PIN_DIR).with_file_name(&pod.name);
-    let result = demo(&mut pod, &pin_dir);
-    if pin_dir.exists() {
-        let _ = apply::remove(&pin_dir);
-    }
+    let pins = Pins(PathBuf::from(apply::DEFAULT_PIN_DIR).with_file_name(&pod.name));
+    let result = demo(&mut pod, &pins.0);
+    // Pins first (detaches), then the pod; also on a panic (e.g. stdout
+    // closed), through the guards' Drop.
+    drop(pins);
     drop(pod);
     println!("\ncleaned up: pins, pod namespaces and cgroups removed");
     result
+}
+
+/// Removes the demo's pins when dropped.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
