@@ -18,7 +18,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONFIG, count, set_orig_dst},
+    maps::{CONFIG, SockaddrIn, count, set_orig_dst},
     policy::KernelPolicy,
 };
 
@@ -27,14 +27,6 @@ const IPPROTO_TCP: u32 = 6;
 const ALLOW: i32 = 1;
 /// Returned to fail the syscall with `EPERM`.
 const DENY: i32 = 0;
-
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port_be: u16,
-    addr_be: u32,
-    zero: [u8; 8],
-}
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {

@@ -9,15 +9,7 @@
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 use redirect_common::{AF_INET, Counter, SO_ORIGINAL_DST, SOL_IP};
 
-use crate::maps::{count, orig_dst_of};
-
-#[repr(C)]
-struct SockaddrIn {
-    family: u16,
-    port_be: u16,
-    addr_be: u32,
-    zero: [u8; 8],
-}
+use crate::maps::{SockaddrIn, count, orig_dst_of};
 
 const SOCKADDR_IN_LEN: usize = core::mem::size_of::<SockaddrIn>();
 

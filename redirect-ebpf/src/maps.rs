@@ -2,7 +2,9 @@
 //! `redirect_common::abi`; the loader sizes and fills them.
 
 use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
@@ -60,41 +62,48 @@ pub fn orig_dst_map() -> *mut core::ffi::c_void {
     core::ptr::addr_of!(ORIG_DST).cast_mut().cast()
 }
 
-/// The original destination stored on socket `sk`, if any.
+/// The original destination stored on socket `sk`; with `create`, a zeroed
+/// slot is made if there is none. `None` if absent or not allocatable.
 #[inline(always)]
-pub fn orig_dst_of(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<*mut OrigDst> {
+fn storage(sk: *mut bpf_sock, create: bool) -> Option<*mut OrigDst> {
     if sk.is_null() {
         return None;
     }
-    let p = unsafe {
-        aya_ebpf::helpers::generated::bpf_sk_storage_get(
-            orig_dst_map(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE.into()
+    } else {
+        0
     };
+    // SAFETY: `sk` is a non-null socket pointer handed to us by the kernel.
+    let p = unsafe { bpf_sk_storage_get(orig_dst_map(), sk.cast(), core::ptr::null_mut(), flags) };
     if p.is_null() { None } else { Some(p.cast()) }
 }
 
-/// Stores `value` on socket `sk` (creating the slot), or `None` if the
-/// kernel could not allocate it.
+/// The original destination stored on socket `sk`, if any.
 #[inline(always)]
-pub fn set_orig_dst(sk: *mut aya_ebpf::bindings::bpf_sock, value: &OrigDst) -> Option<()> {
-    if sk.is_null() {
-        return None;
-    }
-    let p = unsafe {
-        aya_ebpf::helpers::generated::bpf_sk_storage_get(
-            orig_dst_map(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    };
-    if p.is_null() {
-        return None;
-    }
-    unsafe { *(p.cast::<OrigDst>()) = *value };
+pub fn orig_dst_of(sk: *mut bpf_sock) -> Option<*mut OrigDst> {
+    storage(sk, false)
+}
+
+/// Stores `value` on socket `sk`, or `None` if the kernel could not
+/// allocate the slot.
+#[inline(always)]
+pub fn set_orig_dst(sk: *mut bpf_sock, value: &OrigDst) -> Option<()> {
+    let p = storage(sk, true)?;
+    unsafe { *p = *value };
     Some(())
+}
+
+/// `struct sockaddr_in`, as `bpf_bind` takes it and `SO_ORIGINAL_DST`
+/// returns it.
+#[repr(C)]
+pub struct SockaddrIn {
+    /// `AF_INET`.
+    pub family: u16,
+    /// Port, network order.
+    pub port_be: u16,
+    /// Address, network order.
+    pub addr_be: u32,
+    /// Padding, zero.
+    pub zero: [u8; 8],
 }

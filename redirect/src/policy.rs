@@ -502,4 +502,64 @@ mod tests {
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("1.2.3.4".parse().unwrap()));
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        proptest! {
+            /// Every valid IPv4 CIDR parses, keeps its prefix, clears host
+            /// bits, and contains the address it was written with.
+            #[test]
+            fn v4_cidrs_round_trip(a in any::<u32>(), len in 0u8..=32) {
+                let ip = Ipv4Addr::from(a);
+                let c: Cidr = format!("{ip}/{len}").parse().unwrap();
+                prop_assert_eq!(c.prefix, len);
+                prop_assert!(c.contains(IpAddr::V4(ip)));
+                let again: Cidr = c.to_string().parse().unwrap();
+                prop_assert_eq!(again, c);
+            }
+
+            /// Prefix lengths above the address size are refused.
+            #[test]
+            fn long_prefixes_refused(a in any::<u32>(), len in 33u32..1000) {
+                let text = format!("{}/{}", Ipv4Addr::from(a), len);
+                prop_assert!(text.parse::<Cidr>().is_err());
+            }
+
+            /// Ports: exactly 1..=65535 are accepted, and a refusal names the
+            /// flag and the value.
+            #[test]
+            fn ports_in_range_only(p in 0u32..200_000) {
+                let r = parse_port("--proxy-port", &p.to_string());
+                if (1..=65535).contains(&p) {
+                    prop_assert_eq!(r.unwrap(), p as u16);
+                } else {
+                    let e = r.unwrap_err().to_string();
+                    prop_assert!(e.contains("--proxy-port") && e.contains(&p.to_string()));
+                }
+            }
+
+            /// A port list parses to the sorted set of its members, whatever
+            /// the spacing and empty items.
+            #[test]
+            fn port_lists(ps in prop::collection::vec(1u16..=65535, 0..20)) {
+                let text = ps.iter().map(|p| format!(" {p} ")).collect::<Vec<_>>().join(",,");
+                let mut want = ps.clone();
+                want.sort_unstable();
+                want.dedup();
+                prop_assert_eq!(parse_ports("-o", &text).unwrap(), want);
+            }
+
+            /// Arbitrary text never panics the parsers.
+            #[test]
+            fn no_panics(s in ".{0,40}") {
+                let _ = parse_cidrs("-x", &s);
+                let _ = parse_include("-i", &s);
+                let _ = parse_ports("-o", &s);
+                let _ = parse_ids("-u", &s);
+            }
+        }
+    }
 }

@@ -192,6 +192,18 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
     })
 }
 
+/// `a,b,c`, or `-` for an empty list.
+fn joined<T: ToString>(v: &[T]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
@@ -207,48 +219,21 @@ impl std::fmt::Display for Status {
             )?;
         }
         let p = &self.policy;
-        let list = |v: &[String]| {
-            if v.is_empty() {
-                "-".into()
-            } else {
-                v.join(",")
-            }
-        };
-        let nums = |v: &[u32]| {
-            if v.is_empty() {
-                "-".into()
-            } else {
-                v.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            }
-        };
-        let ports = |v: &[u16]| {
-            if v.is_empty() {
-                "-".into()
-            } else {
-                v.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            }
-        };
         writeln!(
             f,
             "ports       proxy {} inbound {} tunnel {}",
             p.proxy_port, p.inbound_port, p.tunnel_port
         )?;
-        writeln!(f, "proxy uids  {}", nums(&p.proxy_uids))?;
-        writeln!(f, "proxy gids  {}", nums(&p.proxy_gids))?;
-        writeln!(f, "include     {}", list(&p.include_cidrs))?;
+        writeln!(f, "proxy uids  {}", joined(&p.proxy_uids))?;
+        writeln!(f, "proxy gids  {}", joined(&p.proxy_gids))?;
+        writeln!(f, "include     {}", joined(&p.include_cidrs))?;
         writeln!(f, "exclude     {} CIDR(s)", p.exclude_cidrs.len())?;
-        writeln!(f, "ports in    {}", ports(&p.include_ports))?;
-        writeln!(f, "ports out   {}", ports(&p.exclude_ports))?;
+        writeln!(f, "ports in    {}", joined(&p.include_ports))?;
+        writeln!(f, "ports out   {}", joined(&p.exclude_ports))?;
         writeln!(
             f,
             "pod addrs   {} (source {})",
-            list(&p.local_addrs),
+            joined(&p.local_addrs),
             p.source_v4.as_deref().unwrap_or("-")
         )?;
         writeln!(f, "decisions")?;
