@@ -189,9 +189,8 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
 
     // 3. The new generation is attached: retire the old ones.
     for g in &old {
-        let dir = layout.gen_dir(*g);
-        fs::remove_dir_all(&dir)
-            .with_context(|| format!("detaching the previous generation {}", dir.display()))?;
+        retire(&layout.gen_dir(*g))
+            .with_context(|| format!("detaching the previous generation {g}"))?;
     }
     Ok(ApplyReport {
         generation,
@@ -321,6 +320,17 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
     Ok(())
 }
 
+/// Detaches one generation: its connect4 link first, so that no connection
+/// is redirected once the hand-over and getsockopt programs start going,
+/// then everything else.
+fn retire(dir: &Path) -> Result<()> {
+    let connect = dir.join("link_connect4");
+    if connect.exists() {
+        fs::remove_file(&connect).with_context(|| format!("unpinning {}", connect.display()))?;
+    }
+    fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
 /// Detaches and unpins everything applied at `pin_dir`.
 pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
     let layout = Layout::new(pin_dir);
@@ -331,10 +341,8 @@ pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
             pin_dir.display()
         );
     }
-    // Newest last: detach connect4 users of the newest generation last.
     for g in &gens {
-        let dir = layout.gen_dir(*g);
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        retire(&layout.gen_dir(*g))?;
     }
     let state = layout.state_dir();
     if state.exists() {
