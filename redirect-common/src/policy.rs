@@ -7,8 +7,10 @@
 //!
 //! The policy is reached through the [`PolicyMaps`] trait so the same code runs
 //! in the kernel (backed by BPF maps) and in user space (backed by ordinary
-//! collections, for `redirect explain` and the tests). Lookups happen lazily,
-//! in rule order, so a connection decided by an early rule costs no more.
+//! collections, for `redirect explain` and the tests). The "routed over lo"
+//! test runs first (the verdict reports it, and the connect hook needs it to
+//! bind a redirected socket); every other lookup happens lazily, in rule
+//! order, so a connection decided by an early rule costs no more.
 
 use crate::abi::{Config, config_flags, port_flags};
 
@@ -209,6 +211,10 @@ pub struct Verdict {
     pub action: Action,
     /// Which rule decided.
     pub rule: Rule,
+    /// Whether the destination is routed over `lo` (127.0.0.0/8 or an
+    /// address the namespace owns). The connect hook uses it to pick the
+    /// source address of a redirected socket without a second lookup.
+    pub over_lo: bool,
 }
 
 impl Verdict {
@@ -217,6 +223,7 @@ impl Verdict {
         Verdict {
             action: Action::Pass,
             rule,
+            over_lo: false,
         }
     }
 
@@ -225,6 +232,7 @@ impl Verdict {
         Verdict {
             action: Action::Redirect(port),
             rule,
+            over_lo: false,
         }
     }
 }
@@ -264,13 +272,21 @@ fn owner_rules(
 /// would (rules 1, 2, 3, 6, 7, 8, 9 of `docs/semantics.md`).
 #[inline(always)]
 pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> Verdict {
+    // "Routed over lo": a loopback destination or one the namespace owns.
+    let over_lo = c.dst.is_loopback_range() || maps.is_local_addr(&c.dst);
+    let mut v = walk(cfg, maps, c, over_lo);
+    v.over_lo = over_lo;
+    v
+}
+
+/// The rule walk proper, first match wins.
+#[inline(always)]
+fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> Verdict {
     let ports = maps.port_flags(c.dport);
     // 1. exclude outbound ports.
     if ports & port_flags::OUT_EXCLUDE != 0 {
         return Verdict::pass(Rule::ExcludedPort);
     }
-    // "Routed over lo": a loopback destination or one the namespace owns.
-    let over_lo = c.dst.is_loopback_range() || maps.is_local_addr(&c.dst);
     // 2. the proxy's passthrough source.
     if over_lo
         && let Some(src) = c.bound_src

@@ -116,7 +116,8 @@ fn empty_include_captures_nothing() {
         v,
         Verdict {
             action: Action::Pass,
-            rule: Rule::NotCaptured
+            rule: Rule::NotCaptured,
+            over_lo: false,
         }
     );
 }
@@ -361,6 +362,8 @@ proptest! {
             && !m.exclude_ports.contains(&c.dport) {
             prop_assert_eq!(v.action, Action::Pass);
         }
+        // The lo fact is reported for every verdict.
+        prop_assert_eq!(v.over_lo, over_lo);
         // Deterministic.
         prop_assert_eq!(v, decide(&m, all, c));
     }

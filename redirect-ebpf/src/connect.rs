@@ -13,8 +13,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    AF_INET, Action, Addr, Counter, OrigDst, Outbound, PolicyMaps, Rule, V4_LOCALHOST,
-    decide_outbound,
+    AF_INET, Action, Addr, Counter, OrigDst, Outbound, V4_LOCALHOST, decide_outbound,
 };
 
 use crate::{
@@ -82,7 +81,7 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
         // where the kernel picks 127.0.0.1 as it would have.
         let src_be = if conn.dst.is_loopback_range() {
             0
-        } else if verdict.rule == Rule::ProxyToLocal || KernelPolicy.is_local_addr(&conn.dst) {
+        } else if verdict.over_lo {
             dst_be
         } else {
             cfg.source_v4

@@ -263,16 +263,20 @@ impl Pod {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "ready" {
-            let child = self.children.last_mut().unwrap();
+            let mut child = self.children.pop().expect("pushed above");
             let _ = child.kill();
-            let out = child.wait_with_output_ref();
-            bail!("sample server {name} did not start: {out}");
+            let out = child.wait_with_output();
+            let err = out.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string());
+            bail!(
+                "sample server {name} did not start: {}",
+                err.unwrap_or_default()
+            );
         }
         Ok(())
     }
 
-    /// Kills the sample servers named `name`... all servers started so far
-    /// (used to restart a proxy).
+    /// Kills every sample server started so far (the tests use it to take
+    /// the proxy down).
     pub fn stop_servers(&mut self) {
         for mut c in self.children.drain(..) {
             let _ = c.kill();
@@ -303,22 +307,6 @@ impl Pod {
                 String::from_utf8_lossy(&out.stdout)
             )
         })
-    }
-}
-
-trait WaitRef {
-    fn wait_with_output_ref(&mut self) -> String;
-}
-
-impl WaitRef for Child {
-    fn wait_with_output_ref(&mut self) -> String {
-        let _ = self.wait();
-        let mut err = String::new();
-        if let Some(e) = self.stderr.take() {
-            use std::io::Read as _;
-            let _ = BufReader::new(e).read_to_string(&mut err);
-        }
-        err.trim().to_string()
     }
 }
 

@@ -14,8 +14,6 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
-/// `BPF_F_RDONLY`, for opening pinned maps read-only.
-pub const BPF_F_RDONLY: u32 = 1 << 3;
 
 /// Cgroup attach types used by redirect (`enum bpf_attach_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,18 +30,6 @@ pub enum AttachType {
 }
 
 impl AttachType {
-    /// From the kernel's number, for the ones redirect uses.
-    pub fn from_raw(raw: u32) -> Option<Self> {
-        [
-            Self::SockOps,
-            Self::Connect4,
-            Self::GetSockopt,
-            Self::GetPeerName4,
-        ]
-        .into_iter()
-        .find(|t| *t as u32 == raw)
-    }
-
     /// The hook's name as `bpftool` and the docs write it.
     pub fn hook(self) -> &'static str {
         match self {
@@ -119,7 +105,7 @@ pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
 
-/// `BPF_OBJ_GET`: open a pinned object (`flags`: 0 or [`BPF_F_RDONLY`]).
+/// `BPF_OBJ_GET`: open a pinned object (`flags`: `file_flags`, 0 for read-write).
 pub fn obj_get(path: &Path, flags: u32) -> io::Result<OwnedFd> {
     let cpath = c_path(path)?;
     let mut attr = Attr::new();

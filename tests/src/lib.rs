@@ -24,8 +24,8 @@ pub use redirect::pod;
 
 /// Whether the tests can run here. Panics under `CI=true` when they cannot.
 pub fn can_run() -> bool {
-    // SAFETY: trivial libc call.
-    let root = unsafe { libc_geteuid() } == 0;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     if root {
         return true;
     }
@@ -34,11 +34,6 @@ pub fn can_run() -> bool {
     }
     eprintln!("SKIPPED: not root; the real-kernel tests need root (they would fail under CI=true)");
     false
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// The `redirect` binary under test: `$REDIRECT_BIN` (set by `cargo xtask
