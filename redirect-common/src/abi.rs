@@ -31,6 +31,12 @@ pub mod map_names {
     pub const HANDOVER: &str = "HANDOVER";
     /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `SockMap`, two slots ([`super::LISTENER_V4`], [`super::LISTENER_V6`]):
+    /// the proxy's inbound capture listener. The `sock_ops` program puts it
+    /// there when the proxy calls `listen()` on the inbound port, so the
+    /// proxy needs no privilege and a restarted proxy takes over by itself;
+    /// the kernel drops the entry when the socket closes.
+    pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
 
     /// Maps whose content is the policy: replaced as a whole on re-apply.
     pub const POLICY: [&str; 7] = [
@@ -39,7 +45,7 @@ pub mod map_names {
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
     /// destination.
-    pub const STATE: [&str; 3] = [ORIG_DST, HANDOVER, COUNTERS];
+    pub const STATE: [&str; 4] = [ORIG_DST, HANDOVER, COUNTERS, INBOUND_LISTENER];
 }
 
 /// Names of the programs in the eBPF object.
@@ -52,8 +58,11 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "redirect_sockops";
     /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
     pub const GETSOCKOPT: &str = "redirect_getsockopt";
+    /// `sk_lookup` (on the pod's network namespace): steers captured inbound
+    /// connections to the proxy's listener.
+    pub const SK_LOOKUP: &str = "redirect_sk_lookup";
     /// All programs, in the order they are attached.
-    pub const ALL: [&str; 4] = [SOCK_OPS, GETSOCKOPT, GETPEERNAME4, CONNECT4];
+    pub const ALL: [&str; 5] = [SOCK_OPS, GETSOCKOPT, GETPEERNAME4, SK_LOOKUP, CONNECT4];
 }
 
 /// Bits of the per-port flag array ([`map_names::PORTS`]).
@@ -62,9 +71,9 @@ pub mod port_flags {
     pub const OUT_EXCLUDE: u8 = 1 << 0;
     /// Destination port in the include-outbound-ports list (rule 8).
     pub const OUT_INCLUDE: u8 = 1 << 1;
-    /// Inbound port excluded from capture.
+    /// Inbound port in the exclude-inbound-ports list (inbound rule 2).
     pub const IN_EXCLUDE: u8 = 1 << 2;
-    /// Inbound port captured.
+    /// Inbound port in the inbound-ports list (inbound rule 3).
     pub const IN_INCLUDE: u8 = 1 << 3;
 }
 
@@ -80,6 +89,10 @@ pub mod config_flags {
     pub const HAS_INCLUDE_CIDRS: u16 = 1 << 3;
     /// The exclude-outbound-CIDR trie has entries.
     pub const HAS_EXCLUDE_CIDRS: u16 = 1 << 4;
+    /// Inbound ports `*`: capture every inbound port not excluded.
+    pub const INBOUND_ALL: u16 = 1 << 5;
+    /// Inbound ports is a non-empty list ([`super::port_flags::IN_INCLUDE`]).
+    pub const INBOUND_LIST: u16 = 1 << 6;
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -97,6 +110,10 @@ pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
 /// Capacity of the hand-over map: connections between `connect()` and the
 /// proxy's side of the handshake, all pods of one apply together.
 pub const HANDOVER_CAPACITY: u32 = 1 << 16;
+/// Slot of [`map_names::INBOUND_LISTENER`] for an IPv4 listener.
+pub const LISTENER_V4: u32 = 0;
+/// Slot for an IPv6 (possibly dual-stack) listener.
+pub const LISTENER_V6: u32 = 1;
 /// Capacity of the UID, GID and local-address sets.
 pub const SET_CAPACITY: u32 = 1024;
 
@@ -127,6 +144,9 @@ pub struct Config {
     pub source_v4: u32,
     /// Reserved, zero.
     pub reserved: u32,
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`): only a
+    /// listener opened there becomes the inbound capture socket.
+    pub netns_cookie: u64,
 }
 
 impl Config {
@@ -212,13 +232,18 @@ pub enum Counter {
     HandoverTaken,
     /// Hand-over entries removed because the client closed first.
     HandoverDropped,
+    /// The proxy's inbound listener was (re)registered.
+    ListenerSet,
+    /// A captured inbound connection found no proxy listener: refused, as a
+    /// REDIRECT to a closed port is.
+    InboundNoListener,
 }
 
 impl Counter {
     /// Number of counter slots (rules plus the extra counters).
-    pub const TOTAL: u32 = Counter::HandoverDropped as u32 + 1;
+    pub const TOTAL: u32 = Counter::InboundNoListener as u32 + 1;
     /// All extra counters, in index order.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 9] = [
         Counter::BindFailed,
         Counter::StorageFailed,
         Counter::HandoverFull,
@@ -226,6 +251,8 @@ impl Counter {
         Counter::OrigDstMissing,
         Counter::HandoverTaken,
         Counter::HandoverDropped,
+        Counter::ListenerSet,
+        Counter::InboundNoListener,
     ];
 
     /// Stable snake_case name, as `redirect status --json` prints it.
@@ -238,6 +265,8 @@ impl Counter {
             Counter::OrigDstMissing => "orig_dst_missing",
             Counter::HandoverTaken => "handover_taken",
             Counter::HandoverDropped => "handover_dropped",
+            Counter::ListenerSet => "listener_set",
+            Counter::InboundNoListener => "inbound_no_listener",
         }
     }
 }

@@ -122,13 +122,26 @@ pub enum Rule {
     IncludeAll,
     /// End of the chain: nothing captured it → pass.
     NotCaptured,
+    /// Inbound: opened from inside the pod (local source). Such connections
+    /// are tracked from `nat OUTPUT` and never walk `nat PREROUTING` → pass.
+    InboundLocalSource,
+    /// Inbound 1: destination port is the tunnel port → pass.
+    InboundTunnel,
+    /// Inbound 2: `-b '*'` and the port is in the exclude-inbound list → pass.
+    InboundExcludedPort,
+    /// Inbound 2: `-b '*'`, anything else → inbound capture port.
+    InboundAll,
+    /// Inbound 3: the port is in the include-inbound list → inbound port.
+    InboundIncludedPort,
+    /// Inbound 3/4: not in the list (or the list is empty) → pass.
+    InboundNotCaptured,
 }
 
 impl Rule {
     /// Number of rules (and of per-rule counters).
-    pub const COUNT: u32 = Rule::NotCaptured as u32 + 1;
+    pub const COUNT: u32 = Rule::InboundNotCaptured as u32 + 1;
     /// All rules, in index order.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 17] = [
         Rule::ExcludedPort,
         Rule::PassthroughSource,
         Rule::ProxyToLocal,
@@ -140,7 +153,27 @@ impl Rule {
         Rule::IncludedCidr,
         Rule::IncludeAll,
         Rule::NotCaptured,
+        Rule::InboundLocalSource,
+        Rule::InboundTunnel,
+        Rule::InboundExcludedPort,
+        Rule::InboundAll,
+        Rule::InboundIncludedPort,
+        Rule::InboundNotCaptured,
     ];
+
+    /// The rule with index `n` (as stored in `OrigDst::rule`), if any.
+    pub const fn from_index(n: u32) -> Option<Rule> {
+        if n < Rule::COUNT {
+            Some(Rule::ALL[n as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Whether it is a rule of the inbound chain.
+    pub const fn is_inbound(self) -> bool {
+        self as u32 >= Rule::InboundLocalSource as u32
+    }
 
     /// The rule's number in `shared/SEMANTICS.md` (outbound section).
     pub const fn number(self) -> &'static str {
@@ -155,6 +188,11 @@ impl Rule {
             Rule::IncludedPort => "8",
             Rule::IncludedCidr | Rule::IncludeAll => "9",
             Rule::NotCaptured => "end",
+            Rule::InboundLocalSource => "in-local",
+            Rule::InboundTunnel => "in-1",
+            Rule::InboundExcludedPort | Rule::InboundAll => "in-2",
+            Rule::InboundIncludedPort => "in-3",
+            Rule::InboundNotCaptured => "in-end",
         }
     }
 
@@ -172,6 +210,12 @@ impl Rule {
             Rule::IncludedCidr => "included_cidr",
             Rule::IncludeAll => "include_all",
             Rule::NotCaptured => "not_captured",
+            Rule::InboundLocalSource => "inbound_local_source",
+            Rule::InboundTunnel => "inbound_tunnel",
+            Rule::InboundExcludedPort => "inbound_excluded_port",
+            Rule::InboundAll => "inbound_all",
+            Rule::InboundIncludedPort => "inbound_included_port",
+            Rule::InboundNotCaptured => "inbound_not_captured",
         }
     }
 
@@ -191,6 +235,14 @@ impl Rule {
             Rule::IncludedCidr => "destination is in an include-outbound CIDR",
             Rule::IncludeAll => "include-outbound CIDRs is '*'",
             Rule::NotCaptured => "no rule captured it (include list empty or no match)",
+            Rule::InboundLocalSource => "opened from inside the pod: never walks nat PREROUTING",
+            Rule::InboundTunnel => "destination port is the tunnel port",
+            Rule::InboundExcludedPort => {
+                "inbound ports '*' and the port is in the exclude-inbound-ports list"
+            }
+            Rule::InboundAll => "inbound ports '*': every other port is captured",
+            Rule::InboundIncludedPort => "destination port is in the inbound-ports list",
+            Rule::InboundNotCaptured => "inbound port not listed (or no inbound capture)",
         }
     }
 }
@@ -337,4 +389,58 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
         return Verdict::redirect(cfg.proxy_port, Rule::IncludedCidr);
     }
     Verdict::pass(Rule::NotCaptured)
+}
+
+/// An inbound TCP connection, as `sk_lookup` sees its first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    /// The peer's address (the packet's source).
+    pub src: Addr,
+    /// The local address asked for.
+    pub dst: Addr,
+    /// The local port asked for, host order.
+    pub dport: u16,
+}
+
+/// Decide an inbound TCP connection the way istio-iptables' `nat PREROUTING`
+/// chain would (inbound rules 1–4 of `docs/semantics.md`).
+///
+/// Connections the pod opens to itself (source owned by the namespace or in
+/// the loopback range, e.g. the proxy forwarding from 127.0.0.6) are decided
+/// by the outbound chain when they start and never walk PREROUTING: they
+/// pass here.
+#[inline(always)]
+pub fn decide_inbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Inbound) -> Verdict {
+    let mut v = walk_inbound(cfg, maps, c);
+    v.over_lo = false;
+    v
+}
+
+#[inline(always)]
+fn walk_inbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Inbound) -> Verdict {
+    let all = cfg.has(config_flags::INBOUND_ALL);
+    if !all && !cfg.has(config_flags::INBOUND_LIST) {
+        // 4. nothing inbound is captured (no PREROUTING jump at all).
+        return Verdict::pass(Rule::InboundNotCaptured);
+    }
+    if c.src.is_loopback_range() || maps.is_local_addr(&c.src) {
+        return Verdict::pass(Rule::InboundLocalSource);
+    }
+    // 1. the tunnel port.
+    if c.dport == cfg.tunnel_port {
+        return Verdict::pass(Rule::InboundTunnel);
+    }
+    let ports = maps.port_flags(c.dport);
+    if all {
+        // 2. '*' minus the excluded ports.
+        if ports & port_flags::IN_EXCLUDE != 0 {
+            return Verdict::pass(Rule::InboundExcludedPort);
+        }
+        return Verdict::redirect(cfg.inbound_port, Rule::InboundAll);
+    }
+    // 3. a list.
+    if ports & port_flags::IN_INCLUDE != 0 {
+        return Verdict::redirect(cfg.inbound_port, Rule::InboundIncludedPort);
+    }
+    Verdict::pass(Rule::InboundNotCaptured)
 }

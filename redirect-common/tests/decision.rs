@@ -76,6 +76,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         first_gid: m.gids.first().copied().unwrap_or(0),
         source_v4: 0,
         reserved: 0,
+        netns_cookie: 0,
     }
 }
 

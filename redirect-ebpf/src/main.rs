@@ -1,8 +1,9 @@
 //! The redirect kernel programs, one file per hook (after Merbridge's `bpf/`
 //! layout): `connect.rs` (`cgroup/connect4`), `getpeername.rs`
 //! (`cgroup/getpeername4`), `sockops.rs` (`sockops`), `getsockopt.rs`
-//! (`cgroup/getsockopt`). Maps and the glue to the shared decision code live in
-//! `maps.rs` and `policy.rs`. The decision itself is in `redirect-common`.
+//! (`cgroup/getsockopt`), `sk_lookup.rs` (`sk_lookup`, inbound). Maps and the
+//! glue to the shared decision code live in `maps.rs` and `policy.rs`. The
+//! decision itself is in `redirect-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -16,6 +17,8 @@ mod getsockopt;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
 #[cfg(target_arch = "bpf")]
 mod sockops;
 

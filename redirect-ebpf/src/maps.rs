@@ -6,7 +6,7 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
 };
 use redirect_common::{
     Config, Counter, DEFAULT_CIDR_CAPACITY, HANDOVER_CAPACITY, OrigDst, PORT_COUNT, SET_CAPACITY,
@@ -43,6 +43,9 @@ pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
 #[map]
 pub static HANDOVER: HashMap<TupleKey, OrigDst> = HashMap::with_max_entries(HANDOVER_CAPACITY, 0);
+
+#[map]
+pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::TOTAL, 0);

@@ -10,21 +10,38 @@
 //! 3. `STATE_CB` → `TCP_CLOSE` (client socket): delete the entry if the proxy
 //!    never took it (refused, reset, accept queue overflow).
 //!
+//! And for inbound capture (see `sk_lookup.rs`):
+//!
+//! 4. `TCP_LISTEN_CB`: a socket of the pod's namespace listening on the inbound
+//!    capture port becomes the capture listener (a restarted proxy replaces
+//!    it; the kernel drops a closed one). The proxy needs no privilege.
+//! 5. `PASSIVE_ESTABLISHED_CB` without a hand-over entry: if the inbound rules
+//!    capture this connection, `sk_lookup` steered it to the proxy, and its
+//!    local address *is* the original destination: store it so
+//!    `SO_ORIGINAL_DST` answers as it does after REDIRECT.
+//!
 //! So a hand-over entry lives for one handshake, and the per-socket copies die
 //! with their sockets: nothing outlives its connection and nothing needs LRU.
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirect_common::{AF_INET, Counter, TupleKey, orig_flags};
+use redirect_common::{
+    AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6, OrigDst,
+    TupleKey, decide_inbound, orig_flags,
+};
 
-use crate::maps::{HANDOVER, count, orig_dst_of, set_orig_dst};
+use crate::{
+    maps::{CONFIG, HANDOVER, INBOUND_LISTENER, count, orig_dst_of, set_orig_dst},
+    policy::KernelPolicy,
+};
 
 const AF_INET_U32: u32 = AF_INET as u32;
 
@@ -34,6 +51,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx, ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ops),
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
                 on_client_close(ops);
@@ -95,6 +113,7 @@ fn on_passive_established(ops: *mut bpf_sock_ops) {
     }
     let key = tuple(ops, false);
     let Some(entry) = HANDOVER.get_ptr(key) else {
+        on_inbound_accepted(ops);
         return;
     };
     let mut orig = unsafe { *entry };
@@ -112,4 +131,62 @@ fn on_client_close(ops: *mut bpf_sock_ops) {
     if HANDOVER.remove(tuple(ops, true)).is_ok() {
         count(Counter::HandoverDropped as u32);
     }
+}
+
+/// The pod's policy, if `ops`'s socket lives in the pod's namespace.
+#[inline(always)]
+fn pod_config(ops: *mut bpf_sock_ops) -> Option<&'static Config> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ops.cast()) } != cfg.netns_cookie {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn on_listen(ops: *mut bpf_sock_ops) {
+    let Some(cfg) = pod_config(ops) else {
+        return;
+    };
+    let o = unsafe { &*ops };
+    if o.local_port != u32::from(cfg.inbound_port) {
+        return;
+    }
+    let slot = if o.family == AF_INET_U32 {
+        LISTENER_V4
+    } else if o.family == u32::from(AF_INET6) {
+        LISTENER_V6
+    } else {
+        return;
+    };
+    // SAFETY: `ops` is this program's context, a full TCP socket.
+    if unsafe { INBOUND_LISTENER.update(slot, ops, BPF_ANY.into()) }.is_ok() {
+        count(Counter::ListenerSet as u32);
+    }
+}
+
+/// A passive connection with no hand-over entry: captured inbound?
+#[inline(always)]
+fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
+    let Some(cfg) = pod_config(ops) else {
+        return;
+    };
+    let o = unsafe { &*ops };
+    let conn = Inbound {
+        src: Addr::V4(u32::from_be(o.remote_ip4)),
+        dst: Addr::V4(u32::from_be(o.local_ip4)),
+        dport: o.local_port as u16,
+    };
+    let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
+    if let Action::Pass = verdict.action {
+        return;
+    }
+    let orig = OrigDst {
+        ip: [o.local_ip4, 0, 0, 0],
+        port_be: (o.local_port as u16).to_be(),
+        family: AF_INET,
+        rule: verdict.rule as u16,
+        flags: orig_flags::PROXY_SIDE,
+    };
+    let _ = set_orig_dst(sk_of(ops), &orig);
 }

@@ -44,9 +44,10 @@ pub static EBPF_OBJECT: &[u8] =
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
-/// Programs in attach order, with their hook and short pin name. Connect4 comes
-/// last so nothing is redirected before the hand-over path is in place.
-pub const PROGRAMS: [(&str, AttachType, &str); 4] = [
+/// Programs in attach order, with their hook and short pin name. Connect4 and
+/// sk_lookup come last so nothing is redirected before the hand-over path and
+/// the listener registration are in place.
+pub const PROGRAMS: [(&str, AttachType, &str); 5] = [
     (program_names::SOCK_OPS, AttachType::SockOps, "sockops"),
     (
         program_names::GETSOCKOPT,
@@ -58,6 +59,7 @@ pub const PROGRAMS: [(&str, AttachType, &str); 4] = [
         AttachType::GetPeerName4,
         "getpeername4",
     ),
+    (program_names::SK_LOOKUP, AttachType::SkLookup, "sk_lookup"),
     (program_names::CONNECT4, AttachType::Connect4, "connect4"),
 ];
 
@@ -149,6 +151,10 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     ensure_bpffs(&req.pin_dir)?;
     let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
+    let netns_file = match &req.netns {
+        Some(p) => netns::open_netns(p)?,
+        None => netns::open_netns(Path::new("/proc/self/ns/net"))?,
+    };
     if facts.local_addrs.iter().filter(|a| a.is_ipv4()).count()
         > redirect_common::SET_CAPACITY as usize
     {
@@ -173,7 +179,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         fs::create_dir(&gen_dir)
             .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
         created.push(gen_dir.clone());
-        install(req, &facts, &cgroup, &layout, &gen_dir)
+        install(req, &facts, (&cgroup, &netns_file), &layout, &gen_dir)
     })();
 
     if let Err(err) = result {
@@ -204,7 +210,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
 fn install(
     req: &ApplyRequest,
     facts: &NetnsFacts,
-    cgroup: &File,
+    (cgroup, netns_file): (&File, &File),
     layout: &Layout,
     gen_dir: &Path,
 ) -> Result<()> {
@@ -239,6 +245,7 @@ fn install(
             Program::SockOps(p) => p.load(),
             Program::CgroupSockopt(p) => p.load(),
             Program::CgroupSockAddr(p) => p.load(),
+            Program::SkLookup(p) => p.load(),
             _ => bail!("program {name} has an unexpected type"),
         };
         loaded.with_context(|| {
@@ -250,13 +257,22 @@ fn install(
         prog.pin(gen_dir.join(format!("prog_{short}")))
             .with_context(|| format!("pinning program {name}"))?;
         let fd = prog.fd().context("program fd")?;
-        let link = sys::link_create(fd, cgroup, attach).with_context(|| {
-            format!(
-                "attaching {} to cgroup {} (kernel without cgroup bpf links or this hook?)",
-                attach.hook(),
-                req.cgroup.display()
-            )
-        })?;
+        let link = if attach.on_netns() {
+            sys::link_create(fd, netns_file, attach).with_context(|| {
+                format!(
+                    "attaching {} to the network namespace (kernel without sk_lookup, 5.9+?)",
+                    attach.hook()
+                )
+            })?
+        } else {
+            sys::link_create(fd, cgroup, attach).with_context(|| {
+                format!(
+                    "attaching {} to cgroup {} (kernel without cgroup bpf links or this hook?)",
+                    attach.hook(),
+                    req.cgroup.display()
+                )
+            })?
+        };
         sys::obj_pin(&link, &gen_dir.join(format!("link_{short}")))
             .with_context(|| format!("pinning the {} link", attach.hook()))?;
         links.push(link);
@@ -320,13 +336,15 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
     Ok(())
 }
 
-/// Detaches one generation: its connect4 link first, so that no connection
-/// is redirected once the hand-over and getsockopt programs start going,
-/// then everything else.
+/// Detaches one generation: its connect4 and sk_lookup links first, so that
+/// no connection is redirected once the hand-over and getsockopt programs
+/// start going, then everything else.
 fn retire(dir: &Path) -> Result<()> {
-    let connect = dir.join("link_connect4");
-    if connect.exists() {
-        fs::remove_file(&connect).with_context(|| format!("unpinning {}", connect.display()))?;
+    for first in ["link_connect4", "link_sk_lookup"] {
+        let link = dir.join(first);
+        if link.exists() {
+            fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
+        }
     }
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }

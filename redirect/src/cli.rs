@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     apply::DEFAULT_PIN_DIR,
     policy::{
-        PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_include, parse_port, parse_ports,
+        PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports, parse_include,
+        parse_port, parse_ports,
     },
 };
 
@@ -146,6 +147,24 @@ pub struct PolicyArgs {
         default_value = ""
     )]
     pub exclude_ports: String,
+    /// Inbound ports to capture: `*` for all (minus `-d`), a list, or empty
+    /// for none.
+    #[arg(
+        short = 'b',
+        long = "inbound-ports",
+        visible_alias = "inbound-ports-include",
+        default_value = ""
+    )]
+    pub inbound_ports: String,
+    /// Inbound ports never captured when `-b '*'` (ssh, the proxy's health
+    /// and metrics ports...).
+    #[arg(
+        short = 'd',
+        long = "exclude-inbound-ports",
+        visible_alias = "inbound-ports-exclude",
+        default_value = ""
+    )]
+    pub exclude_inbound_ports: String,
 }
 
 /// A policy flag problem, or an unreadable CIDR file.
@@ -192,6 +211,11 @@ impl PolicyArgs {
             exclude_cidrs,
             include_ports: parse_ports("--include-ports", &self.include_ports)?,
             exclude_ports: parse_ports("--exclude-ports", &self.exclude_ports)?,
+            inbound_ports: parse_inbound_ports("--inbound-ports", &self.inbound_ports)?,
+            exclude_inbound_ports: parse_ports(
+                "--exclude-inbound-ports",
+                &self.exclude_inbound_ports,
+            )?,
         })
     }
 }
@@ -237,8 +261,27 @@ mod tests {
             "-d",
             "15090,15021,15020",
         ]);
-        // -m / -b / -d are not outbound flags: rejected until implemented.
+        // -m (the capture mode) is not taken: redirect has one mode.
         assert!(spec.is_err());
+        let spec = parse(&[
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ])
+        .unwrap();
+        assert_eq!(spec.inbound_ports, crate::policy::InboundPorts::All);
+        assert_eq!(spec.exclude_inbound_ports, vec![15020, 15021, 15090]);
         let spec = parse(&[
             "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "",
         ])

@@ -70,6 +70,7 @@ pub fn probe(netns: Option<&Path>) -> Result<NetnsFacts> {
         Ok(NetnsFacts {
             local_addrs: local_addrs()?,
             source_v4: source_v4(),
+            netns_cookie: netns_cookie()?,
         })
     })
 }
@@ -118,4 +119,28 @@ pub fn source_v4() -> Option<Ipv4Addr> {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
         _ => None,
     }
+}
+
+/// The current namespace's cookie, as BPF programs read it with
+/// `bpf_get_netns_cookie` (`SO_NETNS_COOKIE`, Linux 5.14+).
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = UdpSocket::bind("0.0.0.0:0").context("probing the netns cookie: socket")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 we own, with its size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error())
+            .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux 5.14+)");
+    }
+    Ok(cookie)
 }

@@ -14,7 +14,8 @@ use std::{
 };
 
 use redirect_common::{
-    Addr, Config, Outbound, PolicyMaps, Verdict, config_flags, decide_outbound, port_flags,
+    Addr, Config, Inbound, Outbound, PolicyMaps, Verdict, config_flags, decide_inbound,
+    decide_outbound, port_flags,
 };
 
 /// A policy value a user gave that cannot be used. Names the flag and value.
@@ -151,6 +152,15 @@ pub enum Include {
     List(Vec<Cidr>),
 }
 
+/// Inbound ports to capture (`-b`): every port, or a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundPorts {
+    /// `*`: every port except the excluded ones (`-d`).
+    All,
+    /// These ports (empty: nothing inbound is captured).
+    List(Vec<u16>),
+}
+
 /// A complete, validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySpec {
@@ -172,6 +182,10 @@ pub struct PolicySpec {
     pub include_ports: Vec<u16>,
     /// Exclude-outbound ports (`-o`).
     pub exclude_ports: Vec<u16>,
+    /// Inbound ports captured (`-b`).
+    pub inbound_ports: InboundPorts,
+    /// Inbound ports never captured when `-b '*'` (`-d`).
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 impl Default for PolicySpec {
@@ -188,6 +202,8 @@ impl Default for PolicySpec {
             exclude_cidrs: Vec::new(),
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
+            inbound_ports: InboundPorts::List(Vec::new()),
+            exclude_inbound_ports: Vec::new(),
         }
     }
 }
@@ -274,6 +290,18 @@ pub fn parse_cidrs(flag: &'static str, value: &str) -> Result<Vec<Cidr>, PolicyE
     Ok(out.into_iter().collect())
 }
 
+/// Parses inbound ports: `*` alone, or a list.
+pub fn parse_inbound_ports(flag: &'static str, value: &str) -> Result<InboundPorts, PolicyError> {
+    let all: Vec<&str> = items(value).collect();
+    if all.contains(&"*") {
+        if all.len() > 1 {
+            return Err(PolicyError::WildcardMixed { flag });
+        }
+        return Ok(InboundPorts::All);
+    }
+    parse_ports(flag, value).map(InboundPorts::List)
+}
+
 /// Parses include-outbound CIDRs: `*` alone, or a list.
 pub fn parse_include(flag: &'static str, value: &str) -> Result<Include, PolicyError> {
     let all: Vec<&str> = items(value).collect();
@@ -293,6 +321,8 @@ pub struct NetnsFacts {
     pub local_addrs: Vec<IpAddr>,
     /// Source address the namespace's routing picks for outside destinations.
     pub source_v4: Option<Ipv4Addr>,
+    /// The namespace's cookie (`SO_NETNS_COOKIE`), 0 if unknown.
+    pub netns_cookie: u64,
 }
 
 impl PolicySpec {
@@ -315,6 +345,11 @@ impl PolicySpec {
         if self.exclude_cidrs.iter().any(|c| c.addr.is_ipv4()) {
             flags |= config_flags::HAS_EXCLUDE_CIDRS;
         }
+        match &self.inbound_ports {
+            InboundPorts::All => flags |= config_flags::INBOUND_ALL,
+            InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,
+            InboundPorts::List(_) => {}
+        }
         Config {
             proxy_port: self.proxy_port,
             inbound_port: self.inbound_port,
@@ -327,6 +362,7 @@ impl PolicySpec {
                 .map(|a| u32::from_ne_bytes(a.octets()))
                 .unwrap_or(0),
             reserved: 0,
+            netns_cookie: facts.netns_cookie,
         }
     }
 
@@ -338,6 +374,14 @@ impl PolicySpec {
         }
         for p in &self.include_ports {
             *map.entry(*p).or_insert(0) |= port_flags::OUT_INCLUDE;
+        }
+        for p in &self.exclude_inbound_ports {
+            *map.entry(*p).or_insert(0) |= port_flags::IN_EXCLUDE;
+        }
+        if let InboundPorts::List(l) = &self.inbound_ports {
+            for p in l {
+                *map.entry(*p).or_insert(0) |= port_flags::IN_INCLUDE;
+            }
         }
         map.into_iter().collect()
     }
@@ -359,6 +403,7 @@ pub struct UserPolicy {
     pub config: Config,
     spec: PolicySpec,
     facts: NetnsFacts,
+    ports: std::collections::BTreeMap<u16, u8>,
 }
 
 impl UserPolicy {
@@ -366,6 +411,7 @@ impl UserPolicy {
     pub fn new(spec: PolicySpec, facts: NetnsFacts) -> Self {
         UserPolicy {
             config: spec.config(&facts),
+            ports: spec.port_entries().into_iter().collect(),
             spec,
             facts,
         }
@@ -374,6 +420,11 @@ impl UserPolicy {
     /// Decides an outbound connection.
     pub fn decide(&self, conn: &Outbound) -> Verdict {
         decide_outbound(&self.config, self, conn)
+    }
+
+    /// Decides an inbound connection.
+    pub fn decide_inbound(&self, conn: &Inbound) -> Verdict {
+        decide_inbound(&self.config, self, conn)
     }
 }
 
@@ -394,14 +445,7 @@ fn from_addr(a: &Addr) -> IpAddr {
 
 impl PolicyMaps for UserPolicy {
     fn port_flags(&self, port: u16) -> u8 {
-        let mut f = 0;
-        if self.spec.exclude_ports.contains(&port) {
-            f |= port_flags::OUT_EXCLUDE;
-        }
-        if self.spec.include_ports.contains(&port) {
-            f |= port_flags::OUT_INCLUDE;
-        }
-        f
+        self.ports.get(&port).copied().unwrap_or(0)
     }
 
     fn is_proxy_uid(&self, uid: u32) -> bool {

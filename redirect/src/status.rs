@@ -22,8 +22,8 @@ pub struct LinkStatus {
     pub link_id: u32,
     /// Kernel program id.
     pub prog_id: u32,
-    /// Cgroup id (inode of the cgroup directory).
-    pub cgroup_id: u64,
+    /// What it is attached to: `cgroup <id>` or `netns <inode>`.
+    pub target: String,
 }
 
 /// The policy as the kernel holds it.
@@ -47,6 +47,10 @@ pub struct PolicyStatus {
     pub include_ports: Vec<u16>,
     /// Exclude ports.
     pub exclude_ports: Vec<u16>,
+    /// `*` or the captured inbound ports.
+    pub inbound_ports: Vec<String>,
+    /// Inbound ports excluded under `*`.
+    pub exclude_inbound_ports: Vec<u16>,
     /// Addresses the pod's namespace owns.
     pub local_addrs: Vec<String>,
     /// Source address bound on redirected sockets.
@@ -83,13 +87,13 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
         let path = dir.join(format!("link_{short}"));
         let fd = sys::obj_get(&path, 0)
             .with_context(|| format!("opening pinned link {}", path.display()))?;
-        let info = sys::cgroup_link_info(fd.as_fd())
+        let info = sys::link_info(fd.as_fd())
             .with_context(|| format!("reading link {}", path.display()))?;
         links.push(LinkStatus {
             hook: attach.hook(),
             link_id: info.id,
             prog_id: info.prog_id,
-            cgroup_id: info.cgroup_id,
+            target: info.target.to_string(),
         });
     }
 
@@ -148,8 +152,18 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
     let cfg = config.get(&0, 0).context("reading CONFIG")?;
     let ports = Array::<_, u8>::try_from(open_pinned(&dir.join(map_names::PORTS))?)?;
     let (mut include_ports, mut exclude_ports) = (Vec::new(), Vec::new());
+    let (mut inbound_ports, mut exclude_inbound_ports) = (Vec::new(), Vec::new());
+    if cfg.has(config_flags::INBOUND_ALL) {
+        inbound_ports.push("*".to_string());
+    }
     for (port, flags) in ports.iter().enumerate() {
         let flags = flags?;
+        if flags & port_flags::IN_INCLUDE != 0 {
+            inbound_ports.push(port.to_string());
+        }
+        if flags & port_flags::IN_EXCLUDE != 0 {
+            exclude_inbound_ports.push(port as u16);
+        }
         if flags & port_flags::OUT_INCLUDE != 0 {
             include_ports.push(port as u16);
         }
@@ -186,6 +200,8 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
         exclude_cidrs: cidrs(dir, map_names::EXCLUDE_V4)?,
         include_ports,
         exclude_ports,
+        inbound_ports,
+        exclude_inbound_ports,
         local_addrs: local_addrs.iter().map(ToString::to_string).collect(),
         source_v4: (cfg.source_v4 != 0)
             .then(|| Ipv4Addr::from(cfg.source_v4.to_ne_bytes()).to_string()),
@@ -214,8 +230,8 @@ impl std::fmt::Display for Status {
         for l in &self.links {
             writeln!(
                 f,
-                "attached    {:<20} link {:<5} prog {:<5} cgroup id {}",
-                l.hook, l.link_id, l.prog_id, l.cgroup_id
+                "attached    {:<20} link {:<5} prog {:<5} {}",
+                l.hook, l.link_id, l.prog_id, l.target
             )?;
         }
         let p = &self.policy;
@@ -228,8 +244,14 @@ impl std::fmt::Display for Status {
         writeln!(f, "proxy gids  {}", joined(&p.proxy_gids))?;
         writeln!(f, "include     {}", joined(&p.include_cidrs))?;
         writeln!(f, "exclude     {} CIDR(s)", p.exclude_cidrs.len())?;
-        writeln!(f, "ports in    {}", joined(&p.include_ports))?;
-        writeln!(f, "ports out   {}", joined(&p.exclude_ports))?;
+        writeln!(f, "out ports   include {}", joined(&p.include_ports))?;
+        writeln!(f, "            exclude {}", joined(&p.exclude_ports))?;
+        writeln!(f, "in ports    capture {}", joined(&p.inbound_ports))?;
+        writeln!(
+            f,
+            "            exclude {}",
+            joined(&p.exclude_inbound_ports)
+        )?;
         writeln!(
             f,
             "pod addrs   {} (source {})",
@@ -242,6 +264,8 @@ impl std::fmt::Display for Status {
             let what = match rule {
                 Rule::ProxyToLocal => "redirected (inbound port)",
                 Rule::IncludedPort | Rule::IncludedCidr | Rule::IncludeAll => "redirected",
+                Rule::InboundAll | Rule::InboundIncludedPort => "redirected (inbound)",
+                r if r.is_inbound() => "passed (inbound)",
                 _ => "passed",
             };
             writeln!(

@@ -27,6 +27,8 @@ pub enum AttachType {
     GetSockopt = 21,
     /// `BPF_CGROUP_INET4_GETPEERNAME`.
     GetPeerName4 = 29,
+    /// `BPF_SK_LOOKUP` (attached to a network namespace, not a cgroup).
+    SkLookup = 36,
 }
 
 impl AttachType {
@@ -37,7 +39,13 @@ impl AttachType {
             Self::Connect4 => "cgroup/connect4",
             Self::GetSockopt => "cgroup/getsockopt",
             Self::GetPeerName4 => "cgroup/getpeername4",
+            Self::SkLookup => "sk_lookup",
         }
+    }
+
+    /// Whether the hook attaches to a network namespace (else a cgroup).
+    pub fn on_netns(self) -> bool {
+        matches!(self, Self::SkLookup)
     }
 }
 
@@ -86,12 +94,13 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
-/// `BPF_LINK_CREATE`: attach `prog` to the cgroup `cgroup` as a link (links
-/// on cgroups always allow other programs beside them).
-pub fn link_create(prog: impl AsFd, cgroup: impl AsFd, attach: AttachType) -> io::Result<OwnedFd> {
+/// `BPF_LINK_CREATE`: attach `prog` to `target` (a cgroup directory, or a
+/// network namespace file for [`AttachType::SkLookup`]) as a link. Links
+/// always allow other programs beside them.
+pub fn link_create(prog: impl AsFd, target: impl AsFd, attach: AttachType) -> io::Result<OwnedFd> {
     let mut attr = Attr::new();
     attr.put_u32(0, prog.as_fd().as_raw_fd() as u32);
-    attr.put_u32(4, cgroup.as_fd().as_raw_fd() as u32);
+    attr.put_u32(4, target.as_fd().as_raw_fd() as u32);
     attr.put_u32(8, attach as u32);
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
 }
@@ -114,23 +123,43 @@ pub fn obj_get(path: &Path, flags: u32) -> io::Result<OwnedFd> {
     bpf(BPF_OBJ_GET, &mut attr).map(fd_result)
 }
 
+/// What a link is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkTarget {
+    /// A cgroup, by id (its inode number on cgroupfs).
+    Cgroup(u64),
+    /// A network namespace, by inode number.
+    Netns(u32),
+}
+
+impl std::fmt::Display for LinkTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkTarget::Cgroup(id) => write!(f, "cgroup {id}"),
+            LinkTarget::Netns(ino) => write!(f, "netns {ino}"),
+        }
+    }
+}
+
 /// What `status` shows of an attached link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CgroupLinkInfo {
+pub struct LinkInfo {
     /// Link id (as `bpftool link` lists it).
     pub id: u32,
     /// Id of the attached program.
     pub prog_id: u32,
-    /// Id of the cgroup it is attached to (its inode number on cgroupfs).
-    pub cgroup_id: u64,
+    /// What it is attached to.
+    pub target: LinkTarget,
     /// Raw attach type.
     pub attach_type: u32,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup link.
-pub fn cgroup_link_info(link: impl AsFd) -> io::Result<CgroupLinkInfo> {
+/// `BPF_OBJ_GET_INFO_BY_FD` on a cgroup or netns link.
+pub fn link_info(link: impl AsFd) -> io::Result<LinkInfo> {
     // struct bpf_link_info { u32 type, id, prog_id; union { struct { u64
-    // cgroup_id; u32 attach_type; } cgroup; ... } } (union at offset 16).
+    // cgroup_id; u32 attach_type; } cgroup; struct { u32 netns_ino; u32
+    // attach_type; } netns; ... } } (union at offset 16).
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
     let mut info = [0u8; 64];
     let mut attr = Attr::new();
     attr.put_u32(0, link.as_fd().as_raw_fd() as u32);
@@ -138,10 +167,18 @@ pub fn cgroup_link_info(link: impl AsFd) -> io::Result<CgroupLinkInfo> {
     attr.put_u64(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
-    Ok(CgroupLinkInfo {
+    let (target, attach_type) = if u32_at(0) == BPF_LINK_TYPE_NETNS {
+        (LinkTarget::Netns(u32_at(16)), u32_at(20))
+    } else {
+        (
+            LinkTarget::Cgroup(u64::from_ne_bytes(info[16..24].try_into().unwrap())),
+            u32_at(24),
+        )
+    };
+    Ok(LinkInfo {
         id: u32_at(4),
         prog_id: u32_at(8),
-        cgroup_id: u64::from_ne_bytes(info[16..24].try_into().unwrap()),
-        attach_type: u32_at(24),
+        target,
+        attach_type,
     })
 }

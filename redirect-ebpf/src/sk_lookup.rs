@@ -1,0 +1,59 @@
+//! `sk_lookup` (attached to the pod's network namespace): inbound capture
+//! without NAT.
+//!
+//! For the first packet of every TCP connection arriving in the namespace,
+//! decide with the shared inbound rules; a captured connection is handed to
+//! the proxy's inbound listener (registered by `sockops.rs` when the proxy
+//! called `listen()`). The connection keeps its real local address, so the
+//! proxy's `getsockname()` is the original destination and no conntrack entry
+//! is needed. With no listener registered, a captured connection is refused,
+//! as iptables REDIRECT to a closed port refuses it: never delivered
+//! uncaptured.
+
+use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use redirect_common::{
+    AF_INET, Action, Addr, Counter, Inbound, LISTENER_V4, LISTENER_V6, decide_inbound,
+};
+
+use crate::{
+    maps::{CONFIG, INBOUND_LISTENER, count},
+    policy::KernelPolicy,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const PASS: u32 = sk_action::SK_PASS;
+const DROP: u32 = sk_action::SK_DROP;
+
+#[sk_lookup]
+pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands a valid context for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP || l.family != u32::from(AF_INET) {
+        return PASS;
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return PASS;
+    };
+    let conn = Inbound {
+        src: Addr::V4(u32::from_be(l.remote_ip4)),
+        dst: Addr::V4(u32::from_be(l.local_ip4)),
+        dport: l.local_port as u16,
+    };
+    let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
+    count(verdict.rule as u32);
+    if let Action::Pass = verdict.action {
+        return PASS;
+    }
+    // An IPv4 listener first; a dual-stack IPv6 one takes IPv4 too.
+    if INBOUND_LISTENER
+        .redirect_sk_lookup(&ctx, LISTENER_V4, 0)
+        .is_ok()
+        || INBOUND_LISTENER
+            .redirect_sk_lookup(&ctx, LISTENER_V6, 0)
+            .is_ok()
+    {
+        return PASS;
+    }
+    count(Counter::InboundNoListener as u32);
+    DROP
+}
