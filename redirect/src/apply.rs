@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, SockMap, lpm_trie::Key},
     programs::Program,
 };
 use redirect_common::{Config, map_names, program_names};
@@ -276,7 +276,36 @@ fn install(
         sys::obj_pin(&link, &gen_dir.join(format!("link_{short}")))
             .with_context(|| format!("pinning the {} link", attach.hook()))?;
         links.push(link);
+        if attach == AttachType::SockOps {
+            // From here on sock_ops registers new listeners; register one
+            // that is already listening before sk_lookup starts steering.
+            register_running_listener(&mut ebpf, req)?;
+        }
     }
+    Ok(())
+}
+
+/// Puts a proxy listener that was up before this apply into the listener map.
+fn register_running_listener(ebpf: &mut Ebpf, req: &ApplyRequest) -> Result<()> {
+    let port = req.policy.inbound_port;
+    let Some(found) = crate::listener::find(req.netns.as_deref(), port)
+        .context("looking for a proxy already listening on the inbound port")?
+    else {
+        return Ok(());
+    };
+    let mut map = SockMap::try_from(map_mut(ebpf, map_names::INBOUND_LISTENER)?)?;
+    let slot = if found.ipv6 {
+        redirect_common::LISTENER_V6
+    } else {
+        redirect_common::LISTENER_V4
+    };
+    map.set(slot, &found.fd, 0)
+        .context("registering the running proxy's inbound listener")?;
+    tracing::info!(
+        pid = found.pid,
+        port,
+        "registered a running inbound listener"
+    );
     Ok(())
 }
 

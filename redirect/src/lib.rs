@@ -22,6 +22,8 @@ pub mod demo;
 #[cfg(feature = "loader")]
 pub mod fs;
 #[cfg(feature = "loader")]
+pub mod listener;
+#[cfg(feature = "loader")]
 pub mod netns;
 #[cfg(feature = "loader")]
 pub mod peer;

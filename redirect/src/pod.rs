@@ -88,7 +88,7 @@ pub struct Pod {
     pub name: String,
     /// The pod's cgroup v2 directory (attach here).
     pub cgroup: PathBuf,
-    children: Vec<Child>,
+    children: Vec<(String, Child)>,
     exe: PathBuf,
 }
 
@@ -259,11 +259,11 @@ impl Pod {
             .spawn()
             .with_context(|| format!("starting sample server {name}"))?;
         let stdout = child.stdout.take().context("server stdout")?;
-        self.children.push(child);
+        self.children.push((name.to_string(), child));
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "ready" {
-            let mut child = self.children.pop().expect("pushed above");
+            let (_, mut child) = self.children.pop().expect("pushed above");
             let _ = child.kill();
             let out = child.wait_with_output();
             let err = out.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string());
@@ -278,7 +278,17 @@ impl Pod {
     /// Kills every sample server started so far (the tests use it to take
     /// the proxy down).
     pub fn stop_servers(&mut self) {
-        for mut c in self.children.drain(..) {
+        for (_, mut c) in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the sample servers named `name` (e.g. to restart the proxy).
+    pub fn stop_server(&mut self, name: &str) {
+        let (gone, kept): (Vec<_>, Vec<_>) = self.children.drain(..).partition(|(n, _)| n == name);
+        self.children = kept;
+        for (_, mut c) in gone {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -286,7 +296,18 @@ impl Pod {
 
     /// Runs the sample client in the pod as `who`, connecting to `to`.
     pub fn connect(&self, who: As, to: &str, bind: Option<&str>) -> Result<ClientView> {
-        let mut cmd = self.command(Side::Pod, who, &self.exe)?;
+        self.connect_from(Side::Pod, who, to, bind)
+    }
+
+    /// Runs the sample client on `side` as `who`, connecting to `to`.
+    pub fn connect_from(
+        &self,
+        side: Side,
+        who: As,
+        to: &str,
+        bind: Option<&str>,
+    ) -> Result<ClientView> {
+        let mut cmd = self.command(side, who, &self.exe)?;
         cmd.arg("sample-connect").arg("--to").arg(to);
         if let Some(b) = bind {
             cmd.arg("--bind").arg(b);

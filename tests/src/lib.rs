@@ -160,6 +160,23 @@ impl Fixture {
         }
     }
 
+    /// Connects from the upstream host (outside the pod) to `to`, e.g. the
+    /// pod's address: an inbound connection.
+    pub fn connect_in(&self, to: &str) -> ClientView {
+        self.pod
+            .connect_from(Side::Upstream, As::PROXY_LESS, to, None)
+            .expect("sample client")
+    }
+
+    /// Inbound [`Fixture::who_answers`].
+    pub fn who_answers_in(&self, to: &str) -> String {
+        let v = self.connect_in(to);
+        match v.reply {
+            Some(r) => r.server,
+            None => format!("error: {}", v.error.unwrap_or_default()),
+        }
+    }
+
     /// `status --json` parsed, or `None` when it fails.
     pub fn status(&self) -> Option<serde_json::Value> {
         let out = self.redirect(&[
