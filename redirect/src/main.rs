@@ -66,9 +66,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo => tokio::task::spawn_blocking(demo::run).await??,
         Command::SampleServer(args) => peer::run_server(&args)?,
-        Command::SampleConnect(args) => {
-            println!("{}", serde_json::to_string(&peer::connect(&args))?);
-        }
+        Command::SampleConnect(args) => peer::print_connects(&args)?,
     }
     Ok(())
 }

@@ -26,9 +26,10 @@ pub struct ServerArgs {
 /// `sample-connect` arguments.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Where to connect.
-    #[arg(long)]
-    pub to: SocketAddr,
+    /// Where to connect (repeatable: one connection each, in order, one JSON
+    /// line each).
+    #[arg(long, required = true)]
+    pub to: Vec<SocketAddr>,
     /// Bind this source address first (port 0).
     #[arg(long)]
     pub bind: Option<IpAddr>,
@@ -109,9 +110,20 @@ fn answer(name: &str, mut stream: TcpStream) -> Result<()> {
     Ok(())
 }
 
-/// Connects once and describes what happened.
-pub fn connect(args: &ConnectArgs) -> ClientView {
-    match try_connect(args) {
+/// Connects to every `--to` in turn and prints one [`ClientView`] JSON line
+/// for each.
+pub fn print_connects(args: &ConnectArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for to in &args.to {
+        let line = serde_json::to_string(&connect(args, *to))?;
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Connects once to `to` and describes what happened.
+pub fn connect(args: &ConnectArgs, to: SocketAddr) -> ClientView {
+    match try_connect(args, to) {
         Ok(v) => v,
         Err(e) => ClientView {
             ok: false,
@@ -123,16 +135,16 @@ pub fn connect(args: &ConnectArgs) -> ClientView {
     }
 }
 
-fn try_connect(args: &ConnectArgs) -> Result<ClientView> {
+fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
     use socket2::{Domain, Socket, Type};
     let timeout = Duration::from_millis(args.timeout_ms);
-    let sock = Socket::new(Domain::for_address(args.to), Type::STREAM, None)?;
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
     if let Some(ip) = args.bind {
         sock.bind(&SocketAddr::new(ip, 0).into())
             .with_context(|| format!("bind {ip}"))?;
     }
-    sock.connect_timeout(&args.to.into(), timeout)
-        .with_context(|| format!("connect {}", args.to))?;
+    sock.connect_timeout(&to.into(), timeout)
+        .with_context(|| format!("connect {to}"))?;
     let stream: TcpStream = sock.into();
     stream.set_read_timeout(Some(timeout))?;
     let local = stream.local_addr()?.to_string();

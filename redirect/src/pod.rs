@@ -307,8 +307,24 @@ impl Pod {
         to: &str,
         bind: Option<&str>,
     ) -> Result<ClientView> {
+        let mut views = self.connect_many(side, who, &[to], bind)?;
+        views.pop().context("the sample client printed nothing")
+    }
+
+    /// Runs one sample client on `side` as `who` that connects to each of
+    /// `targets` in turn; one view per target, in order.
+    pub fn connect_many(
+        &self,
+        side: Side,
+        who: As,
+        targets: &[&str],
+        bind: Option<&str>,
+    ) -> Result<Vec<ClientView>> {
         let mut cmd = self.command(side, who, &self.exe)?;
-        cmd.arg("sample-connect").arg("--to").arg(to);
+        cmd.arg("sample-connect");
+        for to in targets {
+            cmd.arg("--to").arg(to);
+        }
         if let Some(b) = bind {
             cmd.arg("--bind").arg(b);
         }
@@ -322,12 +338,22 @@ impl Pod {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "sample client printed {:?}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        let text = String::from_utf8_lossy(&out.stdout);
+        let views = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .with_context(|| format!("sample client printed {l:?}"))
+            })
+            .collect::<Result<Vec<ClientView>>>()?;
+        if views.len() != targets.len() {
+            bail!(
+                "sample client answered {} of {} connections",
+                views.len(),
+                targets.len()
+            );
+        }
+        Ok(views)
     }
 }
 
