@@ -22,6 +22,13 @@ pub mod map_names {
     /// `HashMap<u32, u8>`: the IPv4 addresses the pod's network namespace owns
     /// (network order), used to tell which destinations are routed over `lo`.
     pub const LOCAL_V4: &str = "LOCAL_V4";
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are never captured.
+    pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are captured.
+    pub const INCLUDE_V6: &str = "INCLUDE_V6";
+    /// `HashMap<[u32; 4], u8>`: the IPv6 addresses the namespace owns (the
+    /// words of `user_ip6`, network order).
+    pub const LOCAL_V6: &str = "LOCAL_V6";
     /// `SkStorage<OrigDst>`: per-socket original destination. Lives and dies
     /// with its socket, so it can never leak.
     pub const ORIG_DST: &str = "ORIG_DST";
@@ -39,8 +46,9 @@ pub mod map_names {
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
 
     /// Maps whose content is the policy: replaced as a whole on re-apply.
-    pub const POLICY: [&str; 7] = [
-        CONFIG, PORTS, PROXY_UIDS, PROXY_GIDS, EXCLUDE_V4, INCLUDE_V4, LOCAL_V4,
+    pub const POLICY: [&str; 10] = [
+        CONFIG, PORTS, PROXY_UIDS, PROXY_GIDS, EXCLUDE_V4, INCLUDE_V4, LOCAL_V4, EXCLUDE_V6,
+        INCLUDE_V6, LOCAL_V6,
     ];
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
@@ -54,6 +62,11 @@ pub mod program_names {
     pub const CONNECT4: &str = "redirect_connect4";
     /// `cgroup/getpeername4`: shows the application its original peer.
     pub const GETPEERNAME4: &str = "redirect_getpeername4";
+    /// `cgroup/connect6`: decides and rewrites outbound IPv6 connects
+    /// (IPv4-mapped destinations are decided as IPv4).
+    pub const CONNECT6: &str = "redirect_connect6";
+    /// `cgroup/getpeername6`: the IPv6 counterpart of [`GETPEERNAME4`].
+    pub const GETPEERNAME6: &str = "redirect_getpeername6";
     /// `sockops`: hands the original destination over to the proxy's socket.
     pub const SOCK_OPS: &str = "redirect_sockops";
     /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
@@ -62,7 +75,15 @@ pub mod program_names {
     /// connections to the proxy's listener.
     pub const SK_LOOKUP: &str = "redirect_sk_lookup";
     /// All programs, in the order they are attached.
-    pub const ALL: [&str; 5] = [SOCK_OPS, GETSOCKOPT, GETPEERNAME4, SK_LOOKUP, CONNECT4];
+    pub const ALL: [&str; 7] = [
+        SOCK_OPS,
+        GETSOCKOPT,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        SK_LOOKUP,
+        CONNECT4,
+        CONNECT6,
+    ];
 }
 
 /// Bits of the per-port flag array ([`map_names::PORTS`]).
@@ -85,9 +106,9 @@ pub mod config_flags {
     pub const HAS_GIDS: u16 = 1 << 1;
     /// Include outbound CIDRs is `*`: capture everything not excluded.
     pub const INCLUDE_ALL: u16 = 1 << 2;
-    /// The include-outbound-CIDR trie has entries.
+    /// An include-outbound-CIDR trie (IPv4 or IPv6) has entries.
     pub const HAS_INCLUDE_CIDRS: u16 = 1 << 3;
-    /// The exclude-outbound-CIDR trie has entries.
+    /// An exclude-outbound-CIDR trie (IPv4 or IPv6) has entries.
     pub const HAS_EXCLUDE_CIDRS: u16 = 1 << 4;
     /// Inbound ports `*`: capture every inbound port not excluded.
     pub const INBOUND_ALL: u16 = 1 << 5;
@@ -97,6 +118,8 @@ pub mod config_flags {
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
 pub const SOL_IP: i32 = 0;
+/// `SOL_IPV6`, the level of `IP6T_SO_ORIGINAL_DST` (same number, 80).
+pub const SOL_IPV6: i32 = 41;
 /// `SO_ORIGINAL_DST` (netfilter's `getsockopt` option, value 80).
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// `AF_INET`.
@@ -147,6 +170,9 @@ pub struct Config {
     /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`): only a
     /// listener opened there becomes the inbound capture socket.
     pub netns_cookie: u64,
+    /// The IPv6 source the pod's routing picks for outside destinations
+    /// (words of `user_ip6`, network order), or all zero if none.
+    pub source_v6: [u32; 4],
 }
 
 impl Config {

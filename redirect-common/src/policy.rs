@@ -57,6 +57,35 @@ impl Addr {
     }
 }
 
+impl Addr {
+    /// From the four network-order words of `user_ip6` / `remote_ip6`: an
+    /// IPv4-mapped address (`::ffff:a.b.c.d`) becomes IPv4, as the kernel
+    /// routes it (and iptables, not ip6tables, sees it).
+    #[inline(always)]
+    pub fn from_ip6_words(w: [u32; 4]) -> Addr {
+        if is_v4_mapped(w) {
+            return Addr::V4(u32::from_be(w[3]));
+        }
+        let mut b = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let q = w[i].to_ne_bytes();
+            b[i * 4] = q[0];
+            b[i * 4 + 1] = q[1];
+            b[i * 4 + 2] = q[2];
+            b[i * 4 + 3] = q[3];
+            i += 1;
+        }
+        Addr::V6(b)
+    }
+}
+
+/// Whether the network-order words hold an IPv4-mapped address.
+#[inline(always)]
+pub fn is_v4_mapped(w: [u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == 0xffffu32.to_be()
+}
+
 /// `::1`.
 pub const V6_LOCALHOST: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 /// `::6`.

@@ -77,6 +77,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         source_v4: 0,
         reserved: 0,
         netns_cookie: 0,
+        source_v6: [0; 4],
     }
 }
 

@@ -1,21 +1,50 @@
-//! `cgroup/getpeername4`: an application whose connect was captured still sees
-//! the peer it asked for, as under iptables REDIRECT (NAT is invisible to it).
+//! `cgroup/getpeername4` and `cgroup/getpeername6`: an application whose
+//! connect was captured still sees the peer it asked for, as under iptables
+//! REDIRECT (NAT is invisible to it).
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{AF_INET, orig_flags};
+use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
+use redirect_common::{AF_INET, AF_INET6, OrigDst, orig_flags};
 
-use crate::maps::orig_dst_of;
+use crate::maps::{orig_dst_of, v4_mapped};
+
+/// The application-side original destination of the socket, if any.
+#[inline(always)]
+fn app_orig(sa: &bpf_sock_addr) -> Option<OrigDst> {
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let orig = unsafe { *orig_dst_of(sk)? };
+    (orig.flags & orig_flags::PROXY_SIDE == 0).then_some(orig)
+}
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if let Some(orig) = orig_dst_of(sk) {
-        let orig = unsafe { &*orig };
-        if orig.family == AF_INET && orig.flags & orig_flags::PROXY_SIDE == 0 {
-            sa.user_ip4 = orig.ip[0];
-            sa.user_port = orig.port_be as u32;
-        }
+    if let Some(orig) = app_orig(sa)
+        && orig.family == AF_INET
+    {
+        sa.user_ip4 = orig.ip[0];
+        sa.user_port = orig.port_be as u32;
+    }
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(orig) = app_orig(sa) {
+        // An IPv6 socket captured on its way to an IPv4-mapped address
+        // sees that mapped address again.
+        let ip = if orig.family == AF_INET {
+            v4_mapped(orig.ip[0])
+        } else if orig.family == AF_INET6 {
+            orig.ip
+        } else {
+            return 1;
+        };
+        sa.user_ip6[0] = ip[0];
+        sa.user_ip6[1] = ip[1];
+        sa.user_ip6[2] = ip[2];
+        sa.user_ip6[3] = ip[3];
+        sa.user_port = orig.port_be as u32;
     }
     1
 }

@@ -36,6 +36,17 @@ pub static INCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_
 #[map]
 pub static LOCAL_V4: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
 
+#[map]
+pub static EXCLUDE_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+#[map]
+pub static INCLUDE_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+#[map]
+pub static LOCAL_V6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+
 // ---- connection state and counters (kept across re-apply) ----
 
 #[btf_map]
@@ -95,6 +106,28 @@ pub fn set_orig_dst(sk: *mut bpf_sock, value: &OrigDst) -> Option<()> {
     let p = storage(sk, true)?;
     unsafe { *p = *value };
     Some(())
+}
+
+/// `struct sockaddr_in6`, as `bpf_bind` takes it and
+/// `IP6T_SO_ORIGINAL_DST` returns it.
+#[repr(C)]
+pub struct SockaddrIn6 {
+    /// `AF_INET6`.
+    pub family: u16,
+    /// Port, network order.
+    pub port_be: u16,
+    /// Flow info, zero.
+    pub flowinfo: u32,
+    /// Address, network-order words.
+    pub addr: [u32; 4],
+    /// Scope id, zero.
+    pub scope_id: u32,
+}
+
+/// `::ffff:a.b.c.d` as network-order words, from `a.b.c.d` network order.
+#[inline(always)]
+pub fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, 0xffffu32.to_be(), addr_be]
 }
 
 /// `struct sockaddr_in`, as `bpf_bind` takes it and `SO_ORIGINAL_DST`

@@ -4,7 +4,21 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use redirect_common::{Addr, PolicyMaps};
 
-use crate::maps::{EXCLUDE_V4, INCLUDE_V4, LOCAL_V4, PORTS, PROXY_GIDS, PROXY_UIDS};
+use crate::maps::{
+    EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, PORTS, PROXY_GIDS,
+    PROXY_UIDS,
+};
+
+/// The network-order words of an IPv6 address's bytes.
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
 
 /// The policy as stored in this object's maps.
 pub struct KernelPolicy;
@@ -29,7 +43,7 @@ impl PolicyMaps for KernelPolicy {
     fn cidr_excluded(&self, dst: &Addr) -> bool {
         match dst {
             Addr::V4(a) => EXCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
-            Addr::V6(_) => false,
+            Addr::V6(b) => EXCLUDE_V6.get(Key::new(128, *b)).is_some(),
         }
     }
 
@@ -37,7 +51,7 @@ impl PolicyMaps for KernelPolicy {
     fn cidr_included(&self, dst: &Addr) -> bool {
         match dst {
             Addr::V4(a) => INCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
-            Addr::V6(_) => false,
+            Addr::V6(b) => INCLUDE_V6.get(Key::new(128, *b)).is_some(),
         }
     }
 
@@ -45,7 +59,7 @@ impl PolicyMaps for KernelPolicy {
     fn is_local_addr(&self, dst: &Addr) -> bool {
         match dst {
             Addr::V4(a) => LOCAL_V4.get_ptr(a.to_be()).is_some(),
-            Addr::V6(_) => false,
+            Addr::V6(b) => LOCAL_V6.get_ptr(words(b)).is_some(),
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use redirect_common::{
-    AF_INET, Action, Addr, Counter, Inbound, LISTENER_V4, LISTENER_V6, decide_inbound,
+    AF_INET, AF_INET6, Action, Addr, Counter, Inbound, LISTENER_V4, LISTENER_V6, decide_inbound,
 };
 
 use crate::{
@@ -28,26 +28,49 @@ const DROP: u32 = sk_action::SK_DROP;
 pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid context for the program's lifetime.
     let l = unsafe { &*ctx.lookup };
-    if l.protocol != IPPROTO_TCP || l.family != u32::from(AF_INET) {
+    if l.protocol != IPPROTO_TCP {
+        return PASS;
+    }
+    let v6 = l.family == u32::from(AF_INET6);
+    if !v6 && l.family != u32::from(AF_INET) {
         return PASS;
     }
     let Some(cfg) = CONFIG.get(0) else {
         return PASS;
     };
-    let conn = Inbound {
-        src: Addr::V4(u32::from_be(l.remote_ip4)),
-        dst: Addr::V4(u32::from_be(l.local_ip4)),
-        dport: l.local_port as u16,
+    let conn = if v6 {
+        Inbound {
+            src: Addr::from_ip6_words([
+                l.remote_ip6[0],
+                l.remote_ip6[1],
+                l.remote_ip6[2],
+                l.remote_ip6[3],
+            ]),
+            dst: Addr::from_ip6_words([
+                l.local_ip6[0],
+                l.local_ip6[1],
+                l.local_ip6[2],
+                l.local_ip6[3],
+            ]),
+            dport: l.local_port as u16,
+        }
+    } else {
+        Inbound {
+            src: Addr::V4(u32::from_be(l.remote_ip4)),
+            dst: Addr::V4(u32::from_be(l.local_ip4)),
+            dport: l.local_port as u16,
+        }
     };
     let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
     count(verdict.rule as u32);
     if let Action::Pass = verdict.action {
         return PASS;
     }
-    // An IPv4 listener first; a dual-stack IPv6 one takes IPv4 too.
-    if INBOUND_LISTENER
-        .redirect_sk_lookup(&ctx, LISTENER_V4, 0)
-        .is_ok()
+    // IPv4: an IPv4 listener first; a dual-stack IPv6 one takes IPv4 too.
+    if (!v6
+        && INBOUND_LISTENER
+            .redirect_sk_lookup(&ctx, LISTENER_V4, 0)
+            .is_ok())
         || INBOUND_LISTENER
             .redirect_sk_lookup(&ctx, LISTENER_V6, 0)
             .is_ok()

@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6, OrigDst,
-    TupleKey, decide_inbound, orig_flags,
+    TupleKey, decide_inbound, is_v4_mapped, orig_flags,
 };
 
 use crate::{
@@ -62,27 +62,54 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     0
 }
 
+/// `ops`'s addresses as `(family, local, remote)`, network-order words;
+/// an IPv6 socket carrying IPv4 (mapped addresses) counts as IPv4, so both
+/// ends of one connection agree on the key.
+#[inline(always)]
+fn addrs(ops: *mut bpf_sock_ops) -> Option<(u16, [u32; 4], [u32; 4])> {
+    let o = unsafe { &*ops };
+    if o.family == AF_INET_U32 {
+        return Some((AF_INET, [o.local_ip4, 0, 0, 0], [o.remote_ip4, 0, 0, 0]));
+    }
+    if o.family != u32::from(AF_INET6) {
+        return None;
+    }
+    let l = [o.local_ip6[0], o.local_ip6[1], o.local_ip6[2], o.local_ip6[3]];
+    let r = [
+        o.remote_ip6[0],
+        o.remote_ip6[1],
+        o.remote_ip6[2],
+        o.remote_ip6[3],
+    ];
+    if is_v4_mapped(r) {
+        Some((AF_INET, [l[3], 0, 0, 0], [r[3], 0, 0, 0]))
+    } else {
+        Some((AF_INET6, l, r))
+    }
+}
+
 /// The 4-tuple of `ops`'s connection, seen from the client. `client_is_local`
 /// says whether `ops` is the client's socket or the proxy's.
 #[inline(always)]
-fn tuple(ops: *mut bpf_sock_ops, client_is_local: bool) -> TupleKey {
+fn tuple(ops: *mut bpf_sock_ops, client_is_local: bool) -> Option<TupleKey> {
+    let (family, local, remote) = addrs(ops)?;
     let o = unsafe { &*ops };
     let local_port = o.local_port as u16;
     let remote_port = u16::from_be((o.remote_port >> 16) as u16);
     let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     let (client_ip, client_port, proxy_ip, proxy_port) = if client_is_local {
-        (o.local_ip4, local_port, o.remote_ip4, remote_port)
+        (local, local_port, remote, remote_port)
     } else {
-        (o.remote_ip4, remote_port, o.local_ip4, local_port)
+        (remote, remote_port, local, local_port)
     };
-    TupleKey {
+    Some(TupleKey {
         netns,
-        client_ip: [client_ip, 0, 0, 0],
-        proxy_ip: [proxy_ip, 0, 0, 0],
+        client_ip,
+        proxy_ip,
         client_port,
         proxy_port,
-        family: AF_INET_U32,
-    }
+        family: u32::from(family),
+    })
 }
 
 #[inline(always)]
@@ -92,14 +119,14 @@ fn sk_of(ops: *mut bpf_sock_ops) -> *mut aya_ebpf::bindings::bpf_sock {
 
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
-    if unsafe { (*ops).family } != AF_INET_U32 {
-        return;
-    }
     let Some(orig) = orig_dst_of(sk_of(ops)) else {
         return;
     };
     let orig = unsafe { *orig };
-    if HANDOVER.insert(tuple(ops, true), orig, 0).is_err() {
+    let Some(key) = tuple(ops, true) else {
+        return;
+    };
+    if HANDOVER.insert(key, orig, 0).is_err() {
         count(Counter::HandoverFull as u32);
         return;
     }
@@ -108,10 +135,9 @@ fn on_connect(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
 
 #[inline(always)]
 fn on_passive_established(ops: *mut bpf_sock_ops) {
-    if unsafe { (*ops).family } != AF_INET_U32 {
+    let Some(key) = tuple(ops, false) else {
         return;
-    }
-    let key = tuple(ops, false);
+    };
     let Some(entry) = HANDOVER.get_ptr(key) else {
         on_inbound_accepted(ops);
         return;
@@ -125,10 +151,10 @@ fn on_passive_established(ops: *mut bpf_sock_ops) {
 
 #[inline(always)]
 fn on_client_close(ops: *mut bpf_sock_ops) {
-    if unsafe { (*ops).family } != AF_INET_U32 {
+    let Some(key) = tuple(ops, true) else {
         return;
-    }
-    if HANDOVER.remove(tuple(ops, true)).is_ok() {
+    };
+    if HANDOVER.remove(key).is_ok() {
         count(Counter::HandoverDropped as u32);
     }
 }
@@ -171,20 +197,31 @@ fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
     let Some(cfg) = pod_config(ops) else {
         return;
     };
-    let o = unsafe { &*ops };
+    let Some((family, local, remote)) = addrs(ops) else {
+        return;
+    };
+    let (src, dst) = if family == AF_INET {
+        (
+            Addr::V4(u32::from_be(remote[0])),
+            Addr::V4(u32::from_be(local[0])),
+        )
+    } else {
+        (Addr::from_ip6_words(remote), Addr::from_ip6_words(local))
+    };
+    let port = unsafe { (*ops).local_port } as u16;
     let conn = Inbound {
-        src: Addr::V4(u32::from_be(o.remote_ip4)),
-        dst: Addr::V4(u32::from_be(o.local_ip4)),
-        dport: o.local_port as u16,
+        src,
+        dst,
+        dport: port,
     };
     let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
     if let Action::Pass = verdict.action {
         return;
     }
     let orig = OrigDst {
-        ip: [o.local_ip4, 0, 0, 0],
-        port_be: (o.local_port as u16).to_be(),
-        family: AF_INET,
+        ip: local,
+        port_be: port.to_be(),
+        family,
         rule: verdict.rule as u16,
         flags: orig_flags::PROXY_SIDE,
     };

@@ -47,7 +47,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 /// Programs in attach order, with their hook and short pin name. Connect4 and
 /// sk_lookup come last so nothing is redirected before the hand-over path and
 /// the listener registration are in place.
-pub const PROGRAMS: [(&str, AttachType, &str); 5] = [
+pub const PROGRAMS: [(&str, AttachType, &str); 7] = [
     (program_names::SOCK_OPS, AttachType::SockOps, "sockops"),
     (
         program_names::GETSOCKOPT,
@@ -59,8 +59,14 @@ pub const PROGRAMS: [(&str, AttachType, &str); 5] = [
         AttachType::GetPeerName4,
         "getpeername4",
     ),
+    (
+        program_names::GETPEERNAME6,
+        AttachType::GetPeerName6,
+        "getpeername6",
+    ),
     (program_names::SK_LOOKUP, AttachType::SkLookup, "sk_lookup"),
     (program_names::CONNECT4, AttachType::Connect4, "connect4"),
+    (program_names::CONNECT6, AttachType::Connect6, "connect6"),
 ];
 
 /// What to apply, where.
@@ -155,10 +161,16 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         Some(p) => netns::open_netns(p)?,
         None => netns::open_netns(Path::new("/proc/self/ns/net"))?,
     };
-    if facts.local_addrs.iter().filter(|a| a.is_ipv4()).count()
-        > redirect_common::SET_CAPACITY as usize
-    {
-        bail!("the network namespace owns more IPv4 addresses than redirect tracks");
+    for v4 in [true, false] {
+        if facts.local_addrs.iter().filter(|a| a.is_ipv4() == v4).count()
+            > redirect_common::SET_CAPACITY as usize
+        {
+            bail!(
+                "the network namespace owns more than {} IPv{} addresses, more than redirect tracks",
+                redirect_common::SET_CAPACITY,
+                if v4 { 4 } else { 6 }
+            );
+        }
     }
 
     let layout = Layout::new(&req.pin_dir);
@@ -288,24 +300,24 @@ fn install(
 /// Puts a proxy listener that was up before this apply into the listener map.
 fn register_running_listener(ebpf: &mut Ebpf, req: &ApplyRequest) -> Result<()> {
     let port = req.policy.inbound_port;
-    let Some(found) = crate::listener::find(req.netns.as_deref(), port)
-        .context("looking for a proxy already listening on the inbound port")?
-    else {
-        return Ok(());
-    };
+    let found = crate::listener::find(req.netns.as_deref(), port)
+        .context("looking for a proxy already listening on the inbound port")?;
     let mut map = SockMap::try_from(map_mut(ebpf, map_names::INBOUND_LISTENER)?)?;
-    let slot = if found.ipv6 {
-        redirect_common::LISTENER_V6
-    } else {
-        redirect_common::LISTENER_V4
-    };
-    map.set(slot, &found.fd, 0)
-        .context("registering the running proxy's inbound listener")?;
-    tracing::info!(
-        pid = found.pid,
-        port,
-        "registered a running inbound listener"
-    );
+    for found in found {
+        let slot = if found.ipv6 {
+            redirect_common::LISTENER_V6
+        } else {
+            redirect_common::LISTENER_V4
+        };
+        map.set(slot, &found.fd, 0)
+            .context("registering the running proxy's inbound listener")?;
+        tracing::info!(
+            pid = found.pid,
+            port,
+            ipv6 = found.ipv6,
+            "registered a running inbound listener"
+        );
+    }
     Ok(())
 }
 
@@ -354,6 +366,17 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
         }
     }
 
+    for (name, list) in [
+        (map_names::EXCLUDE_V6, spec.exclude_cidrs.as_slice()),
+        (map_names::INCLUDE_V6, include),
+    ] {
+        let mut trie = LpmTrie::<_, [u8; 16], u8>::try_from(map_mut(ebpf, name)?)?;
+        for (addr, prefix) in PolicySpec::v6_cidrs(list) {
+            trie.insert(&Key::new(u32::from(prefix), addr.octets()), 1, 0)
+                .with_context(|| format!("writing {name} ({addr}/{prefix})"))?;
+        }
+    }
+
     let mut local = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, map_names::LOCAL_V4)?)?;
     for addr in &facts.local_addrs {
         if let IpAddr::V4(a) = addr {
@@ -362,14 +385,23 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
                 .context("writing LOCAL_V4")?;
         }
     }
+    let mut local6 =
+        HashMap::<_, [u32; 4], u8>::try_from(map_mut(ebpf, map_names::LOCAL_V6)?)?;
+    for addr in &facts.local_addrs {
+        if let IpAddr::V6(a) = addr {
+            local6
+                .insert(crate::policy::ip6_words(a), 1, 0)
+                .context("writing LOCAL_V6")?;
+        }
+    }
     Ok(())
 }
 
-/// Detaches one generation: its connect4 and sk_lookup links first, so that
+/// Detaches one generation: its connect and sk_lookup links first, so that
 /// no connection is redirected once the hand-over and getsockopt programs
 /// start going, then everything else.
 fn retire(dir: &Path) -> Result<()> {
-    for first in ["link_connect4", "link_sk_lookup"] {
+    for first in ["link_connect4", "link_connect6", "link_sk_lookup"] {
         let link = dir.join(first);
         if link.exists() {
             fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;

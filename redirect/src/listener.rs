@@ -59,12 +59,13 @@ fn listening_inodes(netns_path: Option<&Path>, port: u16) -> Result<Vec<(u64, bo
     })
 }
 
-/// Finds a socket listening on `port` in the namespace and duplicates it.
-/// `None` when nothing listens there yet.
-pub fn find(netns_path: Option<&Path>, port: u16) -> Result<Option<Found>> {
+/// Finds the sockets listening on `port` in the namespace (at most one
+/// IPv4 and one IPv6) and duplicates them. Empty when nothing listens yet.
+pub fn find(netns_path: Option<&Path>, port: u16) -> Result<Vec<Found>> {
     let inodes = listening_inodes(netns_path, port)?;
+    let mut out: Vec<Found> = Vec::new();
     if inodes.is_empty() {
-        return Ok(None);
+        return Ok(out);
     }
     for proc in fs::read_dir("/proc").context("reading /proc")? {
         let Ok(proc) = proc else { continue };
@@ -93,15 +94,18 @@ pub fn find(netns_path: Option<&Path>, port: u16) -> Result<Option<Found>> {
             let Some(&(_, ipv6)) = inodes.iter().find(|(i, _)| *i == inode) else {
                 continue;
             };
+            if out.iter().any(|f| f.ipv6 == ipv6) {
+                continue;
+            }
             let Some(num) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
             if let Some(fd) = borrow_fd(pid, num) {
-                return Ok(Some(Found { ipv6, pid, fd }));
+                out.push(Found { ipv6, pid, fd });
             }
         }
     }
-    Ok(None)
+    Ok(out)
 }
 
 /// `pidfd_getfd(pidfd_open(pid), fd)`: a duplicate of another process's fd.

@@ -70,6 +70,7 @@ pub fn probe(netns: Option<&Path>) -> Result<NetnsFacts> {
         Ok(NetnsFacts {
             local_addrs: local_addrs()?,
             source_v4: source_v4(),
+            source_v6: source_v6(),
             netns_cookie: netns_cookie()?,
         })
     })
@@ -117,6 +118,17 @@ pub fn source_v4() -> Option<Ipv4Addr> {
     sock.connect("198.51.100.1:9").ok()?;
     match sock.local_addr().ok()? {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
+    }
+}
+
+/// The IPv6 counterpart of [`source_v4`] (a global source only).
+pub fn source_v6() -> Option<Ipv6Addr> {
+    let sock = UdpSocket::bind("[::]:0").ok()?;
+    // 2001:db8::/32 (RFC 3849): documentation space, never a real peer.
+    sock.connect("[2001:db8::1]:9").ok()?;
+    match sock.local_addr().ok()? {
+        SocketAddr::V6(a) if !a.ip().is_unspecified() => Some(*a.ip()),
         _ => None,
     }
 }

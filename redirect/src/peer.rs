@@ -72,8 +72,7 @@ pub struct ClientView {
 pub fn run_server(args: &ServerArgs) -> Result<()> {
     let mut listeners = Vec::new();
     for addr in &args.listen {
-        let l = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        listeners.push(l);
+        listeners.push(listen(*addr).with_context(|| format!("listening on {addr}"))?);
     }
     println!("ready");
     std::io::stdout().flush()?;
@@ -90,6 +89,20 @@ pub fn run_server(args: &ServerArgs) -> Result<()> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// A listener on `addr`; IPv6 ones are IPv6-only, so `0.0.0.0:P` and
+/// `[::]:P` can be listened on side by side, as a dual-stack proxy does.
+fn listen(addr: SocketAddr) -> Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
 }
 
 fn answer(name: &str, mut stream: TcpStream) -> Result<()> {

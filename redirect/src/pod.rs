@@ -6,13 +6,15 @@
 //!
 //! ```text
 //!  pod netns  eth0 10.200.0.2/24 ──veth── eth0 10.200.0.1/24  upstream netns
-//!             default via 10.200.0.1                         lo: 10.201.0.1 .. 10.201.0.9
+//!                  fd00:200::2/64               fd00:200::1/64
+//!             default via 10.200.0.1 /          lo: 10.201.0.1 .. 10.201.0.9
+//!                         fd00:200::1               fd00:201::1 .. fd00:201::9
 //! ```
 
 use std::{
     ffi::CString,
     io::{BufRead as _, BufReader},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -32,6 +34,14 @@ pub const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 /// the pod, reachable through the pod's default route).
 pub fn upstream_extra(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 201, 0, i)
+}
+/// The pod's IPv6 address.
+pub const POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+/// The upstream host's IPv6 address on the shared link.
+pub const UPSTREAM_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+/// Extra upstream IPv6 addresses `fd00:201::1 ..= fd00:201::9`.
+pub fn upstream_extra6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, u16::from(i))
 }
 /// Number of extra upstream addresses.
 pub const UPSTREAM_EXTRA: u8 = 9;
@@ -139,8 +149,23 @@ impl Pod {
                 &u,
             ],
         )?;
-        for (ns, addr) in [(&p, POD_IP), (&u, UPSTREAM_IP)] {
+        for (ns, addr, addr6) in [(&p, POD_IP, POD_IP6), (&u, UPSTREAM_IP, UPSTREAM_IP6)] {
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            // nodad: usable at once, no duplicate address detection wait.
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{addr6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
             run(
                 "ip",
                 &[
@@ -167,9 +192,24 @@ impl Pod {
                 &UPSTREAM_IP.to_string(),
             ],
         )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &p,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &UPSTREAM_IP6.to_string(),
+            ],
+        )?;
         for i in 1..=UPSTREAM_EXTRA {
             let a = format!("{}/32", upstream_extra(i));
             run("ip", &["-n", &u, "addr", "add", &a, "dev", "lo"])?;
+            let a6 = format!("{}/128", upstream_extra6(i));
+            run("ip", &["-n", &u, "-6", "addr", "add", &a6, "dev", "lo", "nodad"])?;
         }
         for dir in [
             self.cgroup.clone(),
@@ -342,8 +382,7 @@ impl Pod {
         let views = text
             .lines()
             .map(|l| {
-                serde_json::from_str(l)
-                    .with_context(|| format!("sample client printed {l:?}"))
+                serde_json::from_str(l).with_context(|| format!("sample client printed {l:?}"))
             })
             .collect::<Result<Vec<ClientView>>>()?;
         if views.len() != targets.len() {

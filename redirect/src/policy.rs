@@ -323,6 +323,14 @@ pub struct NetnsFacts {
     pub source_v4: Option<Ipv4Addr>,
     /// The namespace's cookie (`SO_NETNS_COOKIE`), 0 if unknown.
     pub netns_cookie: u64,
+    /// IPv6 source address the routing picks for outside destinations.
+    pub source_v6: Option<Ipv6Addr>,
+}
+
+/// An IPv6 address as the network-order words BPF programs see.
+pub fn ip6_words(a: &Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
 }
 
 impl PolicySpec {
@@ -337,12 +345,10 @@ impl PolicySpec {
         }
         match &self.include_cidrs {
             Include::All => flags |= config_flags::INCLUDE_ALL,
-            Include::List(l) if l.iter().any(|c| c.addr.is_ipv4()) => {
-                flags |= config_flags::HAS_INCLUDE_CIDRS
-            }
+            Include::List(l) if !l.is_empty() => flags |= config_flags::HAS_INCLUDE_CIDRS,
             Include::List(_) => {}
         }
-        if self.exclude_cidrs.iter().any(|c| c.addr.is_ipv4()) {
+        if !self.exclude_cidrs.is_empty() {
             flags |= config_flags::HAS_EXCLUDE_CIDRS;
         }
         match &self.inbound_ports {
@@ -363,6 +369,7 @@ impl PolicySpec {
                 .unwrap_or(0),
             reserved: 0,
             netns_cookie: facts.netns_cookie,
+            source_v6: facts.source_v6.map(|a| ip6_words(&a)).unwrap_or([0; 4]),
         }
     }
 
@@ -386,11 +393,19 @@ impl PolicySpec {
         map.into_iter().collect()
     }
 
-    /// IPv4 CIDRs that go into a trie (IPv6 ones wait for connect6).
+    /// The IPv4 CIDRs of a list.
     pub fn v4_cidrs(list: &[Cidr]) -> impl Iterator<Item = (Ipv4Addr, u8)> + '_ {
         list.iter().filter_map(|c| match c.addr {
             IpAddr::V4(a) => Some((a, c.prefix)),
             IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The IPv6 CIDRs of a list.
+    pub fn v6_cidrs(list: &[Cidr]) -> impl Iterator<Item = (Ipv6Addr, u8)> + '_ {
+        list.iter().filter_map(|c| match c.addr {
+            IpAddr::V6(a) => Some((a, c.prefix)),
+            IpAddr::V4(_) => None,
         })
     }
 }

@@ -1,7 +1,12 @@
 //! `status`: what is attached at a pin dir, the policy in force (read back
 //! from the pinned maps, not from any cached copy) and the counters.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsFd,
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray};
@@ -137,12 +142,18 @@ fn ids(dir: &Path, name: &str, first: Option<u32>) -> Result<Vec<u32>> {
     Ok(all)
 }
 
-fn cidrs(dir: &Path, name: &str) -> Result<Vec<String>> {
-    let trie = LpmTrie::<_, [u8; 4], u8>::try_from(open_pinned(&dir.join(name))?)?;
-    let mut out: Vec<(Ipv4Addr, u32)> = trie
+/// The CIDRs of an IPv4 trie and its IPv6 twin, IPv4 first.
+fn cidrs(dir: &Path, v4: &str, v6: &str) -> Result<Vec<String>> {
+    let trie = LpmTrie::<_, [u8; 4], u8>::try_from(open_pinned(&dir.join(v4))?)?;
+    let mut out: Vec<(IpAddr, u32)> = trie
         .keys()
-        .map(|k| k.map(|k| (Ipv4Addr::from(k.data()), k.prefix_len())))
+        .map(|k| k.map(|k| (IpAddr::from(k.data()), k.prefix_len())))
         .collect::<Result<_, _>>()?;
+    let trie6 = LpmTrie::<_, [u8; 16], u8>::try_from(open_pinned(&dir.join(v6))?)?;
+    for k in trie6.keys() {
+        let k = k?;
+        out.push((IpAddr::from(k.data()), k.prefix_len()));
+    }
     out.sort();
     Ok(out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect())
 }
@@ -174,13 +185,23 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
     let include_cidrs = if cfg.has(config_flags::INCLUDE_ALL) {
         vec!["*".to_string()]
     } else {
-        cidrs(dir, map_names::INCLUDE_V4)?
+        cidrs(dir, map_names::INCLUDE_V4, map_names::INCLUDE_V6)?
     };
     let local = HashMap::<_, u32, u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V4))?)?;
-    let mut local_addrs: Vec<Ipv4Addr> = local
+    let mut local_addrs: Vec<IpAddr> = local
         .keys()
-        .map(|k| k.map(|k| Ipv4Addr::from(k.to_ne_bytes())))
+        .map(|k| k.map(|k| IpAddr::from(k.to_ne_bytes())))
         .collect::<Result<_, _>>()?;
+    let local6 =
+        HashMap::<_, [u32; 4], u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V6))?)?;
+    for k in local6.keys() {
+        let w = k?;
+        let mut b = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        local_addrs.push(IpAddr::from(b));
+    }
     local_addrs.sort();
     Ok(PolicyStatus {
         proxy_port: cfg.proxy_port,
@@ -197,7 +218,7 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
             cfg.has(config_flags::HAS_GIDS).then_some(cfg.first_gid),
         )?,
         include_cidrs,
-        exclude_cidrs: cidrs(dir, map_names::EXCLUDE_V4)?,
+        exclude_cidrs: cidrs(dir, map_names::EXCLUDE_V4, map_names::EXCLUDE_V6)?,
         include_ports,
         exclude_ports,
         inbound_ports,

@@ -23,10 +23,14 @@ pub enum AttachType {
     SockOps = 3,
     /// `BPF_CGROUP_INET4_CONNECT`.
     Connect4 = 10,
+    /// `BPF_CGROUP_INET6_CONNECT`.
+    Connect6 = 11,
     /// `BPF_CGROUP_GETSOCKOPT`.
     GetSockopt = 21,
     /// `BPF_CGROUP_INET4_GETPEERNAME`.
     GetPeerName4 = 29,
+    /// `BPF_CGROUP_INET6_GETPEERNAME`.
+    GetPeerName6 = 30,
     /// `BPF_SK_LOOKUP` (attached to a network namespace, not a cgroup).
     SkLookup = 36,
 }
@@ -37,8 +41,10 @@ impl AttachType {
         match self {
             Self::SockOps => "sock_ops",
             Self::Connect4 => "cgroup/connect4",
+            Self::Connect6 => "cgroup/connect6",
             Self::GetSockopt => "cgroup/getsockopt",
             Self::GetPeerName4 => "cgroup/getpeername4",
+            Self::GetPeerName6 => "cgroup/getpeername6",
             Self::SkLookup => "sk_lookup",
         }
     }

@@ -17,7 +17,9 @@ use std::{
 
 use redirect::{
     peer::ClientView,
-    pod::{As, Pod, Side, UPSTREAM_EXTRA, UPSTREAM_IP, upstream_extra},
+    pod::{
+        As, Pod, Side, UPSTREAM_EXTRA, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6,
+    },
 };
 
 pub use redirect::pod;
@@ -81,8 +83,10 @@ impl Fixture {
         let mut upstream: Vec<String> = Vec::new();
         for port in UPSTREAM_PORTS {
             upstream.push(format!("{UPSTREAM_IP}:{port}"));
+            upstream.push(format!("[{UPSTREAM_IP6}]:{port}"));
             for i in 1..=UPSTREAM_EXTRA {
                 upstream.push(format!("{}:{port}", upstream_extra(i)));
+                upstream.push(format!("[{}]:{port}", upstream_extra6(i)));
             }
         }
         let refs: Vec<&str> = upstream.iter().map(String::as_str).collect();
@@ -91,19 +95,25 @@ impl Fixture {
             .expect("upstream server");
         f.start_proxy();
         f.pod
-            .start_server(Side::Pod, As::APP, "app", &[&format!("0.0.0.0:{APP_PORT}")])
+            .start_server(
+                Side::Pod,
+                As::APP,
+                "app",
+                &[&format!("0.0.0.0:{APP_PORT}"), &format!("[::]:{APP_PORT}")],
+            )
             .expect("app server");
         f
     }
 
-    /// Starts the sample proxy (UID 1337, `proxy/` cgroup) on 15001 and 15006.
+    /// Starts the sample proxy (UID 1337, `proxy/` cgroup) on 15001 and
+    /// 15006, IPv4 and IPv6.
     pub fn start_proxy(&mut self) {
         self.pod
             .start_server(
                 Side::Pod,
                 As::PROXY,
                 "proxy",
-                &["0.0.0.0:15001", "0.0.0.0:15006"],
+                &["0.0.0.0:15001", "0.0.0.0:15006", "[::]:15001", "[::]:15006"],
             )
             .expect("proxy server");
     }

@@ -128,7 +128,8 @@ fn proxy_restart_resumes_capture_and_nothing_leaks_meanwhile() {
     assert_eq!(reply.server, "proxy");
     assert_eq!(reply.orig_dst.as_deref(), Some(pod(APP_PORT).as_str()));
     let st = f.status().expect("status");
-    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(1), "{st}");
+    // One IPv4 and one IPv6 listener.
+    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(2), "{st}");
 }
 
 #[test]
@@ -143,7 +144,8 @@ fn proxy_started_after_apply_registers_itself() {
     f.start_proxy();
     assert_eq!(f.who_answers_in(&pod(APP_PORT)), "proxy");
     let st = f.status().expect("status");
-    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(1), "{st}");
+    // One IPv4 and one IPv6 listener.
+    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(2), "{st}");
 }
 
 #[test]
@@ -181,5 +183,6 @@ fn listener_in_another_namespace_cannot_take_over() {
         .expect("impostor");
     assert_eq!(f.who_answers_in(&pod(APP_PORT)), "proxy");
     let st = f.status().expect("status");
-    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(1), "{st}");
+    // One IPv4 and one IPv6 listener.
+    assert_eq!(st["counters"]["listener_set"].as_u64(), Some(2), "{st}");
 }

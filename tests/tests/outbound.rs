@@ -216,7 +216,10 @@ fn state_persists_after_loader_exits_and_remove_restores() {
     // The loader process has exited (apply_ok waited for it).
     assert_eq!(f.who_answers(As::APP, &svc(1, 80)), "proxy");
     let st = f.status().expect("status");
-    assert_eq!(st["links"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        st["links"].as_array().unwrap().len(),
+        redirect::apply::PROGRAMS.len()
+    );
     assert!(st["decisions"]["include_all"].as_u64().unwrap() >= 1);
 
     let out = f.redirect(&["remove", "--pin-dir", &f.pin_dir.display().to_string()]);
