@@ -22,6 +22,10 @@ pub mod map_names {
     /// `HashMap<u32, u8>`: the IPv4 addresses the pod's network namespace owns
     /// (network order), used to tell which destinations are routed over `lo`.
     pub const LOCAL_V4: &str = "LOCAL_V4";
+    /// `HashMap<u32, u8>`: the owner-group filter's GIDs.
+    pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
+    /// `HashMap<ServiceKey, u8>`: explicitly listed services (`ip:port`).
+    pub const SERVICES: &str = "SERVICES";
     /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are never captured.
     pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
     /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are captured.
@@ -46,9 +50,19 @@ pub mod map_names {
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
 
     /// Maps whose content is the policy: replaced as a whole on re-apply.
-    pub const POLICY: [&str; 10] = [
-        CONFIG, PORTS, PROXY_UIDS, PROXY_GIDS, EXCLUDE_V4, INCLUDE_V4, LOCAL_V4, EXCLUDE_V6,
-        INCLUDE_V6, LOCAL_V6,
+    pub const POLICY: [&str; 12] = [
+        CONFIG,
+        PORTS,
+        PROXY_UIDS,
+        PROXY_GIDS,
+        OWNER_GROUPS,
+        SERVICES,
+        EXCLUDE_V4,
+        INCLUDE_V4,
+        LOCAL_V4,
+        EXCLUDE_V6,
+        INCLUDE_V6,
+        LOCAL_V6,
     ];
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
@@ -114,6 +128,17 @@ pub mod config_flags {
     pub const INBOUND_ALL: u16 = 1 << 5;
     /// Inbound ports is a non-empty list ([`super::port_flags::IN_INCLUDE`]).
     pub const INBOUND_LIST: u16 = 1 << 6;
+    /// Explicit services are listed ([`super::map_names::SERVICES`]).
+    pub const HAS_SERVICES: u16 = 1 << 7;
+    /// Owner-group filter: capture only the listed GIDs.
+    pub const OWNER_GROUPS_INCLUDE: u16 = 1 << 8;
+    /// Owner-group filter: capture all but the listed GIDs.
+    pub const OWNER_GROUPS_EXCLUDE: u16 = 1 << 9;
+    /// An include-outbound CIDR is a loopback address (127.0.0.0/8, `::1`):
+    /// istio-iptables then leaves out the per-owner "`-o lo` and not this
+    /// owner → RETURN" rules (3b), so loopback traffic of other owners walks
+    /// on to the include rules.
+    pub const LOOPBACK_INCLUDE: u16 = 1 << 10;
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -133,6 +158,11 @@ pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
 /// Capacity of the hand-over map: connections between `connect()` and the
 /// proxy's side of the handshake, all pods of one apply together.
 pub const HANDOVER_CAPACITY: u32 = 1 << 16;
+/// Default capacity of the service map (the loader sizes it to the list).
+pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
+/// `BPF_F_NO_PREALLOC`: hash map entries are allocated as they are added.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Slot of [`map_names::INBOUND_LISTENER`] for an IPv4 listener.
 pub const LISTENER_V4: u32 = 0;
 /// Slot for an IPv6 (possibly dual-stack) listener.
@@ -234,6 +264,19 @@ pub struct TupleKey {
     pub family: u32,
 }
 
+/// Key of the service map: one `ip:port`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    /// Address, network-order words; IPv4 in word 0, the rest zero.
+    pub ip: [u32; 4],
+    /// Port, host order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+}
+
 /// Indices of the counter array beyond the per-rule ones.
 ///
 /// Counters `0 .. Rule::COUNT` count decisions by [`crate::policy::Rule`];
@@ -304,4 +347,5 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::ServiceKey {}
 }

@@ -108,6 +108,18 @@ pub trait PolicyMaps {
     /// Whether the pod's network namespace owns `dst` (so the route to it
     /// leaves through `lo`).
     fn is_local_addr(&self, dst: &Addr) -> bool;
+    /// Whether `gid` is in the owner-group filter's list (rule 4). Only
+    /// asked when [`config_flags::OWNER_GROUPS_INCLUDE`] or `_EXCLUDE` is
+    /// set; the default is an empty list.
+    fn is_owner_group(&self, _gid: u32) -> bool {
+        false
+    }
+    /// Whether `dst:port` is one of the explicitly listed services. Only
+    /// asked when [`config_flags::HAS_SERVICES`] is set; the default is an
+    /// empty list.
+    fn is_service(&self, _dst: &Addr, _port: u16) -> bool {
+        false
+    }
 }
 
 /// An outbound TCP connect, as the connect hook sees it.
@@ -139,12 +151,16 @@ pub enum Rule {
     LoopbackNotProxy,
     /// 3c: the proxy's own traffic → pass.
     ProxyOwner,
+    /// 4: the owner-group filter leaves this owner's traffic alone → pass.
+    OwnerGroup,
     /// 6: destination 127.0.0.1 → pass.
     HostLoopback,
     /// 7: destination in an excluded CIDR → pass.
     ExcludedCidr,
     /// 8: destination port included → proxy port.
     IncludedPort,
+    /// 9s: destination is a listed service (`ip:port`) → proxy port.
+    Service,
     /// 9: destination in an included CIDR → proxy port.
     IncludedCidr,
     /// 9 with `*`: everything left → proxy port.
@@ -170,15 +186,17 @@ impl Rule {
     /// Number of rules (and of per-rule counters).
     pub const COUNT: u32 = Rule::InboundNotCaptured as u32 + 1;
     /// All rules, in index order.
-    pub const ALL: [Rule; 17] = [
+    pub const ALL: [Rule; 19] = [
         Rule::ExcludedPort,
         Rule::PassthroughSource,
         Rule::ProxyToLocal,
         Rule::LoopbackNotProxy,
         Rule::ProxyOwner,
+        Rule::OwnerGroup,
         Rule::HostLoopback,
         Rule::ExcludedCidr,
         Rule::IncludedPort,
+        Rule::Service,
         Rule::IncludedCidr,
         Rule::IncludeAll,
         Rule::NotCaptured,
@@ -212,9 +230,11 @@ impl Rule {
             Rule::ProxyToLocal => "3a",
             Rule::LoopbackNotProxy => "3b",
             Rule::ProxyOwner => "3c",
+            Rule::OwnerGroup => "4",
             Rule::HostLoopback => "6",
             Rule::ExcludedCidr => "7",
             Rule::IncludedPort => "8",
+            Rule::Service => "9s",
             Rule::IncludedCidr | Rule::IncludeAll => "9",
             Rule::NotCaptured => "end",
             Rule::InboundLocalSource => "in-local",
@@ -233,9 +253,11 @@ impl Rule {
             Rule::ProxyToLocal => "proxy_to_local",
             Rule::LoopbackNotProxy => "loopback_not_proxy",
             Rule::ProxyOwner => "proxy_owner",
+            Rule::OwnerGroup => "owner_group",
             Rule::HostLoopback => "host_loopback",
             Rule::ExcludedCidr => "excluded_cidr",
             Rule::IncludedPort => "included_port",
+            Rule::Service => "service",
             Rule::IncludedCidr => "included_cidr",
             Rule::IncludeAll => "include_all",
             Rule::NotCaptured => "not_captured",
@@ -258,9 +280,11 @@ impl Rule {
             }
             Rule::LoopbackNotProxy => "a non-proxy owner connects over lo",
             Rule::ProxyOwner => "the proxy's own traffic (UID/GID match)",
+            Rule::OwnerGroup => "the owner-group filter does not capture this owner's group",
             Rule::HostLoopback => "destination is 127.0.0.1",
             Rule::ExcludedCidr => "destination is in an exclude-outbound CIDR",
             Rule::IncludedPort => "destination port is in the include-outbound-ports list",
+            Rule::Service => "destination ip:port is a listed service",
             Rule::IncludedCidr => "destination is in an include-outbound CIDR",
             Rule::IncludeAll => "include-outbound CIDRs is '*'",
             Rule::NotCaptured => "no rule captured it (include list empty or no match)",
@@ -326,6 +350,10 @@ impl Verdict {
 /// Over `lo`, rule b of the *first* owner catches everything rules a and c of
 /// that owner do not, so the first owner alone decides; off `lo`, only rule c
 /// can match, for any owner of the list.
+///
+/// When an include CIDR is a loopback address, istio leaves every rule b out
+/// ([`config_flags::LOOPBACK_INCLUDE`]): then any owner of the list takes
+/// rule a or c, and other owners' loopback traffic walks on.
 #[inline(always)]
 fn owner_rules(
     cfg: &Config,
@@ -334,23 +362,27 @@ fn owner_rules(
     in_list: impl FnOnce() -> bool,
     c: &Outbound,
 ) -> Option<Verdict> {
-    if over_lo {
+    let to_inbound = || !c.dst.is_host_loopback() && c.dport != cfg.tunnel_port;
+    if over_lo && !cfg.has(config_flags::LOOPBACK_INCLUDE) {
         if !is_first {
             return Some(Verdict::pass(Rule::LoopbackNotProxy));
         }
-        if !c.dst.is_host_loopback() && c.dport != cfg.tunnel_port {
+        if to_inbound() {
             return Some(Verdict::redirect(cfg.inbound_port, Rule::ProxyToLocal));
         }
         return Some(Verdict::pass(Rule::ProxyOwner));
     }
     if in_list() {
+        if over_lo && to_inbound() {
+            return Some(Verdict::redirect(cfg.inbound_port, Rule::ProxyToLocal));
+        }
         return Some(Verdict::pass(Rule::ProxyOwner));
     }
     None
 }
 
 /// Decide an outbound TCP connect the way istio-iptables' `nat OUTPUT` chain
-/// would (rules 1, 2, 3, 6, 7, 8, 9 of `docs/semantics.md`).
+/// would (rules 1, 2, 3, 4, 6, 7, 8, 9 of `docs/semantics.md`).
 #[inline(always)]
 pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> Verdict {
     // "Routed over lo": a loopback destination or one the namespace owns.
@@ -398,6 +430,13 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     {
         return v;
     }
+    // 4. the owner-group filter.
+    if cfg.has(config_flags::OWNER_GROUPS_INCLUDE) && !maps.is_owner_group(c.gid) {
+        return Verdict::pass(Rule::OwnerGroup);
+    }
+    if cfg.has(config_flags::OWNER_GROUPS_EXCLUDE) && maps.is_owner_group(c.gid) {
+        return Verdict::pass(Rule::OwnerGroup);
+    }
     // 6. the host loopback address.
     if c.dst.is_host_loopback() {
         return Verdict::pass(Rule::HostLoopback);
@@ -409,6 +448,10 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     // 8. include outbound ports.
     if ports & port_flags::OUT_INCLUDE != 0 {
         return Verdict::redirect(cfg.proxy_port, Rule::IncludedPort);
+    }
+    // 9s. listed services.
+    if cfg.has(config_flags::HAS_SERVICES) && maps.is_service(&c.dst, c.dport) {
+        return Verdict::redirect(cfg.proxy_port, Rule::Service);
     }
     // 9. include outbound CIDRs.
     if cfg.has(config_flags::INCLUDE_ALL) {

@@ -796,6 +796,10 @@ fn config(p: &Policy) -> Config {
     if !p.exclude_cidrs.is_empty() {
         flags |= config_flags::HAS_EXCLUDE_CIDRS;
     }
+    // What the loader sets from the include list (`PolicySpec::config`).
+    if p.include_has_loopback() {
+        flags |= config_flags::LOOPBACK_INCLUDE;
+    }
     match &p.inbound_ports {
         InboundPorts::All => flags |= config_flags::INBOUND_ALL,
         InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,

@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
 };
 use redirect_common::{
-    Config, Counter, DEFAULT_CIDR_CAPACITY, HANDOVER_CAPACITY, OrigDst, PORT_COUNT, SET_CAPACITY,
-    TupleKey,
+    BPF_F_NO_PREALLOC, Config, Counter, DEFAULT_CIDR_CAPACITY, DEFAULT_SERVICE_CAPACITY,
+    HANDOVER_CAPACITY, OrigDst, PORT_COUNT, SET_CAPACITY, ServiceKey, TupleKey,
 };
 
 // ---- policy (replaced as a whole on re-apply) ----
@@ -32,6 +32,13 @@ pub static EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_
 
 #[map]
 pub static INCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+#[map]
+pub static OWNER_GROUPS: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, u8> =
+    HashMap::with_max_entries(DEFAULT_SERVICE_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static LOCAL_V4: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);

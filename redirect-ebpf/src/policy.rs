@@ -2,11 +2,11 @@
 //! shared decision code in `redirect_common::policy` runs unchanged here.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use redirect_common::{Addr, PolicyMaps};
+use redirect_common::{AF_INET, AF_INET6, Addr, PolicyMaps, ServiceKey};
 
 use crate::maps::{
-    EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, PORTS, PROXY_GIDS,
-    PROXY_UIDS,
+    EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
+    PROXY_GIDS, PROXY_UIDS, SERVICES,
 };
 
 /// The network-order words of an IPv6 address's bytes.
@@ -61,5 +61,27 @@ impl PolicyMaps for KernelPolicy {
             Addr::V4(a) => LOCAL_V4.get_ptr(a.to_be()).is_some(),
             Addr::V6(b) => LOCAL_V6.get_ptr(words(b)).is_some(),
         }
+    }
+
+    #[inline(always)]
+    fn is_owner_group(&self, gid: u32) -> bool {
+        OWNER_GROUPS.get_ptr(gid).is_some()
+    }
+
+    #[inline(always)]
+    fn is_service(&self, dst: &Addr, port: u16) -> bool {
+        let key = match dst {
+            Addr::V4(a) => ServiceKey {
+                ip: [a.to_be(), 0, 0, 0],
+                port,
+                family: AF_INET,
+            },
+            Addr::V6(b) => ServiceKey {
+                ip: words(b),
+                port,
+                family: AF_INET6,
+            },
+        };
+        SERVICES.get_ptr(key).is_some()
     }
 }

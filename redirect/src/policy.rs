@@ -351,6 +351,11 @@ impl PolicySpec {
         if !self.exclude_cidrs.is_empty() {
             flags |= config_flags::HAS_EXCLUDE_CIDRS;
         }
+        if let Include::List(l) = &self.include_cidrs
+            && l.iter().any(|c| c.addr.is_loopback())
+        {
+            flags |= config_flags::LOOPBACK_INCLUDE;
+        }
         match &self.inbound_ports {
             InboundPorts::All => flags |= config_flags::INBOUND_ALL,
             InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,
