@@ -2,9 +2,12 @@
 //! `redirect apply` can stand in for `istio-iptables` in an init container;
 //! each also has a readable long name (and istio's long name as an alias).
 
-use std::path::PathBuf;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     apply::DEFAULT_PIN_DIR,
@@ -33,6 +36,13 @@ pub enum Command {
     Remove(PinDirArgs),
     /// Show what is attached, the policy in force and the counters.
     Status(StatusArgs),
+    /// Say what redirect does with one TCP connection (redirect to which
+    /// port, or pass) and which rule decided, with the kernel's decision
+    /// code.
+    Explain(Box<ExplainArgs>),
+    /// Print the nat table istio-iptables would install for the same policy
+    /// flags, as iptables-restore input.
+    Iptables(Box<IptablesArgs>),
     /// Make a throwaway pod, capture an app's connection to a sample proxy,
     /// show what each side sees, clean up.
     Demo,
@@ -78,6 +88,102 @@ pub struct ApplyArgs {
     /// Where to pin.
     #[command(flatten)]
     pub pin: PinDirArgs,
+    /// Check every input and print what would be attached and written to
+    /// the maps; load, attach, pin and mount nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print JSON.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
+    /// The policy.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// The ids of every [`PolicyArgs`] argument (its field names), which
+/// `explain --pin-dir` excludes. A unit test keeps the list complete.
+pub const POLICY_ARG_IDS: [&str; 12] = [
+    "proxy_port",
+    "inbound_capture_port",
+    "tunnel_port",
+    "proxy_uid",
+    "proxy_gid",
+    "include_cidrs",
+    "exclude_cidrs",
+    "exclude_cidrs_file",
+    "include_ports",
+    "exclude_ports",
+    "inbound_ports",
+    "exclude_inbound_ports",
+];
+
+/// `explain --direction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectionArg {
+    /// A connect() from inside the pod.
+    Out,
+    /// A connection arriving at the pod.
+    In,
+}
+
+/// `explain` arguments.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Take the policy in force at this pin dir (read back from the pinned
+    /// maps, with the pod addresses recorded there) instead of policy flags.
+    #[arg(long, conflicts_with_all = POLICY_ARG_IDS)]
+    pub pin_dir: Option<PathBuf>,
+    /// Outbound (a connect() from the pod) or inbound (arriving at the pod).
+    #[arg(long, value_enum, default_value = "out")]
+    pub direction: DirectionArg,
+    /// Outbound: UID of the task calling connect() [default: 0].
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Outbound: its GID [default: 0].
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Outbound: the address the socket was bound to before connect(), if
+    /// any. Inbound: the peer's address (required).
+    #[arg(long)]
+    pub src: Option<IpAddr>,
+    /// The destination asked for, IP:PORT.
+    #[arg(long)]
+    pub dst: SocketAddr,
+    /// An address the pod's network namespace owns (repeatable or
+    /// comma-separated). Default: none besides 127.0.0.0/8, or with
+    /// --pin-dir the addresses recorded there.
+    #[arg(long = "local-addr", value_delimiter = ',')]
+    pub local_addr: Vec<IpAddr>,
+    /// Read the pod's addresses from this network namespace file instead.
+    #[arg(long, conflicts_with = "local_addr")]
+    pub netns: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The policy.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// `iptables --family`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    /// IPv4 only (input for iptables-restore).
+    #[value(name = "4")]
+    V4,
+    /// IPv6 only (input for ip6tables-restore).
+    #[value(name = "6")]
+    V6,
+    /// IPv4 then IPv6, each after a comment naming its tool.
+    Both,
+}
+
+/// `iptables` arguments.
+#[derive(Debug, Args)]
+pub struct IptablesArgs {
+    /// Which rule set.
+    #[arg(long, value_enum, default_value = "both")]
+    pub family: FamilyArg,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,
@@ -334,6 +440,98 @@ mod tests {
         assert!(e.contains("--include-cidrs"), "{e}");
         let e = parse(&["--bogus"]).unwrap_err();
         assert!(e.contains("--bogus"), "{e}");
+    }
+
+    #[test]
+    fn pin_dir_excludes_every_policy_flag() {
+        let cmd = PolicyArgs::augment_args(clap::Command::new("x"));
+        let ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+        assert_eq!(
+            ids, POLICY_ARG_IDS,
+            "a new policy flag must be added to POLICY_ARG_IDS, or `explain --pin-dir` \
+             silently ignores it"
+        );
+        let e = Cli::try_parse_from([
+            "redirect",
+            "explain",
+            "--dst",
+            "1.1.1.1:80",
+            "--pin-dir",
+            "/p",
+            "-i",
+            "*",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--pin-dir") && e.contains("--include-cidrs"),
+            "{e}"
+        );
+        assert!(!e.contains("--proxy-port"), "{e}");
+        // Defaults do not count as given.
+        assert!(
+            Cli::try_parse_from([
+                "redirect",
+                "explain",
+                "--dst",
+                "1.1.1.1:80",
+                "--pin-dir",
+                "/p"
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn new_commands_parse() {
+        let cli =
+            Cli::try_parse_from(["redirect", "iptables", "--family", "6", "-q", "80"]).unwrap();
+        let Command::Iptables(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.family, FamilyArg::V6);
+        assert_eq!(a.policy.to_spec().unwrap().include_ports, vec![80]);
+        let cli = Cli::try_parse_from(["redirect", "iptables"]).unwrap();
+        let Command::Iptables(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.family, FamilyArg::Both);
+        assert!(Cli::try_parse_from(["redirect", "iptables", "--family", "5"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "redirect",
+            "explain",
+            "--dst",
+            "10.0.0.1:80",
+            "--local-addr",
+            "10.1.0.2,10.1.0.3",
+            "--local-addr",
+            "10.1.0.4",
+        ])
+        .unwrap();
+        let Command::Explain(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.local_addr.len(), 3);
+        assert_eq!(a.direction, DirectionArg::Out);
+        let e = Cli::try_parse_from(["redirect", "explain", "--dst", "10.0.0.1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--dst") && e.contains("10.0.0.1"), "{e}");
+        let e = Cli::try_parse_from(["redirect", "explain", "--dst", "1.1.1.1:1", "--uid", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--uid") && e.contains("'x'"), "{e}");
+
+        // --json on apply only with --dry-run.
+        assert!(Cli::try_parse_from(["redirect", "apply", "--cgroup", "/x", "--json"]).is_err());
+        let cli =
+            Cli::try_parse_from(["redirect", "apply", "--cgroup", "/x", "--dry-run", "--json"])
+                .unwrap();
+        let Command::Apply(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.dry_run && a.json);
     }
 
     #[test]

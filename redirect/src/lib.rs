@@ -7,7 +7,9 @@
 //!
 //! With the default `loader` feature the crate also holds the loader behind
 //! the `redirect` binary: [`policy`] (flags → validated policy), [`apply`]
-//! (load, attach, pin, remove), [`status`], and the helpers the demo and the
+//! (load, attach, pin, remove), [`status`], [`explain`] (one connection's
+//! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
+//! (`apply --dry-run`), and the helpers the demo and the
 //! integration tests use to build throwaway pods ([`pod`], [`peer`]).
 
 mod orig_dst;
@@ -20,6 +22,8 @@ pub mod cli;
 #[cfg(feature = "loader")]
 pub mod demo;
 #[cfg(feature = "loader")]
+pub mod explain;
+#[cfg(feature = "loader")]
 pub mod fs;
 #[cfg(feature = "loader")]
 pub mod listener;
@@ -28,9 +32,13 @@ pub mod netns;
 #[cfg(feature = "loader")]
 pub mod peer;
 #[cfg(feature = "loader")]
+pub mod plan;
+#[cfg(feature = "loader")]
 pub mod pod;
 #[cfg(feature = "loader")]
 pub mod policy;
+#[cfg(feature = "loader")]
+pub mod render;
 #[cfg(feature = "loader")]
 pub mod status;
 #[cfg(feature = "loader")]

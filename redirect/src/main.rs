@@ -4,8 +4,10 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
-    cli::{Cli, Command},
-    demo, peer, status,
+    cli::{Cli, Command, FamilyArg},
+    demo, explain, peer, plan,
+    render::{self, Family},
+    status,
 };
 
 fn main() {
@@ -34,6 +36,17 @@ async fn run(cli: Cli) -> Result<()> {
                 pin_dir: args.pin.pin_dir,
                 policy,
             };
+            if args.dry_run {
+                let plan = tokio::task::spawn_blocking(move || plan::plan(&req))
+                    .await
+                    .context("dry-run task")??;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&plan)?);
+                } else {
+                    print!("{plan}");
+                }
+                return Ok(());
+            }
             let report = tokio::task::spawn_blocking(move || apply::apply(&req))
                 .await
                 .context("apply task")??;
@@ -63,6 +76,25 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{st}");
             }
+        }
+        Command::Explain(args) => {
+            let e = explain::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{e}");
+            }
+        }
+        Command::Iptables(args) => {
+            let spec = args.policy.to_spec()?;
+            print!(
+                "{}",
+                match args.family {
+                    FamilyArg::V4 => render::render(&spec, Family::V4),
+                    FamilyArg::V6 => render::render(&spec, Family::V6),
+                    FamilyArg::Both => render::render_both(&spec),
+                }
+            );
         }
         Command::Demo => tokio::task::spawn_blocking(demo::run).await??,
         Command::SampleServer(args) => peer::run_server(&args)?,
