@@ -4,7 +4,11 @@
 //!   nightly `rust-src` component and `bpf-linker` 0.10.4, iproute2);
 //! - `demo`: setup, build, run `redirect demo` (root);
 //! - `test`: setup, build, run every test of the workspace, including the
-//!   real-kernel integration tests (root).
+//!   real-kernel integration tests (root);
+//! - `bench`: build in release mode, run the benchmarks, write
+//!   `docs/benchmarks.md` and `docs/bench/` (root; `--quick` for CI).
+
+mod bench;
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +41,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks and write docs/benchmarks.md (needs root).
+    Bench {
+        /// Tiny sizes, to check the harness (CI); writes to target/bench-quick/.
+        #[arg(long)]
+        quick: bool,
+        /// Report directory (default: docs/, or target/bench-quick/ with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not measure: rewrite the report from its results.json.
+        #[arg(long)]
+        render_only: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -60,6 +76,12 @@ fn main() -> Result<()> {
                 .env("REDIRECT_BIN", &bin);
             run(&mut cmd)
         }
+        Cmd::Bench {
+            quick,
+            out,
+            render_only: false,
+        } => bench::run(quick, out),
+        Cmd::Bench { quick, out, .. } => bench::render_only(quick, out),
     }
 }
 

@@ -1,0 +1,660 @@
+//! The scenarios. Every measurement runs the same bench client against the
+//! same bench proxy in a throwaway pod per method; the methods take turns
+//! (ABCD DCBA ...) so that drift on a shared machine hits them alike. The
+//! harness prints raw samples as JSON; `cargo xtask bench` turns them into
+//! ratios, tables and plots.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use redirect::pod::Side;
+use redirect_common::map_names;
+use serde::Serialize;
+
+use crate::{
+    peer::{ClientReport, ProxyMode},
+    world::{Method, Tools, World, exclusion_cidrs},
+};
+
+/// Sizes and repetitions of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// `--quick`.
+    pub quick: bool,
+    /// Scenario 1 (setup at size 0): rounds.
+    pub setup_rounds: usize,
+    /// Connections per measurement (setup and scaling).
+    pub setup_count: u64,
+    /// ...or this many seconds, whichever comes first.
+    pub setup_seconds: f64,
+    /// Unmeasured connections before each measurement.
+    pub warmup: u64,
+    /// Scenario 3 sizes (besides 0, which scenario 1 measures).
+    pub sweep_sizes: Vec<usize>,
+    /// Scenario 3 rounds per size.
+    pub sweep_rounds: usize,
+    /// Scenario 2 rounds.
+    pub rr_rounds: usize,
+    /// Scenario 2 seconds per measurement.
+    pub rr_seconds: f64,
+    /// Scenario 4: apply/remove cycles per size and method.
+    pub apply_reps: usize,
+    /// Ephemeral-port wrap: connections per method.
+    pub wrap_count: u64,
+    /// Ephemeral-port range used there (`None`: the kernel default).
+    pub wrap_port_range: Option<(u16, u16)>,
+    /// Scenario 5: connections before the occupancy check.
+    pub occupancy_count: u64,
+}
+
+impl Plan {
+    /// The full run (about 10 minutes on 2 cores) or the CI check.
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                setup_rounds: 2,
+                setup_count: 300,
+                setup_seconds: 1.0,
+                warmup: 50,
+                sweep_sizes: vec![100],
+                sweep_rounds: 2,
+                rr_rounds: 2,
+                rr_seconds: 0.2,
+                apply_reps: 1,
+                wrap_count: 1500,
+                // 500 ports: the quick run wraps them too.
+                wrap_port_range: Some((40_000, 40_499)),
+                occupancy_count: 3000,
+            }
+        } else {
+            Plan {
+                quick,
+                setup_rounds: 9,
+                setup_count: 2500,
+                setup_seconds: 1.0,
+                warmup: 200,
+                sweep_sizes: vec![10, 100, 1_000, 10_000, 100_000],
+                sweep_rounds: 5,
+                rr_rounds: 7,
+                rr_seconds: 1.0,
+                apply_reps: 3,
+                wrap_count: 100_000,
+                wrap_port_range: None,
+                occupancy_count: 1_000_000,
+            }
+        }
+    }
+}
+
+/// One client run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// Exclusion CIDRs in the policy.
+    pub size: usize,
+    /// How the connection reached the proxy.
+    pub method: Method,
+    /// Round number (methods take turns within a round).
+    pub round: usize,
+    /// What the client measured.
+    pub report: ClientReport,
+}
+
+/// One apply and removal.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApplySample {
+    /// Exclusion CIDRs in the policy.
+    pub size: usize,
+    /// Method.
+    pub method: Method,
+    /// Repetition.
+    pub rep: usize,
+    /// Wall time of the programming process, seconds.
+    pub apply_s: f64,
+    /// Wall time of the removal, seconds.
+    pub remove_s: f64,
+}
+
+/// One BPF map, from `/proc/self/fdinfo` of its pin.
+#[derive(Clone, Debug, Serialize)]
+pub struct MapMem {
+    /// `bpf_map_type`.
+    pub map_type: u32,
+    /// Capacity.
+    pub max_entries: u64,
+    /// `memlock:` (the kernel's own accounting of the map's memory).
+    pub memlock: u64,
+}
+
+/// Kernel memory of a programmed policy.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemorySample {
+    /// Exclusion CIDRs in the policy.
+    pub size: usize,
+    /// Method.
+    pub method: Method,
+    /// Sum over `maps` (redirect) or the rule blob (iptables-legacy).
+    pub bytes: u64,
+    /// Per map, for redirect.
+    pub maps: BTreeMap<String, MapMem>,
+    /// What `bytes` is.
+    pub what: String,
+}
+
+/// One run that wraps the ephemeral port range.
+#[derive(Clone, Debug, Serialize)]
+pub struct WrapSample {
+    /// Method.
+    pub method: Method,
+    /// Ephemeral range in the pod.
+    pub port_range: String,
+    /// What the client saw.
+    pub report: ClientReport,
+    /// TIME_WAIT sockets in the pod right after.
+    pub time_wait: Option<u64>,
+    /// Conntrack entries in the pod right after.
+    pub conntrack: Option<u64>,
+}
+
+/// Map occupancy after many connections.
+#[derive(Clone, Debug, Serialize)]
+pub struct Occupancy {
+    /// Connections opened and closed.
+    pub connections: u64,
+    /// What the client saw.
+    pub report: ClientReport,
+    /// `HANDOVER` entries afterwards (must be 0).
+    pub handover_entries: u64,
+    /// TIME_WAIT sockets in the pod afterwards.
+    pub time_wait: Option<u64>,
+    /// `redirect status --json` counters afterwards.
+    pub counters: serde_json::Value,
+    /// `redirect status --json` decisions afterwards.
+    pub decisions: serde_json::Value,
+}
+
+/// The machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct Meta {
+    /// UTC time of the start.
+    pub date: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// `model name` of /proc/cpuinfo.
+    pub cpu_model: String,
+    /// `nf_conntrack_max` (global).
+    pub conntrack_max: Option<String>,
+    /// `nf_conntrack_buckets`.
+    pub conntrack_buckets: Option<String>,
+    /// Default ephemeral range of a new namespace.
+    pub port_range: Option<String>,
+    /// `tcp_max_tw_buckets` of a new namespace.
+    pub max_tw_buckets: Option<String>,
+    /// `iptables-legacy --version`, `iptables-nft --version`.
+    pub iptables: Vec<String>,
+    /// The CPU the proxy and the client were pinned to.
+    pub pinned_cpu: Option<usize>,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Results {
+    /// The machine.
+    pub meta: Meta,
+    /// The plan.
+    pub plan: Plan,
+    /// Scenarios 1 and 3: connection setup.
+    pub setup: Vec<Sample>,
+    /// Scenario 2: request/response.
+    pub rr: Vec<Sample>,
+    /// Scenario 4.
+    pub apply: Vec<ApplySample>,
+    /// Scenario 5, memory.
+    pub memory: Vec<MemorySample>,
+    /// Ephemeral port wrap.
+    pub wrap: Vec<WrapSample>,
+    /// Scenario 5, occupancy.
+    pub occupancy: Option<Occupancy>,
+}
+
+fn cmd_out(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn meta(tools: &Tools) -> Result<Meta> {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    // A namespace's defaults, seen from a fresh pod.
+    let w = World::new(Method::Direct, tools, ProxyMode::Setup, None)?;
+    let port_range = w
+        .proc_sys("sys/net/ipv4/ip_local_port_range")
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join("-"));
+    let max_tw_buckets = w.proc_sys("sys/net/ipv4/tcp_max_tw_buckets");
+    drop(w);
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    Ok(Meta {
+        date: cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default(),
+        kernel: cmd_out("uname", &["-r"]).unwrap_or_default(),
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        conntrack_max: read("/proc/sys/net/netfilter/nf_conntrack_max"),
+        conntrack_buckets: read("/proc/sys/net/netfilter/nf_conntrack_buckets"),
+        port_range,
+        max_tw_buckets,
+        iptables: ["iptables-legacy", "iptables-nft"]
+            .iter()
+            .filter_map(|b| cmd_out(b, &["--version"]))
+            .collect(),
+        pinned_cpu: tools.cpu,
+    })
+}
+
+/// Which scenarios to run (all by default).
+#[derive(Clone, Debug)]
+pub struct Only(pub Vec<String>);
+
+impl Only {
+    fn has(&self, s: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|x| x == s)
+    }
+}
+
+/// Runs the plan.
+pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
+    let mut r = Results {
+        meta: meta(tools)?,
+        plan: plan.clone(),
+        setup: Vec::new(),
+        rr: Vec::new(),
+        apply: Vec::new(),
+        memory: Vec::new(),
+        wrap: Vec::new(),
+        occupancy: None,
+    };
+    if only.has("setup") {
+        eprintln!("bench: scenario 1, connection setup, no exclusions");
+        setup_at(plan, tools, 0, plan.setup_rounds, &mut r)?;
+    }
+    if only.has("scaling") {
+        for &size in &plan.sweep_sizes {
+            eprintln!("bench: scenario 3, connection setup, {size} exclusion CIDRs");
+            setup_at(plan, tools, size, plan.sweep_rounds, &mut r)?;
+        }
+    }
+    if only.has("rr") {
+        eprintln!("bench: scenario 2, request/response over one connection");
+        rr(plan, tools, &mut r)?;
+    }
+    if only.has("wrap") {
+        eprintln!(
+            "bench: ephemeral port wrap, {} connections per method",
+            plan.wrap_count
+        );
+        wrap(plan, tools, &mut r)?;
+    }
+    if only.has("occupancy") {
+        eprintln!(
+            "bench: scenario 5, map occupancy after {} connections",
+            plan.occupancy_count
+        );
+        r.occupancy = Some(occupancy(plan, tools)?);
+    }
+    Ok(r)
+}
+
+/// Methods in round `round`'s order: forward, then backward (ABCD DCBA).
+fn turn(round: usize) -> Vec<Method> {
+    let mut m = Method::ALL.to_vec();
+    if round % 2 == 1 {
+        m.reverse();
+    }
+    m
+}
+
+fn setup_args(plan: &Plan, count: u64, seconds: f64, warmup: u64) -> Vec<String> {
+    let _ = plan;
+    vec![
+        "--mode".into(),
+        "setup".into(),
+        "--count".into(),
+        count.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--warmup".into(),
+        warmup.to_string(),
+    ]
+}
+
+fn check_report(w: &World, rep: &ClientReport, what: &str) -> Result<()> {
+    let captured = w.method != Method::Direct;
+    let errors: u64 = rep.errors.values().sum();
+    anyhow::ensure!(
+        rep.ops > 0,
+        "{what}, {}: no operation succeeded ({:?})",
+        w.method.name(),
+        rep.first_error
+    );
+    if captured {
+        anyhow::ensure!(
+            rep.orig_dst_missing == 0,
+            "{what}, {}: {} connections reached the proxy without an original destination",
+            w.method.name(),
+            rep.orig_dst_missing
+        );
+    } else {
+        anyhow::ensure!(
+            rep.orig_dst_ok == 0,
+            "{what}, direct: SO_ORIGINAL_DST answered on a direct connection"
+        );
+    }
+    if errors > 0 {
+        eprintln!(
+            "bench: {what}, {}: {errors} failed operations ({:?})",
+            w.method.name(),
+            rep.first_error
+        );
+    }
+    Ok(())
+}
+
+fn setup_at(plan: &Plan, tools: &Tools, size: usize, rounds: usize, r: &mut Results) -> Result<()> {
+    let cidrs = exclusion_cidrs(size);
+    let mut worlds = Vec::new();
+    let mut first_apply = BTreeMap::new();
+    for m in Method::ALL {
+        let mut w = World::new(m, tools, ProxyMode::Setup, None)?;
+        if let Some(d) = w.apply(&cidrs)? {
+            first_apply.insert(m, d);
+        }
+        if let Some(mem) = memory(&w, size)? {
+            r.memory.push(mem);
+        }
+        worlds.push(w);
+    }
+    let args = setup_args(plan, plan.setup_count, plan.setup_seconds, plan.warmup);
+    let limit = Duration::from_secs_f64(plan.setup_seconds * 3.0 + 60.0);
+    for round in 0..rounds {
+        for m in turn(round) {
+            let w = worlds
+                .iter()
+                .find(|w| w.method == m)
+                .expect("one per method");
+            let report = w.client(&args, limit)?;
+            check_report(w, &report, &format!("setup, size {size}"))?;
+            r.setup.push(Sample {
+                size,
+                method: m,
+                round,
+                report,
+            });
+        }
+    }
+    // Scenario 4: removal of the policy measured above, then more cycles.
+    for rep in 0..plan.apply_reps {
+        for w in worlds.iter_mut() {
+            let apply = if rep == 0 {
+                first_apply.get(&w.method).copied()
+            } else {
+                w.apply(&cidrs)?
+            };
+            let remove = w.remove()?;
+            if let (Some(a), Some(d)) = (apply, remove) {
+                r.apply.push(ApplySample {
+                    size,
+                    method: w.method,
+                    rep,
+                    apply_s: a.as_secs_f64(),
+                    remove_s: d.as_secs_f64(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rr(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
+    let mut worlds = Vec::new();
+    for m in Method::ALL {
+        let mut w = World::new(m, tools, ProxyMode::Echo, None)?;
+        w.apply(&[])?;
+        worlds.push(w);
+    }
+    let args: Vec<String> = vec![
+        "--mode".into(),
+        "rr".into(),
+        "--seconds".into(),
+        plan.rr_seconds.to_string(),
+        "--warmup".into(),
+        "1000".into(),
+    ];
+    let limit = Duration::from_secs_f64(plan.rr_seconds * 3.0 + 60.0);
+    for round in 0..plan.rr_rounds {
+        for m in turn(round) {
+            let w = worlds
+                .iter()
+                .find(|w| w.method == m)
+                .expect("one per method");
+            let report = w.client(&args, limit)?;
+            check_report(w, &report, "request/response")?;
+            r.rr.push(Sample {
+                size: 0,
+                method: m,
+                round,
+                report,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn wrap(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
+    for m in Method::ALL {
+        let mut w = World::new(m, tools, ProxyMode::Setup, plan.wrap_port_range)?;
+        w.apply(&[])?;
+        let port_range = w
+            .proc_sys("sys/net/ipv4/ip_local_port_range")
+            .map(|s| s.split_whitespace().collect::<Vec<_>>().join("-"))
+            .unwrap_or_default();
+        let mut args = setup_args(plan, plan.wrap_count, 600.0, 0);
+        args.extend(["--max-errors".into(), "100000".into()]);
+        let report = w.client(&args, Duration::from_secs(900))?;
+        check_report(&w, &report, "port wrap")?;
+        r.wrap.push(WrapSample {
+            method: m,
+            port_range,
+            time_wait: w.time_wait(),
+            conntrack: w.conntrack_count(),
+            report,
+        });
+    }
+    Ok(())
+}
+
+fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
+    let mut w = World::new(Method::Redirect, tools, ProxyMode::Setup, None)?;
+    w.apply(&[])?;
+    let args = setup_args(plan, plan.occupancy_count, 3600.0, 0);
+    let report = w.client(&args, Duration::from_secs(1800))?;
+    check_report(&w, &report, "occupancy")?;
+    let handover = w.pin_dir().join("state").join(map_names::HANDOVER);
+    let map = redirect::apply::open_pinned(&handover)?;
+    let map =
+        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(
+            map,
+        )?;
+    let handover_entries = map.keys().count() as u64;
+    let st = w.status_json()?;
+    Ok(Occupancy {
+        connections: report.ops,
+        report,
+        handover_entries,
+        time_wait: w.time_wait(),
+        counters: st["counters"].clone(),
+        decisions: st["decisions"].clone(),
+    })
+}
+
+/// `profile`: one method's pod with `size` CIDRs, and the setup client for
+/// `seconds`.
+pub fn profile(
+    tools: &Tools,
+    method: &str,
+    size: usize,
+    seconds: f64,
+    extra: &[String],
+) -> Result<()> {
+    let m = Method::ALL
+        .into_iter()
+        .find(|m| m.name() == method)
+        .with_context(|| format!("unknown method {method}"))?;
+    let mut w = World::new(m, tools, ProxyMode::Setup, None)?;
+    w.apply(&exclusion_cidrs(size))?;
+    eprintln!("bench: pod {} ready, client runs {seconds} s", w.pod.name);
+    let plan = Plan::new(false);
+    let mut args = setup_args(&plan, 0, seconds, 200);
+    args.extend_from_slice(extra);
+    let report = w.client(&args, Duration::from_secs_f64(seconds + 60.0))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Kernel memory of the programmed policy: the BPF maps of a redirect pin
+/// dir, or iptables-legacy's rule blob. `None` for the others.
+fn memory(w: &World, size: usize) -> Result<Option<MemorySample>> {
+    match w.method {
+        Method::Redirect => {
+            let mut maps = BTreeMap::new();
+            map_memory(&w.pin_dir(), &mut maps)?;
+            let bytes = maps.values().map(|m| m.memlock).sum();
+            Ok(Some(MemorySample {
+                size,
+                method: w.method,
+                bytes,
+                maps,
+                what: "sum of memlock over every pinned map (policy and state)".into(),
+            }))
+        }
+        Method::IptablesLegacy => {
+            let netns = w.pod.netns_path(Side::Pod);
+            let bytes = ipt_blob_size(&netns)?;
+            Ok(Some(MemorySample {
+                size,
+                method: w.method,
+                bytes,
+                maps: BTreeMap::new(),
+                what: "nat table rule blob (IPT_SO_GET_INFO size), without per-CPU counters".into(),
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn map_memory(dir: &Path, out: &mut BTreeMap<String, MapMem>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let path = e.path();
+        if e.file_type()?.is_dir() {
+            map_memory(&path, out)?;
+            continue;
+        }
+        let Ok(fd) = redirect::sys::obj_get(&path, 0) else {
+            continue;
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(map_type), Some(memlock)) = (field("map_type:"), field("memlock:")) {
+            let name = path
+                .strip_prefix(dir.parent().unwrap_or(dir))
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            // gen-N/ differs between runs; keep the map's own name.
+            let name = name.rsplit('/').next().unwrap_or(&name).to_string();
+            out.insert(
+                name,
+                MapMem {
+                    map_type: map_type as u32,
+                    max_entries: field("max_entries:").unwrap_or(0),
+                    memlock,
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `struct ipt_getinfo`.
+#[repr(C)]
+struct IptGetinfo {
+    name: [u8; 32],
+    valid_hooks: u32,
+    hook_entry: [u32; 5],
+    underflow: [u32; 5],
+    num_entries: u32,
+    size: u32,
+}
+
+/// Size of iptables-legacy's `nat` blob in the namespace `netns`.
+fn ipt_blob_size(netns: &Path) -> Result<u64> {
+    let netns: PathBuf = netns.to_path_buf();
+    std::thread::spawn(move || -> Result<u64> {
+        let f = std::fs::File::open(&netns)?;
+        // SAFETY: plain syscalls on fds this thread owns; setns(CLONE_NEWNET)
+        // affects this thread only, which ends right after.
+        unsafe {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            if s < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut info: IptGetinfo = std::mem::zeroed();
+            info.name[..3].copy_from_slice(b"nat");
+            let mut len = std::mem::size_of::<IptGetinfo>() as libc::socklen_t;
+            // IPT_SO_GET_INFO = IPT_BASE_CTL = 64.
+            let rc = libc::getsockopt(
+                s,
+                libc::IPPROTO_IP,
+                64,
+                (&mut info as *mut IptGetinfo).cast(),
+                &mut len,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(s);
+            if rc != 0 {
+                return Err(anyhow::Error::from(err).context("IPT_SO_GET_INFO"));
+            }
+            let _ = (info.valid_hooks, info.hook_entry, info.underflow);
+            let _ = info.num_entries;
+            Ok(info.size as u64)
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the netns thread panicked"))?
+}

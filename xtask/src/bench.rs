@@ -1,0 +1,1526 @@
+//! `cargo xtask bench [--quick] [--out DIR]`: builds the bench harness and
+//! `redirect` in release mode, runs every scenario (`redirect-bench run`),
+//! runs the criterion micro-benchmark of the decision function, and writes
+//! the report:
+//!
+//! - `DIR/benchmarks.md`: tables, ratios with their spread, targets met or
+//!   missed, plots;
+//! - `DIR/bench/results.json`: the raw samples, the summary and the
+//!   micro-benchmark;
+//! - `DIR/bench/results.csv`: one row per measured value;
+//! - `DIR/bench/*.svg`: the plots.
+//!
+//! `DIR` is `docs/` for a full run and `target/bench-quick/` for `--quick`,
+//! so a CI run never overwrites the committed results. A hand-written
+//! `DIR/bench/notes.md`, if present, is included verbatim as the analysis.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{cargo, env_cargo, require_root, root, setup, target_dir};
+
+/// Methods, in report order.
+const METHODS: [&str; 4] = ["direct", "iptables-legacy", "iptables-nft", "redirect"];
+const IPTABLES: [&str; 2] = ["iptables-legacy", "iptables-nft"];
+const COLORS: [&str; 4] = ["#555555", "#d95f02", "#7570b3", "#1b9e77"];
+
+fn color(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .position(|m| *m == method)
+        .map_or("#000000", |i| COLORS[i])
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Runs the whole benchmark.
+pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
+    setup()?;
+    require_root("the benchmarks")?;
+    let out = out.unwrap_or_else(|| default_out(quick));
+    let data_dir = out.join("bench");
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "redirect",
+        "--bin",
+        "redirect",
+        "--package",
+        "redirect-tests",
+        "--bin",
+        "redirect-bench",
+    ])?;
+
+    // Ctrl-C reaches the harness too; it removes its pods and exits. Wait
+    // for it instead of dying first. (A handler, not SIG_IGN: handlers are
+    // reset in the child at exec.)
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+    }
+
+    let raw_path = data_dir.join("raw.json");
+    let bin = target_dir().join("release/redirect-bench");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("run").arg("--out").arg(&raw_path);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted (the harness removed its pods)");
+    }
+    if !status.success() {
+        bail!("{} failed: {status}", bin.display());
+    }
+    let text = std::fs::read_to_string(&raw_path)?;
+    std::fs::remove_file(&raw_path)?;
+    let mut results: Value = serde_json::from_str(&text).context("the harness's JSON")?;
+
+    let micro = micro_bench(quick)?;
+    results["micro"] = micro;
+    render(results, &out)
+}
+
+/// `--render-only`: rewrites the report from `DIR/bench/results.json` (to
+/// pick up a new `notes.md` or a report change without measuring again).
+pub fn render_only(quick: bool, out: Option<PathBuf>) -> Result<()> {
+    let out = out.unwrap_or_else(|| default_out(quick));
+    let path = out.join("bench/results.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    render(serde_json::from_str(&text)?, &out)
+}
+
+fn default_out(quick: bool) -> PathBuf {
+    if quick {
+        target_dir().join("bench-quick")
+    } else {
+        root().join("docs")
+    }
+}
+
+/// Summary, plots, CSV, JSON and markdown from raw results.
+fn render(mut results: Value, out: &Path) -> Result<()> {
+    let data_dir = out.join("bench");
+    let summary = summarize(&results);
+    results["summary"] = summary;
+
+    let notes = std::fs::read_to_string(data_dir.join("notes.md")).ok();
+    let svgs = plots(&results);
+    for (name, svg) in &svgs {
+        std::fs::write(data_dir.join(name), svg)?;
+    }
+    std::fs::write(
+        data_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(data_dir.join("results.csv"), csv(&results))?;
+    let md = markdown(&results, notes.as_deref());
+    std::fs::write(out.join("benchmarks.md"), md)?;
+    check_outputs(out)?;
+    eprintln!(
+        "xtask: wrote {}, {}/results.{{json,csv}} and {} plots",
+        out.join("benchmarks.md").display(),
+        data_dir.display(),
+        svgs.len()
+    );
+    Ok(())
+}
+
+/// Runs the criterion benchmark and collects its medians (ns).
+fn micro_bench(quick: bool) -> Result<Value> {
+    let mut cmd = Command::new(env_cargo());
+    cmd.current_dir(root())
+        .args(["bench", "--package", "redirect-common", "--bench", "decide"]);
+    if quick {
+        cmd.args(["--", "--quick"]);
+    }
+    let status = cmd.status().context("running cargo bench")?;
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    if !status.success() {
+        bail!("cargo bench failed: {status}");
+    }
+    let dir = target_dir().join("criterion/decide_outbound");
+    let mut cases = BTreeMap::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let est = e.path().join("new/estimates.json");
+        let Ok(text) = std::fs::read_to_string(&est) else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text)?;
+        cases.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            json!({
+                "median_ns": v["median"]["point_estimate"],
+                "low_ns": v["median"]["confidence_interval"]["lower_bound"],
+                "high_ns": v["median"]["confidence_interval"]["upper_bound"],
+            }),
+        );
+    }
+    Ok(json!({ "quick": quick, "cases": cases }))
+}
+
+// ---------------------------------------------------------------- statistics
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// Median with its min–max.
+fn spread(v: &[f64]) -> Value {
+    json!({ "median": median(v), "min": min(v), "max": max(v), "n": v.len() })
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn arr(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Samples of one scenario for (size, method), by round.
+fn samples<'a>(r: &'a Value, key: &str, size: u64, method: &str) -> BTreeMap<u64, &'a Value> {
+    arr(&r[key])
+        .iter()
+        .filter(|s| s["size"].as_u64() == Some(size) && s["method"] == method)
+        .map(|s| (s["round"].as_u64().unwrap_or(0), &s["report"]))
+        .collect()
+}
+
+/// Seconds per operation of a client report (1 / rate).
+fn cost(rep: &Value) -> f64 {
+    1.0 / f(&rep["rate"])
+}
+
+/// CPU time of client and proxy per operation, ns (the proxy's share
+/// averaged over warm-up and measured operations).
+fn cpu(rep: &Value) -> f64 {
+    let ops = f(&rep["ops"]);
+    let all = ops + rep["warmup_ops"].as_f64().unwrap_or(0.0);
+    f(&rep["client_cpu_ns"]) / ops + f(&rep["proxy_cpu_ns"]) / all
+}
+
+/// Paired per-round ratios cpu(a) / cpu(b).
+fn paired_cpu(r: &Value, key: &str, size: u64, a: &str, b: &str) -> Vec<f64> {
+    let sa = samples(r, key, size, a);
+    let sb = samples(r, key, size, b);
+    sa.iter()
+        .filter_map(|(round, ra)| sb.get(round).map(|rb| cpu(ra) / cpu(rb)))
+        .collect()
+}
+
+/// Paired per-round ratios cost(a) / cost(b).
+fn paired(r: &Value, key: &str, size: u64, a: &str, b: &str) -> Vec<f64> {
+    let sa = samples(r, key, size, a);
+    let sb = samples(r, key, size, b);
+    sa.iter()
+        .filter_map(|(round, ra)| sb.get(round).map(|rb| cost(ra) / cost(rb)))
+        .collect()
+}
+
+fn sizes(r: &Value, key: &str) -> Vec<u64> {
+    let mut s: Vec<u64> = arr(&r[key])
+        .iter()
+        .filter_map(|s| s["size"].as_u64())
+        .collect();
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
+fn method_stats(r: &Value, key: &str, size: u64, method: &str) -> Value {
+    let s = samples(r, key, size, method);
+    let rates: Vec<f64> = s.values().map(|x| f(&x["rate"])).collect();
+    let p50: Vec<f64> = s.values().map(|x| f(&x["latency_ns"]["p50"])).collect();
+    let p99: Vec<f64> = s.values().map(|x| f(&x["latency_ns"]["p99"])).collect();
+    let cpus: Vec<f64> = s.values().map(|x| cpu(x)).collect();
+    let errors: u64 = s
+        .values()
+        .map(|x| {
+            x["errors"]
+                .as_object()
+                .map_or(0, |o| o.values().filter_map(Value::as_u64).sum())
+        })
+        .sum();
+    json!({
+        "rate": spread(&rates),
+        "p50_ns": spread(&p50),
+        "p99_ns": spread(&p99),
+        "cpu_ns_per_op": spread(&cpus),
+        "errors": errors,
+    })
+}
+
+fn summarize(r: &Value) -> Value {
+    let mut setup = serde_json::Map::new();
+    for size in sizes(r, "setup") {
+        let mut per = serde_json::Map::new();
+        for m in METHODS {
+            per.insert(m.into(), method_stats(r, "setup", size, m));
+        }
+        let mut ratios = serde_json::Map::new();
+        ratios.insert(
+            "redirect/direct".into(),
+            spread(&paired(r, "setup", size, "redirect", "direct")),
+        );
+        for ipt in IPTABLES {
+            ratios.insert(
+                format!("{ipt}/redirect"),
+                spread(&paired(r, "setup", size, ipt, "redirect")),
+            );
+            ratios.insert(
+                format!("{ipt}/direct"),
+                spread(&paired(r, "setup", size, ipt, "direct")),
+            );
+        }
+        let mut cpu_ratios = serde_json::Map::new();
+        cpu_ratios.insert(
+            "redirect/direct".into(),
+            spread(&paired_cpu(r, "setup", size, "redirect", "direct")),
+        );
+        for ipt in IPTABLES {
+            cpu_ratios.insert(
+                format!("{ipt}/redirect"),
+                spread(&paired_cpu(r, "setup", size, ipt, "redirect")),
+            );
+        }
+        setup.insert(
+            size.to_string(),
+            json!({ "methods": per, "cost_ratios": ratios, "cpu_ratios": cpu_ratios }),
+        );
+    }
+    let mut rr = serde_json::Map::new();
+    for m in METHODS {
+        rr.insert(m.into(), method_stats(r, "rr", 0, m));
+    }
+    let mut rr_ratios = serde_json::Map::new();
+    rr_ratios.insert(
+        "redirect/direct".into(),
+        spread(&paired(r, "rr", 0, "redirect", "direct")),
+    );
+    for ipt in IPTABLES {
+        rr_ratios.insert(
+            format!("{ipt}/redirect"),
+            spread(&paired(r, "rr", 0, ipt, "redirect")),
+        );
+    }
+    let mut rr_cpu = serde_json::Map::new();
+    rr_cpu.insert(
+        "redirect/direct".into(),
+        spread(&paired_cpu(r, "rr", 0, "redirect", "direct")),
+    );
+    for ipt in IPTABLES {
+        rr_cpu.insert(
+            format!("{ipt}/redirect"),
+            spread(&paired_cpu(r, "rr", 0, ipt, "redirect")),
+        );
+    }
+    let mut apply = serde_json::Map::new();
+    for size in sizes(r, "apply") {
+        let mut per = serde_json::Map::new();
+        for m in METHODS {
+            let s: Vec<&Value> = arr(&r["apply"])
+                .iter()
+                .filter(|a| a["size"].as_u64() == Some(size) && a["method"] == m)
+                .collect();
+            if s.is_empty() {
+                continue;
+            }
+            let ap: Vec<f64> = s.iter().map(|a| f(&a["apply_s"])).collect();
+            let rm: Vec<f64> = s.iter().map(|a| f(&a["remove_s"])).collect();
+            per.insert(
+                m.into(),
+                json!({ "apply_s": spread(&ap), "remove_s": spread(&rm) }),
+            );
+        }
+        apply.insert(size.to_string(), Value::Object(per));
+    }
+    let targets = targets(r);
+    json!({
+        "setup": setup,
+        "rr": { "methods": rr, "cost_ratios": rr_ratios, "cpu_ratios": rr_cpu },
+        "apply": apply,
+        "targets": targets,
+    })
+}
+
+/// The three targets for redirect, each with what was measured.
+fn targets(r: &Value) -> Value {
+    let szs = sizes(r, "setup");
+    // 1. Within 2 % of direct for connection setup at every size.
+    let mut worst: Option<(u64, f64)> = None;
+    let mut per_size = serde_json::Map::new();
+    for &s in &szs {
+        let m = median(&paired(r, "setup", s, "redirect", "direct"));
+        per_size.insert(s.to_string(), json!(m));
+        if worst.is_none_or(|(_, w)| m > w) {
+            worst = Some((s, m));
+        }
+    }
+    let within_2 = worst.map(|(_, w)| w <= 1.02);
+    let worst_cpu = szs
+        .iter()
+        .map(|&s| (s, median(&paired_cpu(r, "setup", s, "redirect", "direct"))))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    // 2. Flat within 5 % from 10 to 100,000 entries, relative to direct
+    // measured alongside (the machine drifts between sizes).
+    let flat_sizes: Vec<u64> = szs.iter().copied().filter(|&s| s >= 10).collect();
+    let norm = |s: u64| median(&paired(r, "setup", s, "redirect", "direct"));
+    let flat = match (flat_sizes.first(), flat_sizes.last()) {
+        (Some(&lo), Some(&hi)) if lo < hi => {
+            let base = norm(lo);
+            let devs: BTreeMap<String, f64> = flat_sizes
+                .iter()
+                .map(|&s| (s.to_string(), norm(s) / base - 1.0))
+                .collect();
+            let worst = devs.values().copied().map(f64::abs).fold(0.0, f64::max);
+            json!({ "from": lo, "to": hi, "relative_to_smallest": devs, "worst": worst, "met": worst <= 0.05 })
+        }
+        _ => json!({ "met": null, "note": "needs two sizes of 10 or more" }),
+    };
+    // 3. A 100,000-entry policy applied in under 1 s.
+    let apply_100k: Vec<f64> = arr(&r["apply"])
+        .iter()
+        .filter(|a| a["size"].as_u64() == Some(100_000) && a["method"] == "redirect")
+        .map(|a| f(&a["apply_s"]))
+        .collect();
+    let apply = if apply_100k.is_empty() {
+        json!({ "met": null, "note": "no 100,000-entry run (quick mode)" })
+    } else {
+        let m = median(&apply_100k);
+        json!({ "apply_s": spread(&apply_100k), "met": m < 1.0 })
+    };
+    json!({
+        "within_2pct_of_direct": {
+            "redirect/direct by size": per_size,
+            "worst": worst.map(|(s, w)| json!({"size": s, "ratio": w})),
+            "worst_cpu": worst_cpu.map(|(s, w)| json!({"size": s, "ratio": w})),
+            "met": within_2,
+        },
+        "flat_within_5pct": flat,
+        "apply_100k_under_1s": apply,
+    })
+}
+
+// ---------------------------------------------------------------- formatting
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if x >= 1000.0 {
+        format!("{:.2}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn fmt_ns(x: f64) -> String {
+    if x >= 1e9 {
+        format!("{:.2} s", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.2} ms", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1} µs", x / 1e3)
+    } else {
+        format!("{x:.1} ns")
+    }
+}
+
+fn fmt_s(x: f64) -> String {
+    fmt_ns(x * 1e9)
+}
+
+fn fmt_bytes(x: f64) -> String {
+    if x >= 1024.0 * 1024.0 {
+        format!("{:.2} MiB", x / 1024.0 / 1024.0)
+    } else if x >= 1024.0 {
+        format!("{:.1} KiB", x / 1024.0)
+    } else {
+        format!("{x:.0} B")
+    }
+}
+
+fn fmt_size(s: u64) -> String {
+    let t = s.to_string();
+    let mut out = String::new();
+    for (i, c) in t.chars().enumerate() {
+        if i > 0 && (t.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1.012 (1.004–1.020)`.
+fn fmt_ratio(v: &Value) -> String {
+    if v["n"].as_u64().unwrap_or(0) == 0 {
+        return "–".into();
+    }
+    format!(
+        "{:.3} ({:.3}–{:.3})",
+        f(&v["median"]),
+        f(&v["min"]),
+        f(&v["max"])
+    )
+}
+
+fn fmt_spread(v: &Value, fmt: fn(f64) -> String) -> String {
+    if v["n"].as_u64().unwrap_or(0) == 0 {
+        return "–".into();
+    }
+    format!(
+        "{} ({}–{})",
+        fmt(f(&v["median"])),
+        fmt(f(&v["min"])),
+        fmt(f(&v["max"]))
+    )
+}
+
+fn met(v: &Value) -> &'static str {
+    match v.as_bool() {
+        Some(true) => "**met**",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+fn markdown(r: &Value, notes: Option<&str>) -> String {
+    let s = &r["summary"];
+    let meta = &r["meta"];
+    let plan = &r["plan"];
+    let quick = plan["quick"].as_bool().unwrap_or(false);
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(
+        w,
+        "Generated by `cargo xtask bench{}`; do not edit by hand (the analysis \
+         section comes from `docs/bench/notes.md`). Raw samples: \
+         [bench/results.json](bench/results.json), [bench/results.csv](bench/results.csv).\n",
+        if quick { " --quick" } else { "" }
+    );
+    if quick {
+        let _ = writeln!(
+            w,
+            "> **Quick run**: tiny sizes, only checks that the harness works. \
+             Do not read anything into these numbers.\n"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "Run on {}, Linux {}, {} CPUs ({}). **This was a shared 2-core VM**: \
+         other engineers were compiling and running tests at the same time, so \
+         absolute numbers are noisy; the methods take turns within each round \
+         (ABCD, then DCBA) so that drift hits them alike, and ratios are taken \
+         per round. {}; conntrack table: `nf_conntrack_max` {}, {} buckets; \
+         ephemeral ports {} in a new namespace.\n",
+        meta["date"].as_str().unwrap_or("?"),
+        meta["kernel"].as_str().unwrap_or("?"),
+        meta["cpus"],
+        meta["cpu_model"].as_str().unwrap_or("?"),
+        arr(&meta["iptables"])
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", "),
+        meta["conntrack_max"].as_str().unwrap_or("?"),
+        meta["conntrack_buckets"].as_str().unwrap_or("?"),
+        meta["port_range"].as_str().unwrap_or("?"),
+    );
+
+    // Targets.
+    let t = &s["targets"];
+    let _ = writeln!(w, "## Targets for redirect\n");
+    let _ = writeln!(w, "| target | measured | |");
+    let _ = writeln!(w, "|---|---|---|");
+    let worst = &t["within_2pct_of_direct"]["worst"];
+    let _ = writeln!(
+        w,
+        "| connection setup within 2 % of direct at every policy size (cost ratio redirect/direct ≤ 1.02) | worst median ratio {:.3} at {} CIDRs (CPU time: worst {:.3} at {}) | {} |",
+        f(&worst["ratio"]),
+        worst["size"].as_u64().map_or("?".into(), fmt_size),
+        f(&t["within_2pct_of_direct"]["worst_cpu"]["ratio"]),
+        t["within_2pct_of_direct"]["worst_cpu"]["size"]
+            .as_u64()
+            .map_or("?".into(), fmt_size),
+        met(&t["within_2pct_of_direct"]["met"])
+    );
+    let flat = &t["flat_within_5pct"];
+    let _ = writeln!(
+        w,
+        "| cost flat within 5 % from {} to {} entries (redirect/direct at each size over redirect/direct at the smallest) | worst deviation {} | {} |",
+        flat["from"].as_u64().map_or("10".into(), fmt_size),
+        flat["to"].as_u64().map_or("100,000".into(), fmt_size),
+        flat["worst"]
+            .as_f64()
+            .map_or("–".into(), |x| format!("{:.1} %", x * 100.0)),
+        met(&flat["met"])
+    );
+    let ap = &t["apply_100k_under_1s"];
+    let _ = writeln!(
+        w,
+        "| 100,000-entry policy applied in under 1 s | {} | {} |\n",
+        if ap["apply_s"].is_object() {
+            format!("median {}", fmt_spread(&ap["apply_s"], fmt_s))
+        } else {
+            "–".into()
+        },
+        met(&ap["met"])
+    );
+
+    let _ = writeln!(w, "## How it is measured\n");
+    let _ = writeln!(
+        w,
+        "Each measurement runs the same bench client against the same bench proxy \
+         (`tests/src/bin/redirect-bench/`) in a throwaway pod per method \
+         (`redirect::pod`: a network namespace with a veth to an upstream \
+         namespace, a cgroup with `app/` and `proxy/`). The client runs as UID \
+         1000 in `app/`, the proxy as UID 1337 in `proxy/`, single-threaded \
+         accept loop on `0.0.0.0:15001`. Every pod is new for each policy size. \
+         {}\n\n\
+         - **direct**: no rules and no programs; the client connects to \
+         `127.0.0.1:15001` itself. The floor.\n\
+         - **iptables-legacy**, **iptables-nft**: the istio-iptables `nat` table \
+         for `-i '*'` (owner rules for 1337, `127.0.0.1` RETURN, then N \
+         `-A ISTIO_OUTPUT -d <cidr> -j RETURN` exclusion rules, then \
+         `-j ISTIO_REDIRECT`), loaded with `iptables-legacy-restore` / \
+         `iptables-nft-restore` in the pod's namespace. The client connects to \
+         `10.201.0.1:80`, outside the pod.\n\
+         - **redirect**: `redirect apply -i '*' --exclude-cidrs-file <N cidrs>` \
+         on the pod's cgroup; the client connects to `10.201.0.1:80`.\n\n\
+         The N exclusion CIDRs are distinct /24s from 11.0.0.0 up; none covers \
+         the destination, so iptables walks all of them for every new \
+         connection. The proxy answers every connection with one byte saying \
+         whether `SO_ORIGINAL_DST` answered; the harness fails the run if a \
+         captured connection reached the proxy without its original \
+         destination, or a direct one with one. Connections close normally \
+         (no `SO_LINGER`): the proxy closes first and holds the TIME_WAIT.\n\n\
+         Connection setup: the client loops `connect` → read the 1-byte reply → \
+         read EOF → `close`, one connection at a time; per measurement {} \
+         connections or {} s, whichever comes first, after {} unmeasured ones. \
+         Cost = wall time / connections. Ratios are cost ratios per round \
+         (above 1: the numerator is slower), reported as median (min–max) over \
+         the rounds. CPU cost is the CPU time of the client's and the proxy's \
+         threads (`/proc/.../schedstat`, which includes the kernel work done \
+         in their context, loopback softirqs mostly) per connection: less \
+         sensitive than wall time to other load on the machine, so it is \
+         shown next to it; the targets are judged on wall time.\n",
+        match meta["pinned_cpu"].as_u64() {
+            Some(c) => format!(
+                "The client and the proxy are both pinned to CPU {c}: with one \
+                 connection at a time, whether the scheduler puts them on one \
+                 CPU or two changes the rate by up to 2x, and an unpinned first \
+                 run swung between the two from one measurement to the next. \
+                 On one CPU, the rate is the inverse of the whole per-connection \
+                 cost (client, proxy, and the kernel's loopback work in their \
+                 context)."
+            ),
+            None => "The client and the proxy are not pinned to CPUs.".into(),
+        },
+        plan["setup_count"],
+        plan["setup_seconds"],
+        plan["warmup"]
+    );
+
+    // Scenario 1.
+    let _ = writeln!(
+        w,
+        "## 1. Connection setup, istio default policy (no exclusions)\n"
+    );
+    setup_table(w, r, 0);
+    let _ = writeln!(w, "![connection setup latency](bench/setup.svg)\n");
+
+    // Scenario 2.
+    let _ = writeln!(
+        w,
+        "## 2. Request/response over one established connection\n\n\
+         One connection through the proxy, 64-byte messages echoed back, one \
+         outstanding, `TCP_NODELAY`; {} rounds of {} s. Under iptables every \
+         packet goes through conntrack (and NAT on the established flow); \
+         under redirect and direct, nothing.\n",
+        plan["rr_rounds"], plan["rr_seconds"]
+    );
+    let _ = writeln!(
+        w,
+        "| method | transactions/s median (min–max) | p50 | p99 | CPU per transaction (client + proxy) | errors |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    for m in METHODS {
+        let x = &s["rr"]["methods"][m];
+        let _ = writeln!(
+            w,
+            "| {m} | {} | {} | {} | {} | {} |",
+            fmt_spread(&x["rate"], fmt_rate),
+            fmt_ns(f(&x["p50_ns"]["median"])),
+            fmt_ns(f(&x["p99_ns"]["median"])),
+            fmt_ns(f(&x["cpu_ns_per_op"]["median"])),
+            x["errors"]
+        );
+    }
+    ratio_table(w, &s["rr"]);
+    let _ = writeln!(w, "![request/response](bench/rr.svg)\n");
+
+    // Scenario 3.
+    let _ = writeln!(
+        w,
+        "## 3. Scaling: connection setup with N exclusion CIDRs\n\n\
+         Per-service entries do not exist in redirect yet, so only exclusion \
+         CIDRs are swept. {} rounds per size (size 0: {}).\n",
+        plan["sweep_rounds"], plan["setup_rounds"]
+    );
+    let _ = writeln!(
+        w,
+        "| CIDRs | direct conn/s | iptables-legacy conn/s | iptables-nft conn/s | redirect conn/s | redirect/direct | legacy/redirect | nft/redirect | redirect/direct, CPU |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|");
+    for size in sizes(r, "setup") {
+        let x = &s["setup"][size.to_string()];
+        let rate = |m: &str| fmt_rate(f(&x["methods"][m]["rate"]["median"]));
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_size(size),
+            rate("direct"),
+            rate("iptables-legacy"),
+            rate("iptables-nft"),
+            rate("redirect"),
+            fmt_ratio(&x["cost_ratios"]["redirect/direct"]),
+            fmt_ratio(&x["cost_ratios"]["iptables-legacy/redirect"]),
+            fmt_ratio(&x["cost_ratios"]["iptables-nft/redirect"]),
+            fmt_ratio(&x["cpu_ratios"]["redirect/direct"]),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nRates are medians over the rounds; ratios are per-round cost ratios, \
+         median (min–max).\n\n![scaling](bench/scaling.svg)\n\n\
+         ![scaling, ratios](bench/scaling_ratio.svg)\n"
+    );
+    for size in sizes(r, "setup").into_iter().filter(|&x| x > 0) {
+        let _ = writeln!(
+            w,
+            "<details><summary>{} CIDRs: latency</summary>\n",
+            fmt_size(size)
+        );
+        setup_table(w, r, size);
+        let _ = writeln!(w, "</details>\n");
+    }
+
+    // Scenario 4.
+    let _ = writeln!(
+        w,
+        "## 4. Apply and removal time\n\n\
+         Wall time of the one process that programs the policy \
+         (`iptables-*-restore` fed the whole table on stdin, in the pod's \
+         namespace; `redirect apply` with the CIDRs in a file) and of the one \
+         that removes it (restoring an empty `nat` table; `redirect remove`), \
+         process start included, median (min–max) of {} cycles per size.\n",
+        plan["apply_reps"]
+    );
+    let _ = writeln!(
+        w,
+        "| CIDRs | iptables-legacy apply | iptables-nft apply | redirect apply | iptables-legacy remove | iptables-nft remove | redirect remove |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|");
+    for (size, per) in sorted_sizes(&s["apply"]) {
+        let cell = |m: &str, k: &str| fmt_spread(&per[m][k], fmt_s);
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            fmt_size(size),
+            cell("iptables-legacy", "apply_s"),
+            cell("iptables-nft", "apply_s"),
+            cell("redirect", "apply_s"),
+            cell("iptables-legacy", "remove_s"),
+            cell("iptables-nft", "remove_s"),
+            cell("redirect", "remove_s"),
+        );
+    }
+    let _ = writeln!(w, "\n![apply time](bench/apply.svg)\n");
+
+    // Scenario 5.
+    let _ = writeln!(
+        w,
+        "## 5. Memory and map occupancy\n\n\
+         redirect: the sum of `memlock` (the kernel's own accounting, from \
+         `/proc/self/fdinfo` of each pinned map) over every map of the pin dir, \
+         policy and state maps alike, right after apply. iptables-legacy: the \
+         size of the `nat` table's rule blob (`IPT_SO_GET_INFO`), without the \
+         per-CPU rule counters (16 B per rule per CPU). iptables-nft: not \
+         measured. Conntrack entries are extra, per connection (see the port \
+         wrap below).\n"
+    );
+    let _ = writeln!(
+        w,
+        "| CIDRs | redirect, all maps | of which EXCLUDE_V4 | iptables-legacy rule blob |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|");
+    let mut mem_sizes: Vec<u64> = arr(&r["memory"])
+        .iter()
+        .filter_map(|m| m["size"].as_u64())
+        .collect();
+    mem_sizes.sort_unstable();
+    mem_sizes.dedup();
+    for size in &mem_sizes {
+        let find = |m: &str| {
+            arr(&r["memory"])
+                .iter()
+                .find(|x| x["size"].as_u64() == Some(*size) && x["method"] == m)
+        };
+        let red = find("redirect");
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} |",
+            fmt_size(*size),
+            red.map_or("–".into(), |x| fmt_bytes(f(&x["bytes"]))),
+            red.map_or("–".into(), |x| fmt_bytes(f(
+                &x["maps"]["EXCLUDE_V4"]["memlock"]
+            ))),
+            find("iptables-legacy").map_or("–".into(), |x| fmt_bytes(f(&x["bytes"]))),
+        );
+    }
+    if let Some(largest) = arr(&r["memory"])
+        .iter()
+        .filter(|m| m["method"] == "redirect")
+        .max_by_key(|m| m["size"].as_u64())
+    {
+        let _ = writeln!(
+            w,
+            "\nredirect's maps at {} CIDRs:\n\n| map | type | max entries | memlock |\n|---|---|---|---|",
+            fmt_size(largest["size"].as_u64().unwrap_or(0))
+        );
+        for (name, m) in largest["maps"].as_object().into_iter().flatten() {
+            let _ = writeln!(
+                w,
+                "| {name} | {} | {} | {} |",
+                map_type(m["map_type"].as_u64().unwrap_or(0)),
+                m["max_entries"],
+                fmt_bytes(f(&m["memlock"]))
+            );
+        }
+    }
+    let _ = writeln!(w, "\n![memory](bench/memory.svg)\n");
+    if let Some(occ) = r["occupancy"].as_object() {
+        let he = occ["handover_entries"].as_u64().unwrap_or(u64::MAX);
+        let c = &occ["counters"];
+        let _ = writeln!(
+            w,
+            "Occupancy: {} connections opened and closed through redirect, \
+             one at a time, at {} conn/s. Afterwards `HANDOVER` holds **{} \
+             entries** ({}); counters: `handover_taken` {}, `handover_dropped` \
+             {}, `handover_full` {}, `orig_dst_served` {}, `orig_dst_missing` {}, \
+             `storage_failed` {}, `bind_failed` {}. `ORIG_DST` is socket storage, \
+             freed with each socket; it cannot be counted from user space. \
+             TIME_WAIT sockets in the pod afterwards: {}.\n",
+            fmt_size(occ["connections"].as_u64().unwrap_or(0)),
+            fmt_rate(f(&occ["report"]["rate"])),
+            he,
+            if he == 0 {
+                "back to zero, as required"
+            } else {
+                "NOT back to zero"
+            },
+            c["handover_taken"],
+            c["handover_dropped"],
+            c["handover_full"],
+            c["orig_dst_served"],
+            c["orig_dst_missing"],
+            c["storage_failed"],
+            c["bind_failed"],
+            occ["time_wait"],
+        );
+    }
+
+    // Port wrap.
+    let _ = writeln!(
+        w,
+        "## Ephemeral port wrap with the proxy holding TIME_WAIT\n\n\
+         One run per method of {} connections, one at a time, normal closes \
+         (the proxy closes first, so each connection leaves a TIME_WAIT socket \
+         on the proxy's side for 60 s), far more than the ephemeral range, so \
+         client ports come round again while their previous connection is \
+         still in TIME_WAIT.\n",
+        fmt_size(plan["wrap_count"].as_u64().unwrap_or(0))
+    );
+    let _ = writeln!(
+        w,
+        "| method | port range | conn/s | p50 | p99 | p99.9 | max | > 100 ms | errors | TIME_WAIT after | conntrack entries after |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for x in arr(&r["wrap"]) {
+        let rep = &x["report"];
+        let l = &rep["latency_ns"];
+        let errors: u64 = rep["errors"]
+            .as_object()
+            .map_or(0, |o| o.values().filter_map(Value::as_u64).sum());
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            x["method"].as_str().unwrap_or("?"),
+            x["port_range"].as_str().unwrap_or("?"),
+            fmt_rate(f(&rep["rate"])),
+            fmt_ns(f(&l["p50"])),
+            fmt_ns(f(&l["p99"])),
+            fmt_ns(f(&l["p999"])),
+            fmt_ns(f(&l["max"])),
+            rep["slow_100ms"],
+            errors,
+            x["time_wait"],
+            x["conntrack"],
+        );
+    }
+    let _ = writeln!(w);
+
+    // Micro.
+    let _ = writeln!(
+        w,
+        "## Micro-benchmark: the decision function\n\n\
+         `cargo bench -p redirect-common --bench decide` (criterion{}): \
+         `decide_outbound` over a user-space `PolicyMaps` (flag array for \
+         ports, hash sets for owners and local addresses, one hash set per \
+         prefix length for CIDRs). It measures the decision logic, not the \
+         kernel's map lookups.\n",
+        if quick { ", `--quick`" } else { "" }
+    );
+    let _ = writeln!(w, "| case | median | 95 % interval |\n|---|---|---|");
+    for (k, v) in r["micro"]["cases"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            w,
+            "| {k} | {} | {}–{} |",
+            fmt_ns(f(&v["median_ns"])),
+            fmt_ns(f(&v["low_ns"])),
+            fmt_ns(f(&v["high_ns"]))
+        );
+    }
+    let _ = writeln!(w);
+
+    if let Some(n) = notes {
+        let _ = writeln!(
+            w,
+            "## Analysis (hand-written, from `docs/bench/notes.md`)\n"
+        );
+        let _ = writeln!(w, "{}", n.trim());
+        let _ = writeln!(w);
+    }
+    o
+}
+
+fn sorted_sizes(v: &Value) -> Vec<(u64, &Value)> {
+    let mut out: Vec<(u64, &Value)> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, x)| k.parse().ok().map(|k| (k, x)))
+        .collect();
+    out.sort_by_key(|(k, _)| *k);
+    out
+}
+
+fn map_type(t: u64) -> &'static str {
+    match t {
+        1 => "hash",
+        2 => "array",
+        6 => "percpu_array",
+        11 => "lpm_trie",
+        15 => "sockmap",
+        24 => "sk_storage",
+        _ => "other",
+    }
+}
+
+fn setup_table(w: &mut String, r: &Value, size: u64) {
+    let x = &r["summary"]["setup"][size.to_string()];
+    let _ = writeln!(
+        w,
+        "| method | conn/s median (min–max) | latency p50 | latency p99 | CPU per connection (client + proxy) | errors |"
+    );
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    for m in METHODS {
+        let y = &x["methods"][m];
+        let _ = writeln!(
+            w,
+            "| {m} | {} | {} | {} | {} | {} |",
+            fmt_spread(&y["rate"], fmt_rate),
+            fmt_ns(f(&y["p50_ns"]["median"])),
+            fmt_ns(f(&y["p99_ns"]["median"])),
+            fmt_ns(f(&y["cpu_ns_per_op"]["median"])),
+            y["errors"]
+        );
+    }
+    ratio_table(w, x);
+}
+
+/// Wall-time and CPU cost ratios of one summary entry.
+fn ratio_table(w: &mut String, x: &Value) {
+    let _ = writeln!(
+        w,
+        "\n| ratio | wall-time cost, median (min–max) | CPU cost, median (min–max) |\n|---|---|---|"
+    );
+    for (k, v) in x["cost_ratios"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            w,
+            "| {k} | {} | {} |",
+            fmt_ratio(v),
+            x["cpu_ratios"].get(k).map_or("–".into(), fmt_ratio)
+        );
+    }
+    let _ = writeln!(w);
+}
+
+// ---------------------------------------------------------------------- CSV
+
+fn csv(r: &Value) -> String {
+    let mut o = String::from("scenario,size,method,round,metric,value\n");
+    for key in ["setup", "rr"] {
+        for s in arr(&r[key]) {
+            let rep = &s["report"];
+            let mut row = |metric: &str, v: &Value| {
+                let _ = writeln!(
+                    o,
+                    "{key},{},{},{},{metric},{}",
+                    s["size"],
+                    s["method"].as_str().unwrap_or(""),
+                    s["round"],
+                    v
+                );
+            };
+            row("ops", &rep["ops"]);
+            row("elapsed_s", &rep["elapsed_s"]);
+            row("rate_per_s", &rep["rate"]);
+            for p in ["p50", "p90", "p99", "p999", "max", "mean"] {
+                row(&format!("latency_{p}_ns"), &rep["latency_ns"][p]);
+            }
+            row("slow_100ms", &rep["slow_100ms"]);
+        }
+    }
+    for a in arr(&r["apply"]) {
+        for k in ["apply_s", "remove_s"] {
+            let _ = writeln!(
+                o,
+                "apply,{},{},{},{k},{}",
+                a["size"],
+                a["method"].as_str().unwrap_or(""),
+                a["rep"],
+                a[k]
+            );
+        }
+    }
+    for m in arr(&r["memory"]) {
+        let _ = writeln!(
+            o,
+            "memory,{},{},0,bytes,{}",
+            m["size"],
+            m["method"].as_str().unwrap_or(""),
+            m["bytes"]
+        );
+    }
+    for x in arr(&r["wrap"]) {
+        let rep = &x["report"];
+        let method = x["method"].as_str().unwrap_or("");
+        let mut row = |metric: &str, v: &Value| {
+            let _ = writeln!(o, "wrap,0,{method},0,{metric},{v}");
+        };
+        row("ops", &rep["ops"]);
+        row("rate_per_s", &rep["rate"]);
+        row("latency_p99_ns", &rep["latency_ns"]["p99"]);
+        row("latency_max_ns", &rep["latency_ns"]["max"]);
+        row("slow_100ms", &rep["slow_100ms"]);
+        row("time_wait", &x["time_wait"]);
+        row("conntrack", &x["conntrack"]);
+    }
+    if let Some(occ) = r["occupancy"].as_object() {
+        let _ = writeln!(
+            o,
+            "occupancy,0,redirect,0,connections,{}",
+            occ["connections"]
+        );
+        let _ = writeln!(
+            o,
+            "occupancy,0,redirect,0,handover_entries,{}",
+            occ["handover_entries"]
+        );
+    }
+    for (k, v) in r["micro"]["cases"].as_object().into_iter().flatten() {
+        let _ = writeln!(o, "micro,0,{k},0,median_ns,{}", v["median_ns"]);
+    }
+    o
+}
+
+// ---------------------------------------------------------------------- SVG
+
+/// One line of a chart: a label, a color, and (x index, median, min, max).
+struct Series {
+    label: String,
+    color: &'static str,
+    dash: bool,
+    points: Vec<(usize, f64, f64, f64)>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+const W: f64 = 720.0;
+const H: f64 = 400.0;
+const L: f64 = 80.0;
+const R: f64 = 190.0;
+const T: f64 = 40.0;
+const B: f64 = 60.0;
+
+fn svg_open(title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"##
+    );
+    let _ = writeln!(s, r##"<rect width="{W}" height="{H}" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="22" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"##,
+        (L + W - R) / 2.0,
+        esc(title)
+    );
+    s
+}
+
+fn nice_max(x: f64) -> f64 {
+    if x.is_nan() || x <= 0.0 {
+        return 1.0;
+    }
+    let e = 10f64.powf(x.log10().floor());
+    for m in [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0] {
+        if m * e >= x {
+            return m * e;
+        }
+    }
+    10.0 * e
+}
+
+/// A chart over categorical x labels, linear (from 0 or `ymin`) or log y.
+#[allow(clippy::too_many_arguments)] // one call per plot, each argument named at the call
+fn line_chart(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    xs: &[String],
+    series: &[Series],
+    log: bool,
+    yfmt: fn(f64) -> String,
+    ymin_fixed: Option<f64>,
+) -> String {
+    let mut s = svg_open(title);
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|x| x.points.iter().flat_map(|p| [p.2, p.3]))
+        .filter(|v| v.is_finite() && (!log || *v > 0.0))
+        .collect();
+    let (mut lo, mut hi) = (min(&all), max(&all));
+    if all.is_empty() {
+        (lo, hi) = (0.1, 1.0);
+    }
+    let (ylo, yhi) = if log {
+        (
+            10f64.powf(lo.log10().floor()),
+            10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)),
+        )
+    } else {
+        let lo = ymin_fixed.unwrap_or(0.0).min(lo);
+        (lo, nice_max(hi))
+    };
+    let pw = W - L - R;
+    let ph = H - T - B;
+    let ymap = |v: f64| {
+        let t = if log {
+            (v.log10() - ylo.log10()) / (yhi.log10() - ylo.log10())
+        } else {
+            (v - ylo) / (yhi - ylo)
+        };
+        T + ph * (1.0 - t)
+    };
+    let n = xs.len().max(1);
+    let xmap = |i: usize| L + pw * (i as f64 + 0.5) / n as f64;
+    // Axes and grid.
+    let ticks: Vec<f64> = if log {
+        let mut v = Vec::new();
+        let mut t = ylo;
+        while t <= yhi * 1.0001 {
+            v.push(t);
+            t *= 10.0;
+        }
+        v
+    } else {
+        (0..=5)
+            .map(|i| ylo + (yhi - ylo) * i as f64 / 5.0)
+            .collect()
+    };
+    for t in &ticks {
+        let y = ymap(*t);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{L}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#e0e0e0"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            L + pw,
+            L - 6.0,
+            y + 4.0,
+            esc(&yfmt(*t))
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<line x1="{L}" y1="{T}" x2="{L}" y2="{}" stroke="#000"/><line x1="{L}" y1="{}" x2="{}" y2="{}" stroke="#000"/>"##,
+        T + ph,
+        T + ph,
+        L + pw,
+        T + ph
+    );
+    for (i, x) in xs.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            xmap(i),
+            T + ph + 18.0,
+            esc(x)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"##,
+        L + pw / 2.0,
+        H - 14.0,
+        esc(xlabel)
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">{}</text>"##,
+        T + ph / 2.0,
+        T + ph / 2.0,
+        esc(ylabel)
+    );
+    // Series.
+    for (k, se) in series.iter().enumerate() {
+        let pts: Vec<String> = se
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite() && (!log || p.1 > 0.0))
+            .map(|p| format!("{:.1},{:.1}", xmap(p.0), ymap(p.1)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r##"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{}/>"##,
+            pts.join(" "),
+            se.color,
+            if se.dash {
+                r#" stroke-dasharray="6 4""#
+            } else {
+                ""
+            }
+        );
+        for p in &se.points {
+            if !(p.1.is_finite() && (!log || p.2 > 0.0)) {
+                continue;
+            }
+            let x = xmap(p.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="{}"/><circle cx="{x:.1}" cy="{:.1}" r="3" fill="{}"/>"##,
+                ymap(p.2),
+                ymap(p.3),
+                se.color,
+                ymap(p.1),
+                se.color
+            );
+        }
+        let ly = T + 10.0 + 20.0 * k as f64;
+        let lx = W - R + 15.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="2"{}/><text x="{}" y="{}">{}</text>"##,
+            lx + 20.0,
+            se.color,
+            if se.dash {
+                r#" stroke-dasharray="6 4""#
+            } else {
+                ""
+            },
+            lx + 26.0,
+            ly + 4.0,
+            esc(&se.label)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" font-size="10" fill="#666">points: median; bars: min–max over rounds</text>"##,
+        W - R + 15.0,
+        T + 10.0 + 20.0 * series.len() as f64 + 10.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn plots(r: &Value) -> Vec<(String, String)> {
+    let s = &r["summary"];
+    let mut out = Vec::new();
+    let szs = sizes(r, "setup");
+    let xs: Vec<String> = szs.iter().map(|&x| fmt_size(x)).collect();
+    // Scaling: conn/s per method.
+    let series: Vec<Series> = METHODS
+        .iter()
+        .map(|m| Series {
+            label: (*m).into(),
+            color: color(m),
+            dash: false,
+            points: szs
+                .iter()
+                .enumerate()
+                .map(|(i, sz)| {
+                    let v = &s["setup"][sz.to_string()]["methods"][m]["rate"];
+                    (i, f(&v["median"]), f(&v["min"]), f(&v["max"]))
+                })
+                .collect(),
+        })
+        .collect();
+    out.push((
+        "scaling.svg".into(),
+        line_chart(
+            "Connection setup vs exclusion CIDRs",
+            "exclusion CIDRs in the policy",
+            "connections/s (log)",
+            &xs,
+            &series,
+            true,
+            fmt_rate,
+            None,
+        ),
+    ));
+    // Ratios.
+    let mut series = vec![Series {
+        label: "redirect/direct".into(),
+        color: color("redirect"),
+        dash: false,
+        points: Vec::new(),
+    }];
+    for ipt in IPTABLES {
+        series.push(Series {
+            label: format!("{ipt}/direct"),
+            color: color(ipt),
+            dash: false,
+            points: Vec::new(),
+        });
+    }
+    for (i, sz) in szs.iter().enumerate() {
+        for se in series.iter_mut() {
+            let v = &s["setup"][sz.to_string()]["cost_ratios"][&se.label];
+            se.points
+                .push((i, f(&v["median"]), f(&v["min"]), f(&v["max"])));
+        }
+    }
+    out.push((
+        "scaling_ratio.svg".into(),
+        line_chart(
+            "Connection setup cost relative to direct",
+            "exclusion CIDRs in the policy",
+            "cost / cost of direct (log)",
+            &xs,
+            &series,
+            true,
+            |x| format!("{x:.1}x"),
+            None,
+        ),
+    ));
+    // Setup latency at size 0: p50 and p99 per method, as two series over
+    // the methods.
+    let ms: Vec<String> = METHODS.iter().map(|m| (*m).to_string()).collect();
+    let lat = |k: &str, c: &'static str| Series {
+        label: format!("latency {k}"),
+        color: c,
+        dash: false,
+        points: METHODS
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let v = &s["setup"]["0"]["methods"][m][format!("{k}_ns")];
+                (i, f(&v["median"]), f(&v["min"]), f(&v["max"]))
+            })
+            .collect(),
+    };
+    out.push((
+        "setup.svg".into(),
+        line_chart(
+            "Connection setup latency, no exclusions",
+            "method",
+            "latency per connection",
+            &ms,
+            &[lat("p50", "#1b9e77"), lat("p99", "#d95f02")],
+            false,
+            fmt_ns,
+            Some(0.0),
+        ),
+    ));
+    // Request/response.
+    let rr = Series {
+        label: "transactions/s".into(),
+        color: "#1b9e77",
+        dash: false,
+        points: METHODS
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let v = &s["rr"]["methods"][m]["rate"];
+                (i, f(&v["median"]), f(&v["min"]), f(&v["max"]))
+            })
+            .collect(),
+    };
+    out.push((
+        "rr.svg".into(),
+        line_chart(
+            "Request/response over one connection",
+            "method",
+            "transactions/s",
+            &ms,
+            &[rr],
+            false,
+            fmt_rate,
+            Some(0.0),
+        ),
+    ));
+    // Apply time.
+    let ap = sorted_sizes(&s["apply"]);
+    let axs: Vec<String> = ap.iter().map(|(k, _)| fmt_size(*k)).collect();
+    let mut series = Vec::new();
+    for m in ["iptables-legacy", "iptables-nft", "redirect"] {
+        for (k, label) in [("apply_s", "apply"), ("remove_s", "remove")] {
+            series.push(Series {
+                label: format!("{m} {label}"),
+                color: color(m),
+                dash: k == "remove_s",
+                points: ap
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, per))| {
+                        let v = &per[m][k];
+                        (i, f(&v["median"]), f(&v["min"]), f(&v["max"]))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    out.push((
+        "apply.svg".into(),
+        line_chart(
+            "Time to program / remove a policy",
+            "exclusion CIDRs in the policy",
+            "seconds (log)",
+            &axs,
+            &series,
+            true,
+            fmt_s,
+            None,
+        ),
+    ));
+    // Memory.
+    let mut msz: Vec<u64> = arr(&r["memory"])
+        .iter()
+        .filter_map(|m| m["size"].as_u64())
+        .collect();
+    msz.sort_unstable();
+    msz.dedup();
+    let mxs: Vec<String> = msz.iter().map(|&x| fmt_size(x)).collect();
+    let series: Vec<Series> = ["iptables-legacy", "redirect"]
+        .iter()
+        .map(|m| Series {
+            label: match *m {
+                "redirect" => "redirect, all maps".into(),
+                _ => "iptables-legacy rule blob".into(),
+            },
+            color: color(m),
+            dash: false,
+            points: msz
+                .iter()
+                .enumerate()
+                .filter_map(|(i, sz)| {
+                    arr(&r["memory"])
+                        .iter()
+                        .find(|x| x["size"].as_u64() == Some(*sz) && x["method"] == *m)
+                        .map(|x| {
+                            let b = f(&x["bytes"]);
+                            (i, b, b, b)
+                        })
+                })
+                .collect(),
+        })
+        .collect();
+    out.push((
+        "memory.svg".into(),
+        line_chart(
+            "Kernel memory of the policy",
+            "exclusion CIDRs in the policy",
+            "bytes (log)",
+            &mxs,
+            &series,
+            true,
+            fmt_bytes,
+            None,
+        ),
+    ));
+    out
+}
+
+/// Checks that a report directory is complete.
+fn check_outputs(out: &Path) -> Result<()> {
+    for f in [
+        "benchmarks.md",
+        "bench/results.json",
+        "bench/results.csv",
+        "bench/scaling.svg",
+    ] {
+        let p = out.join(f);
+        if !p.exists() {
+            bail!("{} was not written", p.display());
+        }
+    }
+    Ok(())
+}
