@@ -139,6 +139,11 @@ pub mod config_flags {
     /// owner → RETURN" rules (3b), so loopback traffic of other owners walks
     /// on to the include rules.
     pub const LOOPBACK_INCLUDE: u16 = 1 << 10;
+    /// Sockets marked [`super::Config::proxy_mark`] are the proxy's.
+    pub const HAS_MARK: u16 = 1 << 11;
+    /// Tasks in the cgroup [`super::Config::proxy_cgroup_id`] (or below) are
+    /// the proxy's.
+    pub const HAS_CGROUP: u16 = 1 << 12;
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -158,7 +163,8 @@ pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
 /// Capacity of the hand-over map: connections between `connect()` and the
 /// proxy's side of the handshake, all pods of one apply together.
 pub const HANDOVER_CAPACITY: u32 = 1 << 16;
-/// Default capacity of the service map (the loader sizes it to the list).
+/// Capacity of the service map in the object; the loader sizes it to the
+/// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
 /// `BPF_F_NO_PREALLOC`: hash map entries are allocated as they are added.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
@@ -203,7 +209,21 @@ pub struct Config {
     /// The IPv6 source the pod's routing picks for outside destinations
     /// (words of `user_ip6`, network order), or all zero if none.
     pub source_v6: [u32; 4],
+    /// The proxy's cgroup v2 id (`--proxy-cgroup`), with
+    /// [`config_flags::HAS_CGROUP`].
+    pub proxy_cgroup_id: u64,
+    /// The proxy's socket mark (`--proxy-mark`), with
+    /// [`config_flags::HAS_MARK`].
+    pub proxy_mark: u32,
+    /// Depth of the proxy's cgroup below the cgroup v2 root (the root is 0),
+    /// for `bpf_get_current_ancestor_cgroup_id`.
+    pub proxy_cgroup_level: u32,
 }
+
+// The layout both sides agree on (no padding, checked by the Pod derives).
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 impl Config {
     /// Whether a [`config_flags`] bit is set.

@@ -129,6 +129,11 @@ pub struct Outbound {
     pub uid: u32,
     /// Primary GID of that task.
     pub gid: u32,
+    /// The socket's mark (`SO_MARK`), 0 if none.
+    pub mark: u32,
+    /// Whether the task is in the proxy's cgroup (or below it). Only read
+    /// when [`config_flags::HAS_CGROUP`] is set.
+    pub in_proxy_cgroup: bool,
     /// Source address if the socket was bound before `connect()`.
     pub bound_src: Option<Addr>,
     /// Destination address asked for.
@@ -141,15 +146,19 @@ pub struct Outbound {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rule {
+    /// 0: bound to a loopback source, destination off `lo`: the kernel
+    /// refuses the connect (`EINVAL`) before any iptables rule sees it, so
+    /// redirect leaves it to fail the same way → pass.
+    LoopbackSourceOffLo = 0,
     /// 1: destination port excluded → pass.
-    ExcludedPort = 0,
+    ExcludedPort,
     /// 2: source 127.0.0.6 over `lo` → pass.
     PassthroughSource,
     /// 3a: the proxy calls a local, non-127.0.0.1 address → inbound port.
     ProxyToLocal,
     /// 3b: someone other than the (first) proxy owner over `lo` → pass.
     LoopbackNotProxy,
-    /// 3c: the proxy's own traffic → pass.
+    /// 3c: the proxy's own traffic (UID, GID, mark or cgroup) → pass.
     ProxyOwner,
     /// 4: the owner-group filter leaves this owner's traffic alone → pass.
     OwnerGroup,
@@ -186,7 +195,8 @@ impl Rule {
     /// Number of rules (and of per-rule counters).
     pub const COUNT: u32 = Rule::InboundNotCaptured as u32 + 1;
     /// All rules, in index order.
-    pub const ALL: [Rule; 19] = [
+    pub const ALL: [Rule; 20] = [
+        Rule::LoopbackSourceOffLo,
         Rule::ExcludedPort,
         Rule::PassthroughSource,
         Rule::ProxyToLocal,
@@ -225,6 +235,7 @@ impl Rule {
     /// The rule's number in `shared/SEMANTICS.md` (outbound section).
     pub const fn number(self) -> &'static str {
         match self {
+            Rule::LoopbackSourceOffLo => "0",
             Rule::ExcludedPort => "1",
             Rule::PassthroughSource => "2",
             Rule::ProxyToLocal => "3a",
@@ -248,6 +259,7 @@ impl Rule {
     /// Stable snake_case name (counters, JSON).
     pub const fn name(self) -> &'static str {
         match self {
+            Rule::LoopbackSourceOffLo => "loopback_source_off_lo",
             Rule::ExcludedPort => "excluded_port",
             Rule::PassthroughSource => "passthrough_source",
             Rule::ProxyToLocal => "proxy_to_local",
@@ -273,13 +285,16 @@ impl Rule {
     /// One line on what the rule is.
     pub const fn describe(self) -> &'static str {
         match self {
+            Rule::LoopbackSourceOffLo => {
+                "bound to a loopback source with a destination off lo: the kernel refuses it"
+            }
             Rule::ExcludedPort => "destination port is in the exclude-outbound-ports list",
             Rule::PassthroughSource => "source is the passthrough address 127.0.0.6 over lo",
             Rule::ProxyToLocal => {
                 "the proxy connects over lo to a local address other than 127.0.0.1"
             }
             Rule::LoopbackNotProxy => "a non-proxy owner connects over lo",
-            Rule::ProxyOwner => "the proxy's own traffic (UID/GID match)",
+            Rule::ProxyOwner => "the proxy's own traffic (UID, GID, mark or cgroup match)",
             Rule::OwnerGroup => "the owner-group filter does not capture this owner's group",
             Rule::HostLoopback => "destination is 127.0.0.1",
             Rule::ExcludedCidr => "destination is in an exclude-outbound CIDR",
@@ -395,6 +410,13 @@ pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> V
 /// The rule walk proper, first match wins.
 #[inline(always)]
 fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> Verdict {
+    // 0. a loopback source cannot reach off lo: no rule ever sees it.
+    if !over_lo
+        && let Some(src) = c.bound_src
+        && src.is_loopback_range()
+    {
+        return Verdict::pass(Rule::LoopbackSourceOffLo);
+    }
     let ports = maps.port_flags(c.dport);
     // 1. exclude outbound ports.
     if ports & port_flags::OUT_EXCLUDE != 0 {
@@ -407,7 +429,7 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     {
         return Verdict::pass(Rule::PassthroughSource);
     }
-    // 3. proxy owners: UIDs, then GIDs.
+    // 3. proxy owners: UIDs, then GIDs, ...
     if cfg.has(config_flags::HAS_UIDS)
         && let Some(v) = owner_rules(
             cfg,
@@ -427,6 +449,18 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
             || maps.is_proxy_gid(c.gid),
             c,
         )
+    {
+        return v;
+    }
+    // ... then the proxy's socket mark, then its cgroup: one owner each.
+    let marked = c.mark == cfg.proxy_mark;
+    if cfg.has(config_flags::HAS_MARK)
+        && let Some(v) = owner_rules(cfg, over_lo, marked, || marked, c)
+    {
+        return v;
+    }
+    if cfg.has(config_flags::HAS_CGROUP)
+        && let Some(v) = owner_rules(cfg, over_lo, c.in_proxy_cgroup, || c.in_proxy_cgroup, c)
     {
         return v;
     }

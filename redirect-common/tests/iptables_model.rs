@@ -821,10 +821,18 @@ fn config(p: &Policy) -> Config {
 /// the connect cannot happen (nothing to compare).
 fn check_outbound(p: &Policy, c: &Outbound) -> Result<bool, String> {
     let nat = nat_table(p);
+    let verdict = decide_outbound(&config(p), p, c);
     let Some(model) = model_outbound(p, &nat, c) else {
+        // The kernel refuses this connect before any rule: the decision
+        // must not capture it (a capture would make it succeed).
+        if verdict.action != Action::Pass {
+            return Err(format!(
+                "unroutable connect captured\n  connection: {}\n  decide_outbound: {verdict:?}",
+                show_outbound(c)
+            ));
+        }
         return Ok(false);
     };
-    let verdict = decide_outbound(&config(p), p, c);
     if verdict.action == model.action {
         return Ok(true);
     }
@@ -1185,6 +1193,8 @@ fn out(uid: u32, gid: u32, dst: u32, dport: u16) -> Outbound {
     Outbound {
         uid,
         gid,
+        mark: 0,
+        in_proxy_cgroup: false,
         bound_src: None,
         dst: Addr::V4(dst),
         dport,
@@ -1816,6 +1826,8 @@ impl OutboundPick {
         Outbound {
             uid: self.uid.resolve(p),
             gid: self.gid.resolve(p),
+            mark: 0,
+            in_proxy_cgroup: false,
             bound_src: self.bound.resolve(p),
             dst: Addr::V4(self.dst.resolve(p)),
             dport: self.port.resolve(p),

@@ -14,13 +14,16 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
-    helpers::{bpf_get_current_uid_gid, generated::bpf_bind},
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_bind, bpf_get_current_ancestor_cgroup_id},
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use redirect_common::{
     AF_INET, AF_INET6, Action, Addr, Config, Counter, OrigDst, Outbound, V4_LOCALHOST,
-    decide_outbound, is_v4_mapped,
+    config_flags, decide_outbound, is_v4_mapped,
 };
 
 use crate::{
@@ -48,11 +51,23 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 
 /// The connect as the decision sees it.
 #[inline(always)]
-fn outbound(bound_src: Option<Addr>, dst: Addr, port_be: u32) -> Outbound {
+fn outbound(
+    cfg: &Config,
+    sa: &bpf_sock_addr,
+    bound_src: Option<Addr>,
+    dst: Addr,
+    port_be: u32,
+) -> Outbound {
     let uid_gid = bpf_get_current_uid_gid();
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let in_proxy_cgroup = cfg.has(config_flags::HAS_CGROUP)
+        && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.proxy_cgroup_level as i32) }
+            == cfg.proxy_cgroup_id;
     Outbound {
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
+        mark: unsafe { (*sk).mark },
+        in_proxy_cgroup,
         bound_src,
         dst,
         dport: u16::from_be(port_be as u16),
@@ -155,6 +170,8 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
     let bound_src_be = unsafe { (*sk).src_ip4 };
     let dst_be = sa.user_ip4;
     let conn = outbound(
+        cfg,
+        sa,
         (bound_src_be != 0).then(|| Addr::V4(u32::from_be(bound_src_be))),
         Addr::V4(u32::from_be(dst_be)),
         sa.user_port,
@@ -208,6 +225,8 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     ];
     let unbound = bound == [0; 4];
     let conn = outbound(
+        cfg,
+        sa,
         (!unbound).then(|| Addr::from_ip6_words(bound)),
         Addr::from_ip6_words(dst),
         sa.user_port,

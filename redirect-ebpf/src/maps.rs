@@ -44,12 +44,10 @@ pub static SERVICES: HashMap<ServiceKey, u8> =
 pub static LOCAL_V4: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
 
 #[map]
-pub static EXCLUDE_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
-pub static INCLUDE_V6: LpmTrie<[u8; 16], u8> =
-    LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static INCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
 pub static LOCAL_V6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(SET_CAPACITY, 0);

@@ -74,7 +74,12 @@ fn addrs(ops: *mut bpf_sock_ops) -> Option<(u16, [u32; 4], [u32; 4])> {
     if o.family != u32::from(AF_INET6) {
         return None;
     }
-    let l = [o.local_ip6[0], o.local_ip6[1], o.local_ip6[2], o.local_ip6[3]];
+    let l = [
+        o.local_ip6[0],
+        o.local_ip6[1],
+        o.local_ip6[2],
+        o.local_ip6[3],
+    ];
     let r = [
         o.remote_ip6[0],
         o.remote_ip6[1],

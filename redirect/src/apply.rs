@@ -162,7 +162,11 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         None => netns::open_netns(Path::new("/proc/self/ns/net"))?,
     };
     for v4 in [true, false] {
-        if facts.local_addrs.iter().filter(|a| a.is_ipv4() == v4).count()
+        if facts
+            .local_addrs
+            .iter()
+            .filter(|a| a.is_ipv4() == v4)
+            .count()
             > redirect_common::SET_CAPACITY as usize
         {
             bail!(
@@ -235,6 +239,11 @@ fn install(
     for (name, path) in &state_paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // Size the service map to the list: its bucket array is allocated up
+    // front even though entries are not.
+    let services =
+        u32::try_from(req.policy.services.len().max(1)).context("--service: too many services")?;
+    loader.map_max_entries(map_names::SERVICES, services);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) into the kernel")?;
@@ -341,14 +350,23 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
     }
 
     for (name, ids) in [
-        (map_names::PROXY_UIDS, &spec.proxy_uids),
-        (map_names::PROXY_GIDS, &spec.proxy_gids),
+        (map_names::PROXY_UIDS, spec.proxy_uids.as_slice()),
+        (map_names::PROXY_GIDS, spec.proxy_gids.as_slice()),
+        (map_names::OWNER_GROUPS, spec.owner_group_ids()),
     ] {
         let mut set = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, name)?)?;
         for id in ids.iter() {
             set.insert(id, 1, 0)
                 .with_context(|| format!("writing {name}"))?;
         }
+    }
+
+    let mut services = HashMap::<_, redirect_common::ServiceKey, u8>::try_from(map_mut(
+        ebpf,
+        map_names::SERVICES,
+    )?)?;
+    for key in spec.service_keys() {
+        services.insert(key, 1, 0).context("writing SERVICES")?;
     }
 
     let include: &[_] = match &spec.include_cidrs {
@@ -385,8 +403,7 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
                 .context("writing LOCAL_V4")?;
         }
     }
-    let mut local6 =
-        HashMap::<_, [u32; 4], u8>::try_from(map_mut(ebpf, map_names::LOCAL_V6)?)?;
+    let mut local6 = HashMap::<_, [u32; 4], u8>::try_from(map_mut(ebpf, map_names::LOCAL_V6)?)?;
     for addr in &facts.local_addrs {
         if let IpAddr::V6(a) = addr {
             local6

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     apply::DEFAULT_PIN_DIR,
     policy::{
-        PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports, parse_include,
-        parse_port, parse_ports,
+        OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports,
+        parse_include, parse_mark, parse_port, parse_ports, parse_services, resolve_proxy_cgroup,
     },
 };
 
@@ -102,7 +102,7 @@ pub struct ApplyArgs {
 
 /// The ids of every [`PolicyArgs`] argument (its field names), which
 /// `explain --pin-dir` excludes. A unit test keeps the list complete.
-pub const POLICY_ARG_IDS: [&str; 12] = [
+pub const POLICY_ARG_IDS: [&str; 18] = [
     "proxy_port",
     "inbound_capture_port",
     "tunnel_port",
@@ -115,6 +115,12 @@ pub const POLICY_ARG_IDS: [&str; 12] = [
     "exclude_ports",
     "inbound_ports",
     "exclude_inbound_ports",
+    "proxy_mark",
+    "proxy_cgroup",
+    "owner_groups_include",
+    "owner_groups_exclude",
+    "service",
+    "services_file",
 ];
 
 /// `explain --direction`.
@@ -142,6 +148,13 @@ pub struct ExplainArgs {
     /// Outbound: its GID [default: 0].
     #[arg(long)]
     pub gid: Option<u32>,
+    /// Outbound: the socket's mark (SO_MARK), decimal or 0x hex [default: 0].
+    #[arg(long, value_parser = parse_mark_arg)]
+    pub mark: Option<u32>,
+    /// Outbound: the cgroup v2 directory of the task calling connect()
+    /// (matters with --proxy-cgroup) [default: outside the proxy's cgroup].
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
     /// Outbound: the address the socket was bound to before connect(), if
     /// any. Inbound: the peer's address (required).
     #[arg(long)]
@@ -163,6 +176,15 @@ pub struct ExplainArgs {
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,
+}
+
+/// `explain --mark`: decimal or `0x` hex, 0 for none.
+fn parse_mark_arg(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse::<u32>(),
+    };
+    parsed.map_err(|_| "not a mark (a number, decimal or 0x hex)".to_string())
 }
 
 /// `iptables --family`.
@@ -271,6 +293,28 @@ pub struct PolicyArgs {
         default_value = ""
     )]
     pub exclude_inbound_ports: String,
+    /// Sockets carrying this mark (SO_MARK, e.g. 0x1) are the proxy's and
+    /// never captured. Setting a mark needs CAP_NET_ADMIN in the proxy.
+    #[arg(long = "proxy-mark")]
+    pub proxy_mark: Option<String>,
+    /// Every process in this cgroup v2 directory (or below) is the proxy's,
+    /// whatever its UID. The proxy needs no privilege: the loader places it.
+    #[arg(long = "proxy-cgroup")]
+    pub proxy_cgroup: Option<PathBuf>,
+    /// Owner-group filter: capture only traffic of these GIDs
+    /// (comma-separated, numeric).
+    #[arg(long = "owner-groups-include", default_value = "")]
+    pub owner_groups_include: String,
+    /// Owner-group filter: capture traffic of every GID except these.
+    #[arg(long = "owner-groups-exclude", default_value = "")]
+    pub owner_groups_exclude: String,
+    /// Explicit services to capture, IP:PORT ([IPv6]:PORT), repeatable or
+    /// comma-separated: one map entry each, any number at the same cost.
+    #[arg(long = "service")]
+    pub service: Vec<String>,
+    /// A file of further services, one IP:PORT per line (`#` comments).
+    #[arg(long = "services-file")]
+    pub services_file: Option<PathBuf>,
 }
 
 /// A policy flag problem, or an unreadable CIDR file.
@@ -279,9 +323,11 @@ pub enum PolicyArgsError {
     /// A bad value.
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    /// The CIDR file cannot be read.
-    #[error("--exclude-cidrs-file {path}: {source}")]
+    /// A list file cannot be read.
+    #[error("{flag} {path}: {source}")]
     File {
+        /// The flag.
+        flag: &'static str,
         /// The file.
         path: String,
         /// Why.
@@ -295,6 +341,7 @@ impl PolicyArgs {
         let mut exclude_cidrs = parse_cidrs("--exclude-cidrs", &self.exclude_cidrs)?;
         if let Some(path) = &self.exclude_cidrs_file {
             let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+                flag: "--exclude-cidrs-file",
                 path: path.display().to_string(),
                 source,
             })?;
@@ -322,7 +369,64 @@ impl PolicyArgs {
                 "--exclude-inbound-ports",
                 &self.exclude_inbound_ports,
             )?,
+            proxy_mark: self
+                .proxy_mark
+                .as_deref()
+                .map(|m| parse_mark("--proxy-mark", m))
+                .transpose()?,
+            proxy_cgroup: self
+                .proxy_cgroup
+                .as_deref()
+                .map(|p| resolve_proxy_cgroup("--proxy-cgroup", p))
+                .transpose()?,
+            owner_groups: self.owner_groups()?,
+            services: self.services()?,
         })
+    }
+
+    fn owner_groups(&self) -> Result<OwnerGroups, PolicyArgsError> {
+        let include = parse_ids("--owner-groups-include", &self.owner_groups_include)?;
+        let exclude = parse_ids("--owner-groups-exclude", &self.owner_groups_exclude)?;
+        Ok(match (include.is_empty(), exclude.is_empty()) {
+            (true, true) => OwnerGroups::All,
+            (false, true) => OwnerGroups::Include(include),
+            (true, false) => OwnerGroups::Exclude(exclude),
+            (false, false) => {
+                return Err(PolicyError::Conflict {
+                    a: "--owner-groups-include",
+                    b: "--owner-groups-exclude",
+                }
+                .into());
+            }
+        })
+    }
+
+    fn services(&self) -> Result<Vec<std::net::SocketAddr>, PolicyArgsError> {
+        let mut all = parse_services("--service", &self.service.join(","))?;
+        if let Some(path) = &self.services_file {
+            let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+                flag: "--services-file",
+                path: path.display().to_string(),
+                source,
+            })?;
+            let joined: Vec<&str> = text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .collect();
+            all.extend(parse_services("--services-file", &joined.join(","))?);
+            all.sort();
+            all.dedup();
+        }
+        if all.len() > crate::policy::MAX_SERVICES {
+            return Err(PolicyError::TooMany {
+                flag: "--service",
+                count: all.len(),
+                max: crate::policy::MAX_SERVICES,
+            }
+            .into());
+        }
+        Ok(all)
     }
 }
 

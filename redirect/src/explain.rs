@@ -29,8 +29,8 @@ use serde::Serialize;
 use crate::{
     cli::{DirectionArg, ExplainArgs},
     policy::{
-        Cidr, NetnsFacts, PolicySpec, UserPolicy, ip6_words, parse_inbound_ports, parse_include,
-        to_addr,
+        Cidr, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy, ip6_words,
+        parse_inbound_ports, parse_include, to_addr,
     },
 };
 
@@ -58,6 +58,11 @@ pub struct Connection {
     pub src: Option<IpAddr>,
     /// The destination address and port asked for.
     pub dst: SocketAddr,
+    /// Outbound: the socket's mark (`SO_MARK`), 0 if none.
+    pub mark: u32,
+    /// Outbound: whether the calling task is in the proxy's cgroup (or
+    /// below it), as `bpf_get_current_ancestor_cgroup_id` tells the hook.
+    pub in_proxy_cgroup: bool,
 }
 
 /// A connection that cannot be explained as given. Names the flag and value.
@@ -101,6 +106,8 @@ impl Connection {
             gid: gid.unwrap_or(0),
             src,
             dst,
+            mark: 0,
+            in_proxy_cgroup: false,
         })
     }
 }
@@ -142,6 +149,10 @@ pub struct ConnectionView {
     /// How the hooks see the destination: `ipv4`, `ipv6`, or `ipv4-mapped`
     /// (an IPv6 socket to `::ffff:a.b.c.d`, decided as IPv4).
     pub family: &'static str,
+    /// Outbound: the socket's mark.
+    pub mark: Option<u32>,
+    /// Outbound: whether the task is in the proxy's cgroup or below.
+    pub in_proxy_cgroup: Option<bool>,
 }
 
 /// What redirect does with a connection, and why.
@@ -196,6 +207,8 @@ pub fn explain(
             let v = policy.decide(&Outbound {
                 uid: conn.uid,
                 gid: conn.gid,
+                mark: conn.mark,
+                in_proxy_cgroup: conn.in_proxy_cgroup,
                 bound_src: conn.src.map(hook_addr),
                 dst,
                 dport: conn.dst.port(),
@@ -249,6 +262,8 @@ pub fn explain(
             src: conn.src.map(|s| s.to_string()),
             dst: conn.dst.to_string(),
             family,
+            mark: outbound.then_some(conn.mark),
+            in_proxy_cgroup: outbound.then_some(conn.in_proxy_cgroup),
         },
         action,
         port,
@@ -272,9 +287,18 @@ impl fmt::Display for Explanation {
         match c.direction {
             Direction::Out => write!(
                 f,
-                "connection  outbound TCP, uid {} gid {}, {} -> {}",
+                "connection  outbound TCP, uid {} gid {}{}{}, {} -> {}",
                 c.uid.unwrap_or(0),
                 c.gid.unwrap_or(0),
+                match c.mark {
+                    Some(m) if m != 0 => format!(" mark {m:#x}"),
+                    _ => String::new(),
+                },
+                if c.in_proxy_cgroup == Some(true) {
+                    " (in the proxy's cgroup)"
+                } else {
+                    ""
+                },
                 c.src
                     .as_deref()
                     .map_or("source not bound".to_string(), |s| format!("bound to {s}")),
@@ -326,7 +350,16 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
         DirectionArg::Out => Direction::Out,
         DirectionArg::In => Direction::In,
     };
-    let conn = Connection::new(direction, args.uid, args.gid, args.src, args.dst)?;
+    let mut conn = Connection::new(direction, args.uid, args.gid, args.src, args.dst)?;
+    if direction == Direction::In {
+        if args.mark.is_some() {
+            return Err(ConnectionError::OutboundOnly { flag: "--mark" }.into());
+        }
+        if args.cgroup.is_some() {
+            return Err(ConnectionError::OutboundOnly { flag: "--cgroup" }.into());
+        }
+    }
+    conn.mark = args.mark.unwrap_or(0);
     let (spec, pinned_facts, policy_from) = match &args.pin_dir {
         Some(dir) => {
             let (spec, facts, generation) = pinned_policy(dir)?;
@@ -335,6 +368,13 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
         }
         None => (args.policy.to_spec()?, None, "policy flags".to_string()),
     };
+    if let Some(task_cgroup) = &args.cgroup {
+        crate::fs::check_cgroup(task_cgroup)?;
+        if let Some(proxy) = &spec.proxy_cgroup {
+            conn.in_proxy_cgroup = in_cgroup(task_cgroup, proxy.id)
+                .with_context(|| format!("--cgroup {}", task_cgroup.display()))?;
+        }
+    }
     let (facts, facts_from) = if let Some(ns) = &args.netns {
         let facts = crate::netns::probe(Some(ns))?;
         (facts, format!("probed in {}", ns.display()))
@@ -363,6 +403,21 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
     ))
 }
 
+/// Whether the cgroup v2 directory `dir`, or one of its ancestors, is the
+/// cgroup with id (inode number) `id`: what the connect hook's
+/// `bpf_get_current_ancestor_cgroup_id` comparison answers for a task there.
+pub fn in_cgroup(dir: &Path, id: u64) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = crate::fs::cgroup2_mount().context("no cgroup v2 hierarchy is mounted")?;
+    let dir = dir.canonicalize()?;
+    for d in dir.ancestors().take_while(|d| d.starts_with(&root)) {
+        if std::fs::metadata(d)?.ino() == id {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The policy and namespace facts in force at a pin dir, read back from the
 /// pinned maps, and the generation they belong to.
 pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
@@ -387,6 +442,15 @@ pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
         .map(|a| a.parse::<IpAddr>().map_err(|e| anyhow::anyhow!("{a}: {e}")))
         .collect::<Result<Vec<_>>>()
         .with_context(ctx)?;
+    let services = p
+        .services
+        .iter()
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|e| anyhow::anyhow!("{a}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()
+        .with_context(ctx)?;
     let spec = PolicySpec {
         proxy_port: p.proxy_port,
         inbound_port: p.inbound_port,
@@ -399,6 +463,24 @@ pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
         exclude_ports: p.exclude_ports.clone(),
         inbound_ports,
         exclude_inbound_ports: p.exclude_inbound_ports.clone(),
+        proxy_mark: p.proxy_mark,
+        // The pins hold the cgroup's id only, which is all the decision
+        // needs (`in_cgroup` compares ids).
+        proxy_cgroup: p.proxy_cgroup_id.map(|id| ProxyCgroup {
+            path: Default::default(),
+            rel: String::new(),
+            id,
+            level: 0,
+        }),
+        owner_groups: match (
+            p.owner_groups_include.is_empty(),
+            p.owner_groups_exclude.is_empty(),
+        ) {
+            (false, _) => OwnerGroups::Include(p.owner_groups_include.clone()),
+            (true, false) => OwnerGroups::Exclude(p.owner_groups_exclude.clone()),
+            (true, true) => OwnerGroups::All,
+        },
+        services,
     };
     let facts = NetnsFacts {
         local_addrs,

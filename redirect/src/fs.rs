@@ -55,6 +55,14 @@ pub fn check_cgroup(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` is a directory of a cgroup v2 hierarchy.
+pub fn is_cgroup2_dir(path: &Path) -> bool {
+    path.is_dir()
+        && fs_magic(path)
+            .map(|m| m == CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+}
+
 /// Whether `path` is on a bpffs.
 pub fn is_bpffs(path: &Path) -> bool {
     fs_magic(path).map(|m| m == BPF_FS_MAGIC).unwrap_or(false)

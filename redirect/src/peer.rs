@@ -33,6 +33,10 @@ pub struct ConnectArgs {
     /// Bind this source address first (port 0).
     #[arg(long)]
     pub bind: Option<IpAddr>,
+    /// Set this SO_MARK on the socket before connecting (needs
+    /// CAP_NET_ADMIN).
+    #[arg(long)]
+    pub mark: Option<u32>,
     /// Give up after this many milliseconds.
     #[arg(long, default_value = "3000")]
     pub timeout_ms: u64,
@@ -123,6 +127,25 @@ fn answer(name: &str, mut stream: TcpStream) -> Result<()> {
     Ok(())
 }
 
+fn set_mark(sock: &socket2::Socket, mark: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt with a u32 we own and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Connects to every `--to` in turn and prints one [`ClientView`] JSON line
 /// for each.
 pub fn print_connects(args: &ConnectArgs) -> Result<()> {
@@ -155,6 +178,9 @@ fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
     if let Some(ip) = args.bind {
         sock.bind(&SocketAddr::new(ip, 0).into())
             .with_context(|| format!("bind {ip}"))?;
+    }
+    if let Some(mark) = args.mark {
+        set_mark(&sock, mark).with_context(|| format!("SO_MARK {mark:#x}"))?;
     }
     sock.connect_timeout(&to.into(), timeout)
         .with_context(|| format!("connect {to}"))?;

@@ -100,6 +100,12 @@ pub struct ConfigPlan {
     pub source_v6: Option<String>,
     /// The namespace's cookie.
     pub netns_cookie: u64,
+    /// The proxy's socket mark (only meaningful with `has_mark`).
+    pub proxy_mark: u32,
+    /// The proxy's cgroup id (only meaningful with `has_cgroup`).
+    pub proxy_cgroup_id: u64,
+    /// Its depth below the cgroup v2 root.
+    pub proxy_cgroup_level: u32,
 }
 
 /// The pin dir, as inspected (never created, never mounted).
@@ -130,6 +136,12 @@ pub struct MapsPlan {
     /// `PROXY_GIDS`.
     #[serde(rename = "PROXY_GIDS")]
     pub proxy_gids: Summary<u32>,
+    /// `OWNER_GROUPS`: the owner-group filter's GIDs.
+    #[serde(rename = "OWNER_GROUPS")]
+    pub owner_groups: Summary<u32>,
+    /// `SERVICES`: explicitly listed `ip:port`s.
+    #[serde(rename = "SERVICES")]
+    pub services: Summary<String>,
     /// `EXCLUDE_V4` trie entries.
     #[serde(rename = "EXCLUDE_V4")]
     pub exclude_v4: Summary<String>,
@@ -165,7 +177,7 @@ pub struct Plan {
     pub maps: MapsPlan,
 }
 
-const CONFIG_FLAGS: [(u16, &str); 11] = [
+const CONFIG_FLAGS: [(u16, &str); 13] = [
     (config_flags::HAS_UIDS, "has_uids"),
     (config_flags::HAS_GIDS, "has_gids"),
     (config_flags::INCLUDE_ALL, "include_all"),
@@ -177,6 +189,8 @@ const CONFIG_FLAGS: [(u16, &str); 11] = [
     (config_flags::OWNER_GROUPS_INCLUDE, "owner_groups_include"),
     (config_flags::OWNER_GROUPS_EXCLUDE, "owner_groups_exclude"),
     (config_flags::LOOPBACK_INCLUDE, "loopback_include"),
+    (config_flags::HAS_MARK, "has_mark"),
+    (config_flags::HAS_CGROUP, "has_cgroup"),
 ];
 
 const PORT_FLAGS: [(u8, &str); 4] = [
@@ -249,6 +263,9 @@ pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPl
             source_v4: facts.source_v4.map(|a| a.to_string()),
             source_v6: facts.source_v6.map(|a| a.to_string()),
             netns_cookie: cfg.netns_cookie,
+            proxy_mark: cfg.proxy_mark,
+            proxy_cgroup_id: cfg.proxy_cgroup_id,
+            proxy_cgroup_level: cfg.proxy_cgroup_level,
         },
         ports: Summary::new(spec.port_entries().into_iter().map(|(port, f)| PortEntry {
             port,
@@ -256,6 +273,8 @@ pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPl
         })),
         proxy_uids: Summary::new(spec.proxy_uids.iter().copied()),
         proxy_gids: Summary::new(spec.proxy_gids.iter().copied()),
+        owner_groups: Summary::new(spec.owner_group_ids().iter().copied()),
+        services: Summary::new(spec.services.iter().map(ToString::to_string)),
         exclude_v4: cidrs(&spec.exclude_cidrs),
         include_v4: cidrs(include),
         local_v4: local(true),
@@ -415,6 +434,16 @@ impl fmt::Display for Plan {
             "  {:<11} first_uid {} first_gid {} netns_cookie {}",
             "", c.first_uid, c.first_gid, c.netns_cookie
         )?;
+        if c.flags.contains(&"has_mark") {
+            writeln!(f, "  {:<11} proxy_mark {:#x}", "", c.proxy_mark)?;
+        }
+        if c.flags.contains(&"has_cgroup") {
+            writeln!(
+                f,
+                "  {:<11} proxy_cgroup_id {} proxy_cgroup_level {}",
+                "", c.proxy_cgroup_id, c.proxy_cgroup_level
+            )?;
+        }
         writeln!(
             f,
             "  {:<11} source_v4 {} source_v6 {}",
@@ -425,6 +454,15 @@ impl fmt::Display for Plan {
         write_summary(f, map_names::PORTS, &m.ports, "")?;
         write_summary(f, map_names::PROXY_UIDS, &m.proxy_uids, "")?;
         write_summary(f, map_names::PROXY_GIDS, &m.proxy_gids, "")?;
+        let groups_note = if c.flags.contains(&"owner_groups_include") {
+            " (only these are captured)"
+        } else if c.flags.contains(&"owner_groups_exclude") {
+            " (these are not captured)"
+        } else {
+            ""
+        };
+        write_summary(f, map_names::OWNER_GROUPS, &m.owner_groups, groups_note)?;
+        write_summary(f, map_names::SERVICES, &m.services, "")?;
         write_summary(f, map_names::EXCLUDE_V4, &m.exclude_v4, "")?;
         let include_note = if c.flags.contains(&"include_all") {
             " (include_all is set)"

@@ -209,7 +209,10 @@ impl Pod {
             let a = format!("{}/32", upstream_extra(i));
             run("ip", &["-n", &u, "addr", "add", &a, "dev", "lo"])?;
             let a6 = format!("{}/128", upstream_extra6(i));
-            run("ip", &["-n", &u, "-6", "addr", "add", &a6, "dev", "lo", "nodad"])?;
+            run(
+                "ip",
+                &["-n", &u, "-6", "addr", "add", &a6, "dev", "lo", "nodad"],
+            )?;
         }
         for dir in [
             self.cgroup.clone(),
@@ -360,14 +363,50 @@ impl Pod {
         targets: &[&str],
         bind: Option<&str>,
     ) -> Result<Vec<ClientView>> {
+        self.connect_many_marked(side, who, targets, bind, None)
+    }
+
+    /// [`Pod::connect_many`], with `SO_MARK` `mark` set on every socket
+    /// (`who` must be allowed to set it: root).
+    pub fn connect_many_marked(
+        &self,
+        side: Side,
+        who: As,
+        targets: &[&str],
+        bind: Option<&str>,
+        mark: Option<u32>,
+    ) -> Result<Vec<ClientView>> {
+        let mut extra: Vec<String> = Vec::new();
+        if let Some(b) = bind {
+            extra.extend(["--bind".to_string(), b.to_string()]);
+        }
+        if let Some(m) = mark {
+            extra.extend(["--mark".to_string(), m.to_string()]);
+        }
+        self.run_client(side, who, targets, &extra)
+    }
+
+    /// Connects from the pod as `who` with `SO_MARK` `mark` set on the
+    /// socket (`who` must be allowed to set it: root).
+    pub fn connect_marked(&self, who: As, to: &str, mark: u32) -> Result<ClientView> {
+        let extra = ["--mark".to_string(), mark.to_string()];
+        let mut v = self.run_client(Side::Pod, who, &[to], &extra)?;
+        v.pop().context("the sample client printed nothing")
+    }
+
+    fn run_client(
+        &self,
+        side: Side,
+        who: As,
+        targets: &[&str],
+        extra: &[String],
+    ) -> Result<Vec<ClientView>> {
         let mut cmd = self.command(side, who, &self.exe)?;
         cmd.arg("sample-connect");
         for to in targets {
             cmd.arg("--to").arg(to);
         }
-        if let Some(b) = bind {
-            cmd.arg("--bind").arg(b);
-        }
+        cmd.args(extra);
         let out = cmd
             .stdin(Stdio::null())
             .output()

@@ -53,6 +53,44 @@ pub enum PolicyError {
         /// The flag (long form).
         flag: &'static str,
     },
+    /// Not a usable cgroup v2 directory.
+    #[error("{flag}: '{value}' {reason}")]
+    BadCgroup {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Not a socket mark.
+    #[error(
+        "{flag}: '{value}' is not a socket mark (expected a non-zero number, e.g. 0x1 or 1337)"
+    )]
+    BadMark {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// Not an `ip:port` service address.
+    #[error(
+        "{flag}: '{value}' is not a service address (expected IP:PORT or [IPv6]:PORT, port 1-65535)"
+    )]
+    BadService {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// Two flags that exclude each other.
+    #[error("{a} and {b} cannot be used together")]
+    Conflict {
+        /// One flag.
+        a: &'static str,
+        /// The other.
+        b: &'static str,
+    },
     /// Too many entries for one list.
     #[error("{flag}: {count} entries is more than the {max} this list holds")]
     TooMany {
@@ -161,6 +199,32 @@ pub enum InboundPorts {
     List(Vec<u16>),
 }
 
+/// The owner-group filter (rule 4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// No filter: every owner's traffic is considered.
+    #[default]
+    All,
+    /// Capture only traffic of tasks whose GID is listed.
+    Include(Vec<u32>),
+    /// Capture traffic of every task except those whose GID is listed.
+    Exclude(Vec<u32>),
+}
+
+/// The proxy's cgroup (`--proxy-cgroup`), resolved when the flag is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyCgroup {
+    /// The directory given.
+    pub path: std::path::PathBuf,
+    /// Its path below the cgroup v2 root (what `iptables -m cgroup --path`
+    /// takes).
+    pub rel: String,
+    /// Its cgroup id (inode number).
+    pub id: u64,
+    /// Its depth below the root (the root is 0).
+    pub level: u32,
+}
+
 /// A complete, validated policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySpec {
@@ -186,6 +250,14 @@ pub struct PolicySpec {
     pub inbound_ports: InboundPorts,
     /// Inbound ports never captured when `-b '*'` (`-d`).
     pub exclude_inbound_ports: Vec<u16>,
+    /// Sockets carrying this mark are the proxy's (`--proxy-mark`).
+    pub proxy_mark: Option<u32>,
+    /// Every task in this cgroup (or below) is the proxy (`--proxy-cgroup`).
+    pub proxy_cgroup: Option<ProxyCgroup>,
+    /// The owner-group filter.
+    pub owner_groups: OwnerGroups,
+    /// Explicit services captured (`--service`), in addition to the CIDRs.
+    pub services: Vec<std::net::SocketAddr>,
 }
 
 impl Default for PolicySpec {
@@ -204,6 +276,10 @@ impl Default for PolicySpec {
             exclude_ports: Vec::new(),
             inbound_ports: InboundPorts::List(Vec::new()),
             exclude_inbound_ports: Vec::new(),
+            proxy_mark: None,
+            proxy_cgroup: None,
+            owner_groups: OwnerGroups::All,
+            services: Vec::new(),
         }
     }
 }
@@ -290,6 +366,97 @@ pub fn parse_cidrs(flag: &'static str, value: &str) -> Result<Vec<Cidr>, PolicyE
     Ok(out.into_iter().collect())
 }
 
+/// Most explicit services.
+pub const MAX_SERVICES: usize = 1_000_000;
+
+/// Parses a socket mark: decimal or `0x` hex, not 0.
+pub fn parse_mark(flag: &'static str, value: &str) -> Result<u32, PolicyError> {
+    let v = value.trim();
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => v.parse::<u32>().ok(),
+    };
+    match parsed {
+        Some(m) if m != 0 => Ok(m),
+        _ => Err(PolicyError::BadMark {
+            flag,
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// Parses a comma-separated list of `ip:port` services (IPv6 as
+/// `[addr]:port`), sorted, repeats dropped.
+pub fn parse_services(
+    flag: &'static str,
+    value: &str,
+) -> Result<Vec<std::net::SocketAddr>, PolicyError> {
+    let mut out = BTreeSet::new();
+    for item in items(value) {
+        match item.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.port() != 0 => {
+                out.insert(a);
+            }
+            _ => {
+                return Err(PolicyError::BadService {
+                    flag,
+                    value: item.to_string(),
+                });
+            }
+        }
+    }
+    if out.len() > MAX_SERVICES {
+        return Err(PolicyError::TooMany {
+            flag,
+            count: out.len(),
+            max: MAX_SERVICES,
+        });
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Resolves `--proxy-cgroup`: a directory of the cgroup v2 hierarchy.
+pub fn resolve_proxy_cgroup(
+    flag: &'static str,
+    path: &std::path::Path,
+) -> Result<ProxyCgroup, PolicyError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let bad = |reason: String| PolicyError::BadCgroup {
+        flag,
+        value: path.display().to_string(),
+        reason,
+    };
+    let Some(root) = crate::fs::cgroup2_mount() else {
+        return Err(bad(
+            "cannot be used: no cgroup v2 hierarchy is mounted".into()
+        ));
+    };
+    if !crate::fs::is_cgroup2_dir(path) {
+        return Err(bad(format!(
+            "is not a cgroup v2 directory (cgroup v2 is mounted at {})",
+            root.display()
+        )));
+    }
+    let canon = path
+        .canonicalize()
+        .map_err(|e| bad(format!("cannot be resolved: {e}")))?;
+    let rel = canon.strip_prefix(&root).map_err(|_| {
+        bad(format!(
+            "is not below the cgroup v2 root {}",
+            root.display()
+        ))
+    })?;
+    let id = std::fs::metadata(&canon)
+        .map_err(|e| bad(format!("cannot be read: {e}")))?
+        .ino();
+    Ok(ProxyCgroup {
+        path: path.to_path_buf(),
+        rel: rel.display().to_string(),
+        id,
+        level: rel.components().count() as u32,
+    })
+}
+
 /// Parses inbound ports: `*` alone, or a list.
 pub fn parse_inbound_ports(flag: &'static str, value: &str) -> Result<InboundPorts, PolicyError> {
     let all: Vec<&str> = items(value).collect();
@@ -327,6 +494,22 @@ pub struct NetnsFacts {
     pub source_v6: Option<Ipv6Addr>,
 }
 
+/// The service map key of `ip:port`.
+pub fn service_key(s: &std::net::SocketAddr) -> redirect_common::ServiceKey {
+    match s.ip() {
+        IpAddr::V4(a) => redirect_common::ServiceKey {
+            ip: [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+            port: s.port(),
+            family: redirect_common::AF_INET,
+        },
+        IpAddr::V6(a) => redirect_common::ServiceKey {
+            ip: ip6_words(&a),
+            port: s.port(),
+            family: redirect_common::AF_INET6,
+        },
+    }
+}
+
 /// An IPv6 address as the network-order words BPF programs see.
 pub fn ip6_words(a: &Ipv6Addr) -> [u32; 4] {
     let o = a.octets();
@@ -356,6 +539,20 @@ impl PolicySpec {
         {
             flags |= config_flags::LOOPBACK_INCLUDE;
         }
+        if self.proxy_mark.is_some() {
+            flags |= config_flags::HAS_MARK;
+        }
+        if self.proxy_cgroup.is_some() {
+            flags |= config_flags::HAS_CGROUP;
+        }
+        match &self.owner_groups {
+            OwnerGroups::All => {}
+            OwnerGroups::Include(_) => flags |= config_flags::OWNER_GROUPS_INCLUDE,
+            OwnerGroups::Exclude(_) => flags |= config_flags::OWNER_GROUPS_EXCLUDE,
+        }
+        if !self.services.is_empty() {
+            flags |= config_flags::HAS_SERVICES;
+        }
         match &self.inbound_ports {
             InboundPorts::All => flags |= config_flags::INBOUND_ALL,
             InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,
@@ -375,6 +572,9 @@ impl PolicySpec {
             reserved: 0,
             netns_cookie: facts.netns_cookie,
             source_v6: facts.source_v6.map(|a| ip6_words(&a)).unwrap_or([0; 4]),
+            proxy_cgroup_id: self.proxy_cgroup.as_ref().map_or(0, |c| c.id),
+            proxy_mark: self.proxy_mark.unwrap_or(0),
+            proxy_cgroup_level: self.proxy_cgroup.as_ref().map_or(0, |c| c.level),
         }
     }
 
@@ -406,6 +606,19 @@ impl PolicySpec {
         })
     }
 
+    /// The owner-group filter's GIDs.
+    pub fn owner_group_ids(&self) -> &[u32] {
+        match &self.owner_groups {
+            OwnerGroups::All => &[],
+            OwnerGroups::Include(l) | OwnerGroups::Exclude(l) => l,
+        }
+    }
+
+    /// The service map's keys.
+    pub fn service_keys(&self) -> impl Iterator<Item = redirect_common::ServiceKey> + '_ {
+        self.services.iter().map(service_key)
+    }
+
     /// The IPv6 CIDRs of a list.
     pub fn v6_cidrs(list: &[Cidr]) -> impl Iterator<Item = (Ipv6Addr, u8)> + '_ {
         list.iter().filter_map(|c| match c.addr {
@@ -424,6 +637,7 @@ pub struct UserPolicy {
     spec: PolicySpec,
     facts: NetnsFacts,
     ports: std::collections::BTreeMap<u16, u8>,
+    services: std::collections::HashSet<std::net::SocketAddr>,
 }
 
 impl UserPolicy {
@@ -432,6 +646,7 @@ impl UserPolicy {
         UserPolicy {
             config: spec.config(&facts),
             ports: spec.port_entries().into_iter().collect(),
+            services: spec.services.iter().copied().collect(),
             spec,
             facts,
         }
@@ -491,6 +706,15 @@ impl PolicyMaps for UserPolicy {
 
     fn is_local_addr(&self, dst: &Addr) -> bool {
         self.facts.local_addrs.contains(&from_addr(dst))
+    }
+
+    fn is_owner_group(&self, gid: u32) -> bool {
+        self.spec.owner_group_ids().contains(&gid)
+    }
+
+    fn is_service(&self, dst: &Addr, port: u16) -> bool {
+        self.services
+            .contains(&std::net::SocketAddr::new(from_addr(dst), port))
     }
 }
 
@@ -555,6 +779,48 @@ mod tests {
         assert_eq!(parse_ids("-u", "4,3,4").unwrap(), vec![4, 3]);
         assert!(parse_ids("-u", "root").is_err());
         assert!(parse_ids("-u", "4294967295").is_err());
+    }
+
+    #[test]
+    fn marks() {
+        assert_eq!(parse_mark("--proxy-mark", "0x1").unwrap(), 1);
+        assert_eq!(parse_mark("--proxy-mark", "1337").unwrap(), 1337);
+        assert_eq!(parse_mark("--proxy-mark", "0xFFFFFFFF").unwrap(), u32::MAX);
+        for bad in ["0", "0x0", "", "x", "0x", "4294967296", "-1"] {
+            let e = parse_mark("--proxy-mark", bad).unwrap_err().to_string();
+            assert!(e.contains("--proxy-mark"), "{e}");
+        }
+    }
+
+    #[test]
+    fn services() {
+        let s = parse_services("--service", "10.0.0.1:80, [fd00::1]:443,10.0.0.1:80").unwrap();
+        assert_eq!(s.len(), 2);
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:0",
+            "10.0.0.1:70000",
+            "fd00::1:80",
+            "x:1",
+        ] {
+            let e = parse_services("--service", bad).unwrap_err().to_string();
+            assert!(e.contains("--service") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn proxy_cgroup_must_be_cgroup2() {
+        let e = resolve_proxy_cgroup("--proxy-cgroup", std::path::Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--proxy-cgroup") && e.contains("/nonexistent"),
+            "{e}"
+        );
+        if let Some(root) = crate::fs::cgroup2_mount() {
+            let c = resolve_proxy_cgroup("--proxy-cgroup", &root).unwrap();
+            assert_eq!((c.level, c.rel.as_str()), (0, ""));
+        }
     }
 
     #[test]

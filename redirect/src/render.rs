@@ -3,11 +3,20 @@
 //!
 //! [`render`] is a pure function of a [`PolicySpec`]. It follows
 //! `tools/istio-iptables/pkg/capture/run.go` (REDIRECT mode, no DNS capture,
-//! no owner-group filter, no virtual or excluded interfaces) rule for rule and
-//! in the same order, and prints the `nat` table the way istio's rule builder
-//! does: first `-N` for each chain it creates, then every rule. The lines
-//! match istio's own golden test data (`capture/testdata/*.golden`, the `nat`
-//! part) for the settings redirect supports; the unit tests below hold them.
+//! no virtual or excluded interfaces) rule for rule and in the same order,
+//! and prints the `nat` table the way istio's rule builder does: first `-N`
+//! for each chain it creates, then every rule. The lines match istio's own
+//! golden test data (`capture/testdata/*.golden`, the `nat` part) for the
+//! settings redirect supports; the unit tests below hold them.
+//!
+//! Three settings of redirect have no istio-iptables flag: the proxy's socket
+//! mark (`--proxy-mark`), its cgroup (`--proxy-cgroup`) and explicit services
+//! (`--service`). They are rendered in the iptables forms the project's
+//! reference gives for them, where redirect's decision places them: the mark
+//! and the cgroup as one more owner each, with the same three rules as a
+//! proxy UID (`-m mark --mark M`, `-m cgroup --path P`), after the GIDs; each
+//! service as `-d IP -p tcp --dport P -j ISTIO_REDIRECT` between the included
+//! ports and the included CIDRs.
 //!
 //! Differences from the files istio prints, none of which changes a decision:
 //!
@@ -15,9 +24,10 @@
 //!   data print `* nat`.
 //! - Lists come in the order of the [`PolicySpec`]. The flag parser sorts and
 //!   de-duplicates ports and CIDRs, istio keeps the order given. Within each
-//!   group of lines (excluded ports, inbound ports, excluded CIDRs, included
-//!   ports, included CIDRs) every line has the same target, so their order
-//!   cannot change the outcome. Owner lists keep their order, which matters.
+//!   group of lines (excluded ports, inbound ports, excluded owner groups,
+//!   excluded CIDRs, included ports, services, included CIDRs) every line
+//!   has the same target, so their order cannot change the outcome. Owner
+//!   lists keep their order, which matters.
 //! - CIDRs are printed with host bits cleared (`10.0.0.0/8` for
 //!   `10.1.2.3/8`); iptables clears them itself when it loads the rule.
 //!
@@ -26,7 +36,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use crate::policy::{Cidr, InboundPorts, Include, PolicySpec};
+use crate::policy::{Cidr, InboundPorts, Include, OwnerGroups, PolicySpec};
 
 /// Which rule set: IPv4 (`iptables-restore`) or IPv6 (`ip6tables-restore`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,24 +158,60 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         "-A {OUTPUT} -o lo -s {} -j RETURN",
         family.passthrough()
     ));
-    // 3. Three rules per proxy UID, then per proxy GID.
+    // 3. Three rules per proxy UID, then per proxy GID, then for the proxy's
+    // mark and its cgroup (redirect's additions).
     let keep_3b = !include_has_loopback(spec);
     let lo = family.host_loopback();
     let tunnel = spec.tunnel_port;
+    let mut owners: Vec<(String, String)> = Vec::new();
     for (kind, ids) in [("uid", &spec.proxy_uids), ("gid", &spec.proxy_gids)] {
         for id in ids {
-            rule(format!(
-                "-A {OUTPUT} -o lo ! -d {lo} -p tcp ! --dport {tunnel} \
-                 -m owner --{kind}-owner {id} -j {IN_REDIRECT}"
+            owners.push((
+                format!("-m owner --{kind}-owner {id}"),
+                format!("-m owner ! --{kind}-owner {id}"),
             ));
-            if keep_3b {
-                rule(format!(
-                    "-A {OUTPUT} -o lo -m owner ! --{kind}-owner {id} -j RETURN"
-                ));
+        }
+    }
+    if let Some(m) = spec.proxy_mark {
+        owners.push((
+            format!("-m mark --mark {m:#x}"),
+            format!("-m mark ! --mark {m:#x}"),
+        ));
+    }
+    if let Some(c) = &spec.proxy_cgroup {
+        let path = if c.rel.contains(char::is_whitespace) {
+            format!("\"{}\"", c.rel)
+        } else {
+            c.rel.clone()
+        };
+        owners.push((
+            format!("-m cgroup --path {path}"),
+            format!("-m cgroup ! --path {path}"),
+        ));
+    }
+    for (is, is_not) in &owners {
+        rule(format!(
+            "-A {OUTPUT} -o lo ! -d {lo} -p tcp ! --dport {tunnel} {is} -j {IN_REDIRECT}"
+        ));
+        if keep_3b {
+            rule(format!("-A {OUTPUT} -o lo {is_not} -j RETURN"));
+        }
+        rule(format!("-A {OUTPUT} {is} -j RETURN"));
+    }
+    // 4. The owner-group filter.
+    match &spec.owner_groups {
+        OwnerGroups::All => {}
+        OwnerGroups::Include(gids) => {
+            let none_of: Vec<String> = gids
+                .iter()
+                .map(|g| format!("-m owner ! --gid-owner {g}"))
+                .collect();
+            rule(format!("-A {OUTPUT} {} -j RETURN", none_of.join(" ")));
+        }
+        OwnerGroups::Exclude(gids) => {
+            for g in gids {
+                rule(format!("-A {OUTPUT} -m owner --gid-owner {g} -j RETURN"));
             }
-            rule(format!(
-                "-A {OUTPUT} -m owner --{kind}-owner {id} -j RETURN"
-            ));
         }
     }
     // 6. The host loopback address.
@@ -177,6 +223,18 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
     // 8. Included ports.
     for p in &spec.include_ports {
         rule(format!("-A {OUTPUT} -p tcp --dport {p} -j {REDIRECT}"));
+    }
+    // 9s. Listed services of this family (redirect's addition).
+    for svc in &spec.services {
+        let (ip, len) = match svc.ip() {
+            IpAddr::V4(a) if family == Family::V4 => (IpAddr::V4(a), 32),
+            IpAddr::V6(a) if family == Family::V6 => (IpAddr::V6(a), 128),
+            _ => continue,
+        };
+        rule(format!(
+            "-A {OUTPUT} -d {ip}/{len} -p tcp --dport {} -j {REDIRECT}",
+            svc.port()
+        ));
     }
     // 9. Included CIDRs of this family, or everything.
     match &spec.include_cidrs {
@@ -490,6 +548,83 @@ mod tests {
             assert!(!got.iter().any(|l| l.contains("! --gid-owner")));
         }
         assert!(!include_has_loopback(&PolicySpec::default()));
+    }
+
+    /// outbound-owner-groups.golden, with numeric groups (redirect takes
+    /// numeric GIDs only; the golden's `java` is a group name).
+    #[test]
+    fn golden_owner_groups() {
+        let spec = PolicySpec {
+            owner_groups: OwnerGroups::Include(vec![1001, 202]),
+            ..PolicySpec::default()
+        };
+        let got = nat_rules(&spec, Family::V4);
+        let mut want = golden(&[HEAD, OUTPUT_HEAD]);
+        want.insert(
+            want.len() - 1,
+            "-A ISTIO_OUTPUT -m owner ! --gid-owner 1001 -m owner ! --gid-owner 202 -j RETURN"
+                .into(),
+        );
+        assert_eq!(got, want);
+        let spec = PolicySpec {
+            owner_groups: OwnerGroups::Exclude(vec![5, 6]),
+            ..PolicySpec::default()
+        };
+        let got = nat_rules(&spec, Family::V4);
+        assert_eq!(
+            &got[got.len() - 3..],
+            [
+                "-A ISTIO_OUTPUT -m owner --gid-owner 5 -j RETURN",
+                "-A ISTIO_OUTPUT -m owner --gid-owner 6 -j RETURN",
+                "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+            ]
+        );
+    }
+
+    /// Mark and cgroup come after the GIDs as owners of their own; services
+    /// between the included ports and the included CIDRs.
+    #[test]
+    fn redirect_additions() {
+        let spec = PolicySpec {
+            proxy_uids: vec![],
+            proxy_gids: vec![],
+            proxy_mark: Some(0x539),
+            proxy_cgroup: Some(crate::policy::ProxyCgroup {
+                path: "/sys/fs/cgroup/pod/proxy".into(),
+                rel: "pod/proxy".into(),
+                id: 1,
+                level: 2,
+            }),
+            include_ports: vec![443],
+            services: vec![
+                "10.0.0.1:80".parse().unwrap(),
+                "[fd00::1]:80".parse().unwrap(),
+            ],
+            include_cidrs: Include::List(cidrs(&["10.9.0.0/16"])),
+            ..PolicySpec::default()
+        };
+        let got = nat_rules(&spec, Family::V4);
+        let from = got.iter().position(|l| l.contains("127.0.0.6")).unwrap() + 1;
+        assert_eq!(
+            &got[from..],
+            [
+                "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark --mark 0x539 -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_OUTPUT -o lo -m mark ! --mark 0x539 -j RETURN",
+                "-A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN",
+                "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m cgroup --path pod/proxy -j ISTIO_IN_REDIRECT",
+                "-A ISTIO_OUTPUT -o lo -m cgroup ! --path pod/proxy -j RETURN",
+                "-A ISTIO_OUTPUT -m cgroup --path pod/proxy -j RETURN",
+                "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+                "-A ISTIO_OUTPUT -p tcp --dport 443 -j ISTIO_REDIRECT",
+                "-A ISTIO_OUTPUT -d 10.0.0.1/32 -p tcp --dport 80 -j ISTIO_REDIRECT",
+                "-A ISTIO_OUTPUT -d 10.9.0.0/16 -j ISTIO_REDIRECT",
+            ]
+        );
+        let v6 = nat_rules(&spec, Family::V6);
+        assert!(v6.contains(
+            &"-A ISTIO_OUTPUT -d fd00::1/128 -p tcp --dport 80 -j ISTIO_REDIRECT".to_string()
+        ));
+        assert!(!v6.iter().any(|l| l.contains("10.0.0.1")));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray};
-use redirect_common::{Config, Counter, Rule, config_flags, map_names, port_flags};
+use redirect_common::{Config, Counter, Rule, ServiceKey, config_flags, map_names, port_flags};
 use serde::Serialize;
 
 use crate::{
@@ -56,6 +56,16 @@ pub struct PolicyStatus {
     pub inbound_ports: Vec<String>,
     /// Inbound ports excluded under `*`.
     pub exclude_inbound_ports: Vec<u16>,
+    /// Sockets with this mark are the proxy's.
+    pub proxy_mark: Option<u32>,
+    /// Tasks in this cgroup (id) or below are the proxy's.
+    pub proxy_cgroup_id: Option<u64>,
+    /// Owner-group filter: only these GIDs are captured.
+    pub owner_groups_include: Vec<u32>,
+    /// Owner-group filter: these GIDs are not captured.
+    pub owner_groups_exclude: Vec<u32>,
+    /// Explicit services (`ip:port`).
+    pub services: Vec<String>,
     /// Addresses the pod's namespace owns.
     pub local_addrs: Vec<String>,
     /// Source address bound on redirected sockets.
@@ -203,7 +213,40 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
         local_addrs.push(IpAddr::from(b));
     }
     local_addrs.sort();
+    let groups = ids(dir, map_names::OWNER_GROUPS, None)?;
+    let (owner_groups_include, owner_groups_exclude) =
+        if cfg.has(config_flags::OWNER_GROUPS_INCLUDE) {
+            (groups, Vec::new())
+        } else if cfg.has(config_flags::OWNER_GROUPS_EXCLUDE) {
+            (Vec::new(), groups)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+    let svc_map =
+        HashMap::<_, ServiceKey, u8>::try_from(open_pinned(&dir.join(map_names::SERVICES))?)?;
+    let mut services: Vec<std::net::SocketAddr> = Vec::new();
+    for k in svc_map.keys() {
+        let k = k?;
+        let ip = if k.family == redirect_common::AF_INET {
+            IpAddr::from(k.ip[0].to_ne_bytes())
+        } else {
+            let mut b = [0u8; 16];
+            for (i, word) in k.ip.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::from(b)
+        };
+        services.push(std::net::SocketAddr::new(ip, k.port));
+    }
+    services.sort();
     Ok(PolicyStatus {
+        proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
+        proxy_cgroup_id: cfg
+            .has(config_flags::HAS_CGROUP)
+            .then_some(cfg.proxy_cgroup_id),
+        owner_groups_include,
+        owner_groups_exclude,
+        services: services.iter().map(ToString::to_string).collect(),
         proxy_port: cfg.proxy_port,
         inbound_port: cfg.inbound_port,
         tunnel_port: cfg.tunnel_port,
@@ -273,6 +316,19 @@ impl std::fmt::Display for Status {
             "            exclude {}",
             joined(&p.exclude_inbound_ports)
         )?;
+        if let Some(m) = p.proxy_mark {
+            writeln!(f, "proxy mark  {m:#x}")?;
+        }
+        if let Some(id) = p.proxy_cgroup_id {
+            writeln!(f, "proxy cgrp  id {id}")?;
+        }
+        if !p.owner_groups_include.is_empty() {
+            writeln!(f, "owner grps  only {}", joined(&p.owner_groups_include))?;
+        }
+        if !p.owner_groups_exclude.is_empty() {
+            writeln!(f, "owner grps  all but {}", joined(&p.owner_groups_exclude))?;
+        }
+        writeln!(f, "services    {}", p.services.len())?;
         writeln!(
             f,
             "pod addrs   {} (source {})",

@@ -405,6 +405,31 @@ fn explain_refuses_bad_input() {
         "--pin-dir",
         "/nonexistent/pins",
     );
+    refused(
+        &["explain", "--dst", "1.1.1.1:80", "--mark", "0x1g"],
+        "--mark",
+        "0x1g",
+    );
+    refused(
+        &["explain", "--dst", "1.1.1.1:80", "--cgroup", "/tmp"],
+        "--cgroup",
+        "/tmp",
+    );
+    refused(
+        &[
+            "explain",
+            "--direction",
+            "in",
+            "--src",
+            "1.1.1.2",
+            "--dst",
+            "1.1.1.1:80",
+            "--mark",
+            "1",
+        ],
+        "--mark",
+        "--direction out",
+    );
 }
 
 /// The empty-policy `nat` table of istio's golden file `empty.golden`.
@@ -510,6 +535,10 @@ fn dry_run_checks_and_touches_nothing() {
         "15090",
         "-u",
         "1337,7",
+        "--owner-groups-include",
+        "7,8",
+        "--service",
+        "10.0.0.1:80",
     ];
     let text = ok(&args);
     assert!(!pin.exists(), "a dry run created {}", pin.display());
@@ -539,6 +568,11 @@ fn dry_run_checks_and_touches_nothing() {
     );
     assert!(text.contains("PROXY_UIDS  2 entries: 1337, 7"), "{text}");
     assert!(text.contains("EXCLUDE_V6  1 entry: fd00::/8"), "{text}");
+    assert!(
+        text.contains("OWNER_GROUPS 2 entries (only these are captured): 7, 8"),
+        "{text}"
+    );
+    assert!(text.contains("SERVICES    1 entry: 10.0.0.1:80"), "{text}");
 
     let v = json(&args);
     let maps = &v["maps"];
@@ -559,8 +593,15 @@ fn dry_run_checks_and_touches_nothing() {
             "has_gids",
             "include_all",
             "has_exclude_cidrs",
-            "inbound_all"
+            "inbound_all",
+            "has_services",
+            "owner_groups_include"
         ]
+    );
+    assert_eq!(maps["OWNER_GROUPS"]["entries"], serde_json::json!([7, 8]));
+    assert_eq!(
+        maps["SERVICES"]["entries"],
+        serde_json::json!(["10.0.0.1:80"])
     );
     assert_eq!(maps["CONFIG"]["first_uid"], 1337);
     let hooks: Vec<&str> = v["attach"]
@@ -747,4 +788,100 @@ fn explain_matches_the_kernel_on_a_pod() {
     let after = f.status().expect("status");
     assert_eq!(before["generation"], after["generation"]);
     assert_eq!(before["policy"], after["policy"]);
+}
+
+/// The same with redirect's other exemptions: the proxy's mark, its cgroup,
+/// the owner-group filter, and a listed service.
+#[test]
+fn explain_matches_the_kernel_with_exemptions() {
+    if !can_run() {
+        return;
+    }
+    let f = Fixture::new();
+    let proxy_cgroup = f.pod.cgroup.join("proxy").display().to_string();
+    let service = format!("{}:81", upstream_extra(3));
+    f.apply_ok(&[
+        "-i",
+        "10.201.0.1/32",
+        "-u",
+        "",
+        "-g",
+        "",
+        "--proxy-mark",
+        "0x1",
+        "--proxy-cgroup",
+        &proxy_cgroup,
+        "--owner-groups-exclude",
+        "4242",
+        "--service",
+        &service,
+    ]);
+    let pin = f.pin_dir.display().to_string();
+    let in_app = As {
+        uid: 0,
+        gid: 0,
+        cgroup: Some("app"),
+    };
+    let in_proxy = As {
+        cgroup: Some("proxy"),
+        ..in_app
+    };
+    let to = |i: u8, port: u16| format!("{}:{port}", upstream_extra(i));
+    let cases: Vec<(As, Option<u32>, String, &str)> = vec![
+        (in_app, None, to(1, 80), "included_cidr"),
+        (in_app, Some(1), to(1, 80), "proxy_owner"),
+        (in_app, Some(2), to(1, 80), "included_cidr"),
+        (in_proxy, None, to(1, 80), "proxy_owner"),
+        (other(2000, 4242), None, to(1, 80), "owner_group"),
+        (in_app, None, service.clone(), "service"),
+        (in_app, None, to(3, 80), "not_captured"),
+    ];
+    for (who, mark, dst, rule) in cases {
+        let (uid, gid) = (who.uid.to_string(), who.gid.to_string());
+        let cgroup = f.pod.cgroup.join(who.cgroup.unwrap()).display().to_string();
+        let mark_s = mark.unwrap_or(0).to_string();
+        let v = json(&[
+            "explain",
+            "--pin-dir",
+            &pin,
+            "--uid",
+            &uid,
+            "--gid",
+            &gid,
+            "--mark",
+            &mark_s,
+            "--cgroup",
+            &cgroup,
+            "--dst",
+            &dst,
+        ]);
+        assert_eq!(v["rule"]["name"], rule, "{v:#}");
+        let view = match mark {
+            Some(m) => f.pod.connect_marked(who, &dst, m).expect("sample client"),
+            None => f.connect(who, &dst),
+        };
+        let answered = view.reply.map(|r| r.server).unwrap_or_default();
+        let expected = if v["action"] == "redirect" {
+            "proxy"
+        } else {
+            "upstream"
+        };
+        assert_eq!(
+            answered, expected,
+            "{who:?} mark {mark:?} -> {dst}: explain said {v:#}"
+        );
+    }
+    // The text form names the mark and the cgroup.
+    let text = ok(&[
+        "explain",
+        "--pin-dir",
+        &pin,
+        "--mark",
+        "0x1",
+        "--cgroup",
+        &proxy_cgroup,
+        "--dst",
+        &to(1, 80),
+    ]);
+    assert!(text.contains("mark 0x1 (in the proxy's cgroup)"), "{text}");
 }

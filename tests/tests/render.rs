@@ -54,6 +54,18 @@ const POLICIES: &[&[&str]] = &[
     &["-i", "127.0.0.1/32,fd00::/8"],
     &["-i", "*", "-u", "", "-g", ""],
     &["-p", "1", "-z", "2", "--tunnel-port", "3", "-q", "4"],
+    &["-i", "*", "--owner-groups-include", "1001,202"],
+    &["-i", "*", "--owner-groups-exclude", "5,6", "-u", "3,4"],
+    &[
+        "-i",
+        "10.0.0.0/8",
+        "--proxy-mark",
+        "0x539",
+        "--service",
+        "10.9.0.1:80,[fd00::1]:443",
+        "-u",
+        "",
+    ],
 ];
 
 /// `redirect iptables --family 4|6 <flags>`.
@@ -134,7 +146,11 @@ fn rules_by_chain(text: &str) -> BTreeMap<String, Vec<Vec<String>>> {
         let Some(rest) = line.strip_prefix("-A ") else {
             continue;
         };
-        let words: Vec<&str> = rest.split_whitespace().collect();
+        // `*-save` quotes some values (`--path "a/b"`).
+        let words: Vec<&str> = rest
+            .split_whitespace()
+            .map(|w| w.trim_matches('"'))
+            .collect();
         let chain = words[0].to_string();
         let mut kept = Vec::new();
         let mut i = 1;
@@ -180,12 +196,28 @@ fn load(family: Family, backend: &str, script: &str, policy: &[&str]) {
     );
 }
 
+/// A cgroup directory, removed on drop.
+struct Cgroup(std::path::PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 #[test]
 fn rendered_scripts_load_into_iptables() {
     if !can_run() {
         return;
     }
-    for policy in POLICIES {
+    // `--proxy-cgroup` needs a real cgroup v2 directory, and so does
+    // `-m cgroup --path` when the rule is loaded.
+    let root = redirect::fs::cgroup2_mount().expect("a cgroup v2 hierarchy");
+    let cgroup = Cgroup(root.join(format!("rdt-render-{}", std::process::id())));
+    std::fs::create_dir(&cgroup.0).expect("creating a cgroup");
+    let cg = cgroup.0.display().to_string();
+    let with_cgroup: &[&str] = &["-i", "*", "--proxy-cgroup", &cg, "-g", ""];
+    for policy in POLICIES.iter().copied().chain([with_cgroup]) {
         for family in [Family::V4, Family::V6] {
             let script = render(policy, family);
             assert!(script.starts_with("*nat\n"), "{script}");
