@@ -11,8 +11,8 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     apply::{self, ApplyRequest},
-    pod::{As, Pod, Side, UPSTREAM_IP, upstream_extra},
-    policy::{Include, PolicySpec},
+    pod::{As, POD_IP, Pod, Side, UPSTREAM_IP, upstream_extra},
+    policy::{InboundPorts, Include, PolicySpec},
     status,
 };
 
@@ -61,6 +61,8 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         "sample-proxy",
         &["0.0.0.0:15001", "0.0.0.0:15006"],
     )?;
+    pod.start_server(Side::Pod, As::APP, "app", &["0.0.0.0:8080"])?;
+    let app_addr = format!("{POD_IP}:8080");
 
     let before = pod.connect(As::APP, &service, None)?;
     println!(
@@ -73,6 +75,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
 
     let policy = PolicySpec {
         include_cidrs: Include::All,
+        inbound_ports: InboundPorts::All,
         ..PolicySpec::default()
     };
     let report = apply::apply(&ApplyRequest {
@@ -82,7 +85,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         policy,
     })?;
     println!(
-        "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*'",
+        "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*' -b '*'",
         pod.cgroup.display(),
         pod.netns_path(Side::Pod).display(),
         pin_dir.display()
@@ -105,6 +108,25 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
     );
     println!(
         "  {} accepted on {} from {}",
+        reply.server, reply.local, reply.peer
+    );
+    println!(
+        "  {} getsockopt(SO_ORIGINAL_DST) = {}",
+        reply.server,
+        reply
+            .orig_dst
+            .as_deref()
+            .unwrap_or_else(|| reply.orig_dst_error.as_deref().unwrap_or("?"))
+    );
+
+    let inbound = pod.connect_from(Side::Upstream, As::PROXY_LESS, &app_addr, None)?;
+    let reply = inbound
+        .reply
+        .as_ref()
+        .context("no answer to the inbound connection")?;
+    println!("\nwith redirect, a client outside the pod -> {app_addr} (the app's port):");
+    println!(
+        "  {} accepted on {} from {} (no NAT: the local address is kept)",
         reply.server, reply.local, reply.peer
     );
     println!(

@@ -340,14 +340,16 @@ impl std::fmt::Display for Status {
             let n = self.decisions.get(rule.name()).copied().unwrap_or(0);
             let what = match rule {
                 Rule::ProxyToLocal => "redirected (inbound port)",
-                Rule::IncludedPort | Rule::IncludedCidr | Rule::IncludeAll => "redirected",
+                Rule::IncludedPort | Rule::Service | Rule::IncludedCidr | Rule::IncludeAll => {
+                    "redirected"
+                }
                 Rule::InboundAll | Rule::InboundIncludedPort => "redirected (inbound)",
                 r if r.is_inbound() => "passed (inbound)",
                 _ => "passed",
             };
             writeln!(
                 f,
-                "  {:<20} {:>10}  rule {:<3} {what}",
+                "  {:<24} {:>10}  rule {:<8} {what}",
                 rule.name(),
                 n,
                 rule.number()
@@ -355,7 +357,7 @@ impl std::fmt::Display for Status {
         }
         writeln!(f, "counters")?;
         for (k, v) in &self.counters {
-            writeln!(f, "  {k:<20} {v:>10}")?;
+            writeln!(f, "  {k:<24} {v:>10}")?;
         }
         Ok(())
     }
