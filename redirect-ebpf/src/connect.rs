@@ -116,19 +116,14 @@ fn source_v4(cfg: &Config, dst: &Addr, dst_be: u32, over_lo: bool) -> u32 {
     }
 }
 
+/// `bpf_bind` to `addr` (a `SockaddrIn` or `SockaddrIn6`, port 0).
 #[inline(always)]
-unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) {
-    let mut sin = SockaddrIn {
-        family: AF_INET,
-        port_be: 0,
-        addr_be: src_be,
-        zero: [0; 8],
-    };
+unsafe fn bind_to<T>(sa: &mut bpf_sock_addr, mut addr: T) {
     let ret = unsafe {
         bpf_bind(
             sa,
-            (&mut sin as *mut SockaddrIn).cast::<sockaddr>(),
-            core::mem::size_of::<SockaddrIn>() as i32,
+            (&mut addr as *mut T).cast::<sockaddr>(),
+            core::mem::size_of::<T>() as i32,
         )
     };
     if ret != 0 {
@@ -137,24 +132,26 @@ unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) {
 }
 
 #[inline(always)]
+unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) {
+    let sin = SockaddrIn {
+        family: AF_INET,
+        port_be: 0,
+        addr_be: src_be,
+        zero: [0; 8],
+    };
+    unsafe { bind_to(sa, sin) }
+}
+
+#[inline(always)]
 unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) {
-    let mut sin6 = SockaddrIn6 {
+    let sin6 = SockaddrIn6 {
         family: AF_INET6,
         port_be: 0,
         flowinfo: 0,
         addr: src,
         scope_id: 0,
     };
-    let ret = unsafe {
-        bpf_bind(
-            sa,
-            (&mut sin6 as *mut SockaddrIn6).cast::<sockaddr>(),
-            core::mem::size_of::<SockaddrIn6>() as i32,
-        )
-    };
-    if ret != 0 {
-        count(Counter::BindFailed as u32);
-    }
+    unsafe { bind_to(sa, sin6) }
 }
 
 #[inline(always)]

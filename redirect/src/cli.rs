@@ -335,22 +335,29 @@ pub enum PolicyArgsError {
     },
 }
 
+/// A list file (one entry per line, `#` comments, blank lines ignored) as
+/// the comma-separated list the flag parsers take.
+fn read_list_file(flag: &'static str, path: &std::path::Path) -> Result<String, PolicyArgsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+        flag,
+        path: path.display().to_string(),
+        source,
+    })?;
+    let entries: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    Ok(entries.join(","))
+}
+
 impl PolicyArgs {
     /// Validates every flag and builds the policy.
     pub fn to_spec(&self) -> Result<PolicySpec, PolicyArgsError> {
         let mut exclude_cidrs = parse_cidrs("--exclude-cidrs", &self.exclude_cidrs)?;
         if let Some(path) = &self.exclude_cidrs_file {
-            let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
-                flag: "--exclude-cidrs-file",
-                path: path.display().to_string(),
-                source,
-            })?;
-            let joined: Vec<&str> = text
-                .lines()
-                .map(|l| l.split('#').next().unwrap_or("").trim())
-                .filter(|l| !l.is_empty())
-                .collect();
-            exclude_cidrs.extend(parse_cidrs("--exclude-cidrs-file", &joined.join(","))?);
+            let list = read_list_file("--exclude-cidrs-file", path)?;
+            exclude_cidrs.extend(parse_cidrs("--exclude-cidrs-file", &list)?);
             exclude_cidrs.sort();
             exclude_cidrs.dedup();
         }
@@ -404,17 +411,8 @@ impl PolicyArgs {
     fn services(&self) -> Result<Vec<std::net::SocketAddr>, PolicyArgsError> {
         let mut all = parse_services("--service", &self.service.join(","))?;
         if let Some(path) = &self.services_file {
-            let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
-                flag: "--services-file",
-                path: path.display().to_string(),
-                source,
-            })?;
-            let joined: Vec<&str> = text
-                .lines()
-                .map(|l| l.split('#').next().unwrap_or("").trim())
-                .filter(|l| !l.is_empty())
-                .collect();
-            all.extend(parse_services("--services-file", &joined.join(","))?);
+            let list = read_list_file("--services-file", path)?;
+            all.extend(parse_services("--services-file", &list)?);
             all.sort();
             all.dedup();
         }

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     apply::{self, ApplyRequest},
+    peer::ServerView,
     pod::{As, POD_IP, Pod, Side, UPSTREAM_IP, upstream_extra},
     policy::{InboundPorts, Include, PolicySpec},
     status,
@@ -39,6 +40,17 @@ impl Drop for Pins {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+fn print_orig_dst(reply: &ServerView) {
+    println!(
+        "  {} getsockopt(SO_ORIGINAL_DST) = {}",
+        reply.server,
+        reply
+            .orig_dst
+            .as_deref()
+            .unwrap_or_else(|| reply.orig_dst_error.as_deref().unwrap_or("?"))
+    );
 }
 
 fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
@@ -110,14 +122,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         "  {} accepted on {} from {}",
         reply.server, reply.local, reply.peer
     );
-    println!(
-        "  {} getsockopt(SO_ORIGINAL_DST) = {}",
-        reply.server,
-        reply
-            .orig_dst
-            .as_deref()
-            .unwrap_or_else(|| reply.orig_dst_error.as_deref().unwrap_or("?"))
-    );
+    print_orig_dst(reply);
 
     let inbound = pod.connect_from(Side::Upstream, As::PROXY_LESS, &app_addr, None)?;
     let reply = inbound
@@ -129,14 +134,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         "  {} accepted on {} from {} (no NAT: the local address is kept)",
         reply.server, reply.local, reply.peer
     );
-    println!(
-        "  {} getsockopt(SO_ORIGINAL_DST) = {}",
-        reply.server,
-        reply
-            .orig_dst
-            .as_deref()
-            .unwrap_or_else(|| reply.orig_dst_error.as_deref().unwrap_or("?"))
-    );
+    print_orig_dst(reply);
 
     let proxy_own = pod.connect(As::PROXY, &service, None)?;
     println!(
