@@ -47,6 +47,19 @@ impl Addr {
         }
     }
 
+    /// Where a connect to this address goes: the unspecified address
+    /// (`0.0.0.0`, `::`) means the host loopback (`127.0.0.1`, `::1`). The
+    /// kernel applies that after the connect hook, before iptables sees the
+    /// packet, so the decision must apply it too.
+    #[inline(always)]
+    pub fn connect_target(self) -> Addr {
+        match self {
+            Addr::V4(0) => Addr::V4(V4_LOCALHOST),
+            Addr::V6(b) if b == [0; 16] => Addr::V6(V6_LOCALHOST),
+            a => a,
+        }
+    }
+
     /// The passthrough source of rule 2: 127.0.0.6 or ::6.
     #[inline(always)]
     pub fn is_passthrough(&self) -> bool {
@@ -400,6 +413,10 @@ fn owner_rules(
 /// would (rules 1, 2, 3, 4, 6, 7, 8, 9 of `docs/semantics.md`).
 #[inline(always)]
 pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> Verdict {
+    let c = &Outbound {
+        dst: c.dst.connect_target(),
+        ..*c
+    };
     // "Routed over lo": a loopback destination or one the namespace owns.
     let over_lo = c.dst.is_loopback_range() || maps.is_local_addr(&c.dst);
     let mut v = walk(cfg, maps, c, over_lo);

@@ -223,6 +223,8 @@ fn matrix() -> Vec<Case> {
         POD_IP.to_string(),
         "127.0.0.1".to_string(),
         "127.0.0.2".to_string(),
+        // The kernel connects 0.0.0.0 to 127.0.0.1 (after the connect hook).
+        "0.0.0.0".to_string(),
     ];
     let ports = [80u16, 81, APP_PORT, 15008];
     let mut out = Vec::new();
@@ -248,6 +250,7 @@ fn matrix() -> Vec<Case> {
         format!("[{UPSTREAM_IP6}]"),
         format!("[{POD_IP6}]"),
         "[::1]".to_string(),
+        "[::]".to_string(),
         format!("[::ffff:{}]", upstream_extra(1)),
         format!("[::ffff:{}]", upstream_extra(2)),
     ];
