@@ -186,3 +186,20 @@ fn listener_in_another_namespace_cannot_take_over() {
     // One IPv4 and one IPv6 listener.
     assert_eq!(st["counters"]["listener_set"].as_u64(), Some(2), "{st}");
 }
+
+#[test]
+fn reapply_changes_inbound_policy_and_remove_restores() {
+    need_root!();
+    let f = fixture();
+    f.apply_ok(&["-b", "*"]);
+    assert_eq!(f.who_answers_in(&pod(APP_PORT)), "proxy");
+    // Re-apply with the app's port excluded: the new generation decides,
+    // the registered listener carries over.
+    f.apply_ok(&["-b", "*", "-d", &APP_PORT.to_string()]);
+    assert_eq!(f.who_answers_in(&pod(APP_PORT)), "app");
+    assert_eq!(f.who_answers_in(&pod(OTHER)), "proxy");
+    let out = f.redirect(&["remove", "--pin-dir", f.pin_dir.to_str().unwrap()]);
+    assert!(out.status.success());
+    // Nothing steers any more: the app answers on its own ports.
+    assert_eq!(f.who_answers_in(&pod(OTHER)), "app2");
+}
