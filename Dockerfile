@@ -2,7 +2,9 @@
 # attaches and pins the eBPF programs, and exits.
 #
 # At run time it needs:
-#   - CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN;
+#   - CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN; CAP_SYS_PTRACE too when it
+#     applies to a pod whose proxy is already listening (the loader borrows
+#     the listening socket with pidfd_getfd to register it);
 #   - bpffs mounted (the pin dir, default /sys/fs/bpf/redirect, must be on it);
 #   - the host's cgroup v2 hierarchy mounted, so that --cgroup can name the
 #     pod's cgroup directory;
