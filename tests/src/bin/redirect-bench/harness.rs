@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     peer::{ClientReport, ProxyMode},
-    world::{Method, Tools, World, exclusion_cidrs},
+    world::{Method, Policy, Tools, World},
 };
 
 /// Sizes and repetitions of one run.
@@ -38,6 +38,11 @@ pub struct Plan {
     pub sweep_sizes: Vec<usize>,
     /// Scenario 3 rounds per size.
     pub sweep_rounds: usize,
+    /// Scenario 3, services: other services ahead of the target (0: the
+    /// target alone).
+    pub service_sizes: Vec<usize>,
+    /// Scenario 3, services: rounds per size.
+    pub service_rounds: usize,
     /// Scenario 2 rounds.
     pub rr_rounds: usize,
     /// Scenario 2 seconds per measurement.
@@ -53,7 +58,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The full run (about 10 minutes on 2 cores) or the CI check.
+    /// The full run (about 5 minutes on 2 cores) or the CI check.
     pub fn new(quick: bool) -> Plan {
         if quick {
             Plan {
@@ -64,6 +69,8 @@ impl Plan {
                 warmup: 50,
                 sweep_sizes: vec![100],
                 sweep_rounds: 2,
+                service_sizes: vec![0, 100],
+                service_rounds: 2,
                 rr_rounds: 2,
                 rr_seconds: 0.2,
                 apply_reps: 1,
@@ -81,6 +88,8 @@ impl Plan {
                 warmup: 200,
                 sweep_sizes: vec![10, 100, 1_000, 10_000, 100_000],
                 sweep_rounds: 5,
+                service_sizes: vec![0, 100, 1_000, 10_000, 100_000],
+                service_rounds: 9,
                 rr_rounds: 7,
                 rr_seconds: 1.0,
                 apply_reps: 3,
@@ -95,7 +104,8 @@ impl Plan {
 /// One client run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Sample {
-    /// Exclusion CIDRs in the policy.
+    /// Exclusion CIDRs in the policy (`setup`, `rr`), or services ahead of
+    /// the target (`services`).
     pub size: usize,
     /// How the connection reached the proxy.
     pub method: Method,
@@ -108,7 +118,7 @@ pub struct Sample {
 /// One apply and removal.
 #[derive(Clone, Debug, Serialize)]
 pub struct ApplySample {
-    /// Exclusion CIDRs in the policy.
+    /// Exclusion CIDRs in the policy, or services ahead of the target.
     pub size: usize,
     /// Method.
     pub method: Method,
@@ -134,7 +144,7 @@ pub struct MapMem {
 /// Kernel memory of a programmed policy.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemorySample {
-    /// Exclusion CIDRs in the policy.
+    /// Exclusion CIDRs in the policy, or services ahead of the target.
     pub size: usize,
     /// Method.
     pub method: Method,
@@ -214,10 +224,17 @@ pub struct Results {
     pub setup: Vec<Sample>,
     /// Scenario 2: request/response.
     pub rr: Vec<Sample>,
+    /// Scenario 3, services: connection setup with N services ahead of the
+    /// target, no `-i`.
+    pub services: Vec<Sample>,
     /// Scenario 4.
     pub apply: Vec<ApplySample>,
+    /// Scenario 4, the service policies.
+    pub services_apply: Vec<ApplySample>,
     /// Scenario 5, memory.
     pub memory: Vec<MemorySample>,
+    /// Scenario 5, memory of the service policies.
+    pub services_memory: Vec<MemorySample>,
     /// Ephemeral port wrap.
     pub wrap: Vec<WrapSample>,
     /// Scenario 5, occupancy.
@@ -287,19 +304,50 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         plan: plan.clone(),
         setup: Vec::new(),
         rr: Vec::new(),
+        services: Vec::new(),
         apply: Vec::new(),
+        services_apply: Vec::new(),
         memory: Vec::new(),
+        services_memory: Vec::new(),
         wrap: Vec::new(),
         occupancy: None,
     };
     if only.has("setup") {
         eprintln!("bench: scenario 1, connection setup, no exclusions");
-        setup_at(plan, tools, 0, plan.setup_rounds, &mut r)?;
+        let out = Out {
+            setup: &mut r.setup,
+            apply: &mut r.apply,
+            memory: &mut r.memory,
+        };
+        setup_at(plan, tools, &Policy::exclusions(0), plan.setup_rounds, out)?;
     }
     if only.has("scaling") {
         for &size in &plan.sweep_sizes {
             eprintln!("bench: scenario 3, connection setup, {size} exclusion CIDRs");
-            setup_at(plan, tools, size, plan.sweep_rounds, &mut r)?;
+            let out = Out {
+                setup: &mut r.setup,
+                apply: &mut r.apply,
+                memory: &mut r.memory,
+            };
+            setup_at(
+                plan,
+                tools,
+                &Policy::exclusions(size),
+                plan.sweep_rounds,
+                out,
+            )?;
+        }
+    }
+    if only.has("services") {
+        for &size in &plan.service_sizes {
+            eprintln!("bench: scenario 3, connection setup, {size} services ahead of the target");
+            let out = Out {
+                setup: &mut r.services,
+                apply: &mut r.services_apply,
+                memory: &mut r.services_memory,
+            };
+            let policy = Policy::services(size, tools)?;
+            setup_at(plan, tools, &policy, plan.service_rounds, out)?;
         }
     }
     if only.has("rr") {
@@ -378,13 +426,20 @@ fn check_report(w: &World, rep: &ClientReport, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn setup_at(plan: &Plan, tools: &Tools, size: usize, rounds: usize, r: &mut Results) -> Result<()> {
-    let cidrs = exclusion_cidrs(size);
+/// Where one policy's samples go.
+struct Out<'a> {
+    setup: &'a mut Vec<Sample>,
+    apply: &'a mut Vec<ApplySample>,
+    memory: &'a mut Vec<MemorySample>,
+}
+
+fn setup_at(plan: &Plan, tools: &Tools, policy: &Policy, rounds: usize, r: Out<'_>) -> Result<()> {
+    let size = policy.size;
     let mut worlds = Vec::new();
     let mut first_apply = BTreeMap::new();
     for m in Method::ALL {
         let mut w = World::new(m, tools, ProxyMode::Setup, None)?;
-        if let Some(d) = w.apply(&cidrs)? {
+        if let Some(d) = w.apply(policy)? {
             first_apply.insert(m, d);
         }
         if let Some(mem) = memory(&w, size)? {
@@ -416,7 +471,7 @@ fn setup_at(plan: &Plan, tools: &Tools, size: usize, rounds: usize, r: &mut Resu
             let apply = if rep == 0 {
                 first_apply.get(&w.method).copied()
             } else {
-                w.apply(&cidrs)?
+                w.apply(policy)?
             };
             let remove = w.remove()?;
             if let (Some(a), Some(d)) = (apply, remove) {
@@ -437,7 +492,7 @@ fn rr(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
     let mut worlds = Vec::new();
     for m in Method::ALL {
         let mut w = World::new(m, tools, ProxyMode::Echo, None)?;
-        w.apply(&[])?;
+        w.apply(&Policy::exclusions(0))?;
         worlds.push(w);
     }
     let args: Vec<String> = vec![
@@ -471,7 +526,7 @@ fn rr(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
 fn wrap(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
     for m in Method::ALL {
         let mut w = World::new(m, tools, ProxyMode::Setup, plan.wrap_port_range)?;
-        w.apply(&[])?;
+        w.apply(&Policy::exclusions(0))?;
         let port_range = w
             .proc_sys("sys/net/ipv4/ip_local_port_range")
             .map(|s| s.split_whitespace().collect::<Vec<_>>().join("-"))
@@ -493,7 +548,7 @@ fn wrap(plan: &Plan, tools: &Tools, r: &mut Results) -> Result<()> {
 
 fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
     let mut w = World::new(Method::Redirect, tools, ProxyMode::Setup, None)?;
-    w.apply(&[])?;
+    w.apply(&Policy::exclusions(0))?;
     let args = setup_args(plan, plan.occupancy_count, 3600.0, 0);
     let report = w.client(&args, Duration::from_secs(1800))?;
     check_report(&w, &report, "occupancy")?;
@@ -515,12 +570,14 @@ fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
     })
 }
 
-/// `profile`: one method's pod with `size` CIDRs, and the setup client for
-/// `seconds`.
+/// `profile`: one method's pod with `size` exclusion CIDRs (or, with
+/// `services`, `size` services ahead of the target), and the setup client
+/// for `seconds`.
 pub fn profile(
     tools: &Tools,
     method: &str,
     size: usize,
+    services: bool,
     seconds: f64,
     extra: &[String],
 ) -> Result<()> {
@@ -529,7 +586,12 @@ pub fn profile(
         .find(|m| m.name() == method)
         .with_context(|| format!("unknown method {method}"))?;
     let mut w = World::new(m, tools, ProxyMode::Setup, None)?;
-    w.apply(&exclusion_cidrs(size))?;
+    let policy = if services {
+        Policy::services(size, tools)?
+    } else {
+        Policy::exclusions(size)
+    };
+    w.apply(&policy)?;
     eprintln!("bench: pod {} ready, client runs {seconds} s", w.pod.name);
     let plan = Plan::new(false);
     let mut args = setup_args(&plan, 0, seconds, 200);

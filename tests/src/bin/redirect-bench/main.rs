@@ -40,8 +40,8 @@ enum Cmd {
         /// The `redirect` binary (default: next to this one).
         #[arg(long)]
         redirect_bin: Option<PathBuf>,
-        /// Only these scenarios (comma-separated: setup, scaling, rr, wrap,
-        /// occupancy).
+        /// Only these scenarios (comma-separated: setup, scaling, services,
+        /// rr, wrap, occupancy).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Pin the proxy and the client to this CPU (default: the last one).
@@ -57,9 +57,13 @@ enum Cmd {
         /// direct, iptables-legacy, iptables-nft or redirect.
         #[arg(long, default_value = "redirect")]
         method: String,
-        /// Exclusion CIDRs.
+        /// Exclusion CIDRs (with --services: services ahead of the target).
         #[arg(long, default_value = "0")]
         size: usize,
+        /// A service policy (no `-i`, `--size` other services, then the
+        /// target) instead of exclusions.
+        #[arg(long)]
+        services: bool,
         /// How long the client runs.
         #[arg(long, default_value = "10")]
         seconds: f64,
@@ -108,12 +112,13 @@ fn main() {
         Cmd::Profile {
             method,
             size,
+            services,
             seconds,
             redirect_bin,
             cpu,
             client_args,
         } => tools(redirect_bin, cpu)
-            .and_then(|t| harness::profile(&t, &method, size, seconds, &client_args)),
+            .and_then(|t| harness::profile(&t, &method, size, services, seconds, &client_args)),
     };
     if let Err(e) = r {
         eprintln!("redirect-bench: error: {e:#}");

@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
@@ -169,7 +169,7 @@ fn pin(cmd: &mut Command, cpu: Option<usize>) {
 pub struct World {
     proxy: Option<Proc>,
     pins: Option<PinGuard>,
-    cidr_file: Option<TempFile>,
+    list_file: Option<TempFile>,
     /// The pod.
     pub pod: Pod,
     /// Its method.
@@ -183,6 +183,120 @@ pub fn exclusion_cidrs(n: usize) -> Vec<String> {
     (0..n as u32)
         .map(|i| format!("{}.{}.{}.0/24", 11 + i / 65_536, (i / 256) % 256, i % 256))
         .collect()
+}
+
+/// The first of the other services' addresses: Kubernetes' default
+/// ClusterIP range, 10.96.0.0/12, which holds 1,048,576 addresses, all
+/// below the target's 10.201.0.1.
+const SERVICE_BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
+
+/// N services other than the target (`10.96.0.1:80`, `10.96.0.2:80`, ...),
+/// then the target, last. `redirect iptables` sorts services by address;
+/// these all sort below the target, so its rule stays the last one.
+pub fn services(n: usize) -> Vec<SocketAddr> {
+    assert!(n < (1 << 20) - 1, "10.96.0.0/12 holds the services");
+    let mut v: Vec<SocketAddr> = (0..n as u32)
+        .map(|i| SocketAddr::from((Ipv4Addr::from(SERVICE_BASE + 1 + i), 80)))
+        .collect();
+    v.push(captured_target());
+    v
+}
+
+/// A policy, ready to program every method's way.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Entries besides the target (exclusion CIDRs, or other services).
+    pub size: usize,
+    /// `redirect apply` flags besides the list file.
+    redirect_flags: Vec<String>,
+    /// The flag that takes the list file.
+    file_flag: &'static str,
+    /// The list, one entry per line.
+    list: String,
+    /// `iptables-restore` input for the same policy.
+    iptables: String,
+}
+
+impl Policy {
+    /// istio's `-i '*'` with `n` exclusion CIDRs (`exclusion_cidrs`).
+    pub fn exclusions(n: usize) -> Policy {
+        let cidrs = exclusion_cidrs(n);
+        let mut list = String::with_capacity(20 * n);
+        for c in &cidrs {
+            list.push_str(c);
+            list.push('\n');
+        }
+        Policy {
+            size: n,
+            redirect_flags: vec!["-i".into(), "*".into()],
+            file_flag: "--exclude-cidrs-file",
+            list,
+            iptables: istio_rules(&cidrs),
+        }
+    }
+
+    /// No `-i`: only `services(n)` (n others, then the target) captured,
+    /// one map entry each. The iptables rules are `redirect iptables
+    /// --family 4 --services-file` for the same list: one `-A ISTIO_OUTPUT
+    /// -d IP/32 -p tcp --dport P -j ISTIO_REDIRECT` per service, the
+    /// target's last, so iptables walks all n others before it matches.
+    pub fn services(n: usize, tools: &Tools) -> Result<Policy> {
+        let svcs = services(n);
+        let mut list = String::with_capacity(20 * svcs.len());
+        list.push_str("# redirect-bench: other services, then the target\n");
+        for s in &svcs {
+            list.push_str(&s.to_string());
+            list.push('\n');
+        }
+        let file = TempFile(std::env::temp_dir().join(format!(
+            "redirect-bench-{}-services-{n}",
+            std::process::id()
+        )));
+        std::fs::write(&file.0, &list)?;
+        let out = Command::new(&tools.redirect)
+            .args(["iptables", "--family", "4", "--services-file"])
+            .arg(&file.0)
+            .stdin(Stdio::null())
+            .output()
+            .context("running redirect iptables")?;
+        if !out.status.success() {
+            bail!(
+                "redirect iptables: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let iptables = String::from_utf8(out.stdout).context("redirect iptables output")?;
+        // The rules must be the ones described: one per service, the
+        // target's last.
+        let target = captured_target();
+        let want_last = format!(
+            "-A ISTIO_OUTPUT -d {}/32 -p tcp --dport {} -j ISTIO_REDIRECT",
+            target.ip(),
+            target.port()
+        );
+        let output_rules: Vec<&str> = iptables
+            .lines()
+            .filter(|l| l.starts_with("-A ISTIO_OUTPUT "))
+            .collect();
+        let per_service = output_rules
+            .iter()
+            .filter(|l| l.contains("-p tcp --dport") && l.ends_with("-j ISTIO_REDIRECT"))
+            .count();
+        anyhow::ensure!(
+            output_rules.last() == Some(&want_last.as_str()) && per_service == svcs.len(),
+            "redirect iptables did not render {} service rules ending with the target's \
+             ({per_service} rules, last {:?})",
+            svcs.len(),
+            output_rules.last()
+        );
+        Ok(Policy {
+            size: n,
+            redirect_flags: Vec::new(),
+            file_flag: "--services-file",
+            list,
+            iptables,
+        })
+    }
 }
 
 /// The istio-iptables `nat` table for `-i '*'` with default ports, owners
@@ -256,7 +370,7 @@ impl World {
         let mut w = World {
             proxy: None,
             pins: None,
-            cidr_file: None,
+            list_file: None,
             pod,
             method,
             tools: tools.clone(),
@@ -308,26 +422,20 @@ impl World {
         PathBuf::from("/sys/fs/bpf").join(&self.pod.name)
     }
 
-    /// Programs the istio-style policy with `cidrs` excluded; returns the
-    /// wall time of the one process that does it (`iptables-*-restore` or
-    /// `redirect apply`), or `None` for `direct`.
-    pub fn apply(&mut self, cidrs: &[String]) -> Result<Option<Duration>> {
+    /// Programs `policy`; returns the wall time of the one process that
+    /// does it (`iptables-*-restore` or `redirect apply`), or `None` for
+    /// `direct`.
+    pub fn apply(&mut self, policy: &Policy) -> Result<Option<Duration>> {
         check_interrupted()?;
         match self.method {
             Method::Direct => Ok(None),
             Method::IptablesLegacy | Method::IptablesNft => {
-                let rules = istio_rules(cidrs);
-                self.restore(&rules).map(Some)
+                self.restore(&policy.iptables).map(Some)
             }
             Method::Redirect => {
-                let file = std::env::temp_dir().join(format!("{}-cidrs", self.pod.name));
-                let mut text = String::with_capacity(20 * cidrs.len());
-                for c in cidrs {
-                    text.push_str(c);
-                    text.push('\n');
-                }
-                std::fs::write(&file, text)?;
-                self.cidr_file = Some(TempFile(file.clone()));
+                let file = std::env::temp_dir().join(format!("{}-list", self.pod.name));
+                std::fs::write(&file, &policy.list)?;
+                self.list_file = Some(TempFile(file.clone()));
                 self.pins = Some(PinGuard {
                     dir: self.pin_dir(),
                     redirect: self.tools.redirect.clone(),
@@ -340,7 +448,8 @@ impl World {
                     .arg(self.pod.netns_path(Side::Pod))
                     .arg("--pin-dir")
                     .arg(self.pin_dir())
-                    .args(["-i", "*", "--exclude-cidrs-file"])
+                    .args(&policy.redirect_flags)
+                    .arg(policy.file_flag)
                     .arg(&file);
                 let t = Instant::now();
                 run_ok(cmd, "redirect apply")?;
@@ -361,7 +470,7 @@ impl World {
                 run_ok(cmd, "redirect remove")?;
                 let d = t.elapsed();
                 self.pins = None;
-                self.cidr_file = None;
+                self.list_file = None;
                 Ok(Some(d))
             }
         }
