@@ -6,9 +6,12 @@
 //! - `test`: setup, build, run every test of the workspace, including the
 //!   real-kernel integration tests (root);
 //! - `bench`: build in release mode, run the benchmarks, write
-//!   `docs/benchmarks.md` and `docs/bench/` (root; `--quick` for CI).
+//!   `docs/benchmarks.md` and `docs/bench/` (root; `--quick` for CI);
+//! - `vm-test`: the real-kernel tests again in a VM booting another kernel
+//!   (root; Debian's `linux-image-amd64`, 6.1 on bookworm, by default).
 
 mod bench;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -53,6 +56,13 @@ enum Cmd {
         #[arg(long)]
         render_only: bool,
     },
+    /// Run the real-kernel tests in a VM booting another kernel (needs root).
+    VmTest {
+        /// Debian kernel image package to boot (default: the one
+        /// `linux-image-amd64` depends on).
+        #[arg(long)]
+        kernel_package: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -82,6 +92,11 @@ fn main() -> Result<()> {
             render_only: false,
         } => bench::run(quick, out),
         Cmd::Bench { quick, out, .. } => bench::render_only(quick, out),
+        Cmd::VmTest { kernel_package } => {
+            setup()?;
+            require_root("the VM tests")?;
+            vm::run_tests(kernel_package)
+        }
     }
 }
 
