@@ -353,19 +353,24 @@ proptest! {
     fn invariants((m, all) in arb_maps(), c in arb_conn()) {
         let v = decide(&m, all, c);
         let Addr::V4(dst) = c.dst else { unreachable!() };
-        let over_lo = dst >> 24 == 127 || m.local.contains(&dst);
+        // 0.0.0.0 is connected to 127.0.0.1 by the kernel.
+        let over_lo = dst == 0 || dst >> 24 == 127 || m.local.contains(&dst);
         // Redirects only ever go to one of the two proxy ports, by the rule
         // that names that port.
         match v.action {
             Action::Redirect(15006) => prop_assert_eq!(v.rule, Rule::ProxyToLocal),
             Action::Redirect(15001) => prop_assert!(matches!(
-                v.rule, Rule::IncludedPort | Rule::IncludedCidr | Rule::IncludeAll)),
+                v.rule,
+                Rule::IncludedPort | Rule::Service | Rule::IncludedCidr | Rule::IncludeAll
+            )),
             Action::Redirect(p) => prop_assert!(false, "redirect to {}", p),
             Action::Pass => {}
         }
-        // An excluded port is never captured.
+        // An excluded port is never captured: rule 1 decides, unless rule 0
+        // (a loopback source off lo, which the kernel refuses) came first.
         if m.exclude_ports.contains(&c.dport) {
-            prop_assert_eq!(v.rule, Rule::ExcludedPort);
+            prop_assert_eq!(v.action, Action::Pass);
+            prop_assert!(matches!(v.rule, Rule::ExcludedPort | Rule::LoopbackSourceOffLo));
         }
         // A proxy owner is never sent to the outbound port (no loop).
         if m.uids.contains(&c.uid) || m.gids.contains(&c.gid) {
