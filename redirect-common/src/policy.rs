@@ -79,18 +79,36 @@ impl Addr {
         if is_v4_mapped(w) {
             return Addr::V4(u32::from_be(w[3]));
         }
-        let mut b = [0u8; 16];
-        let mut i = 0;
-        while i < 4 {
-            let q = w[i].to_ne_bytes();
-            b[i * 4] = q[0];
-            b[i * 4 + 1] = q[1];
-            b[i * 4 + 2] = q[2];
-            b[i * 4 + 3] = q[3];
-            i += 1;
-        }
-        Addr::V6(b)
+        Addr::V6(ip6_bytes(w))
     }
+}
+
+/// An IPv6 address's bytes as the four network-order words BPF programs
+/// see (`user_ip6`, `remote_ip6`, map keys).
+#[inline(always)]
+pub fn ip6_words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The inverse of [`ip6_words`].
+#[inline(always)]
+pub fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let q = w[i].to_ne_bytes();
+        b[i * 4] = q[0];
+        b[i * 4 + 1] = q[1];
+        b[i * 4 + 2] = q[2];
+        b[i * 4 + 3] = q[3];
+        i += 1;
+    }
+    b
 }
 
 /// Whether the network-order words hold an IPv4-mapped address.

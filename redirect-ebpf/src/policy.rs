@@ -2,23 +2,12 @@
 //! shared decision code in `redirect_common::policy` runs unchanged here.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use redirect_common::{AF_INET, AF_INET6, Addr, PolicyMaps, ServiceKey};
+use redirect_common::{AF_INET, AF_INET6, Addr, PolicyMaps, ServiceKey, ip6_words};
 
 use crate::maps::{
     EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
     PROXY_GIDS, PROXY_UIDS, SERVICES,
 };
-
-/// The network-order words of an IPv6 address's bytes.
-#[inline(always)]
-fn words(b: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
-        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
-        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
-        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
-    ]
-}
 
 /// The policy as stored in this object's maps.
 pub struct KernelPolicy;
@@ -59,7 +48,7 @@ impl PolicyMaps for KernelPolicy {
     fn is_local_addr(&self, dst: &Addr) -> bool {
         match dst {
             Addr::V4(a) => LOCAL_V4.get_ptr(a.to_be()).is_some(),
-            Addr::V6(b) => LOCAL_V6.get_ptr(words(b)).is_some(),
+            Addr::V6(b) => LOCAL_V6.get_ptr(ip6_words(b)).is_some(),
         }
     }
 
@@ -77,7 +66,7 @@ impl PolicyMaps for KernelPolicy {
                 family: AF_INET,
             },
             Addr::V6(b) => ServiceKey {
-                ip: words(b),
+                ip: ip6_words(b),
                 port,
                 family: AF_INET6,
             },

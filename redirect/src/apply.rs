@@ -407,7 +407,7 @@ fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result
     for addr in &facts.local_addrs {
         if let IpAddr::V6(a) = addr {
             local6
-                .insert(crate::policy::ip6_words(a), 1, 0)
+                .insert(redirect_common::ip6_words(&a.octets()), 1, 0)
                 .context("writing LOCAL_V6")?;
         }
     }

@@ -23,14 +23,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use redirect_common::{Action, Addr, Inbound, Outbound, Rule};
+use redirect_common::{Action, Addr, Inbound, Outbound, Rule, ip6_words};
 use serde::Serialize;
 
 use crate::{
     cli::{DirectionArg, ExplainArgs},
     policy::{
-        Cidr, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy, ip6_words,
-        parse_inbound_ports, parse_include, to_addr,
+        Cidr, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy, parse_inbound_ports,
+        parse_include, to_addr,
     },
 };
 
@@ -188,7 +188,7 @@ pub struct Explanation {
 pub fn hook_addr(ip: IpAddr) -> Addr {
     match ip {
         IpAddr::V4(_) => to_addr(ip),
-        IpAddr::V6(a) => Addr::from_ip6_words(ip6_words(&a)),
+        IpAddr::V6(a) => Addr::from_ip6_words(ip6_words(&a.octets())),
     }
 }
 

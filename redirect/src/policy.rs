@@ -15,7 +15,7 @@ use std::{
 
 use redirect_common::{
     Addr, Config, Inbound, Outbound, PolicyMaps, Verdict, config_flags, decide_inbound,
-    decide_outbound, port_flags,
+    decide_outbound, ip6_words, port_flags,
 };
 
 /// A policy value a user gave that cannot be used. Names the flag and value.
@@ -503,17 +503,11 @@ pub fn service_key(s: &std::net::SocketAddr) -> redirect_common::ServiceKey {
             family: redirect_common::AF_INET,
         },
         IpAddr::V6(a) => redirect_common::ServiceKey {
-            ip: ip6_words(&a),
+            ip: ip6_words(&a.octets()),
             port: s.port(),
             family: redirect_common::AF_INET6,
         },
     }
-}
-
-/// An IPv6 address as the network-order words BPF programs see.
-pub fn ip6_words(a: &Ipv6Addr) -> [u32; 4] {
-    let o = a.octets();
-    [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
 }
 
 impl PolicySpec {
@@ -571,7 +565,10 @@ impl PolicySpec {
                 .unwrap_or(0),
             reserved: 0,
             netns_cookie: facts.netns_cookie,
-            source_v6: facts.source_v6.map(|a| ip6_words(&a)).unwrap_or([0; 4]),
+            source_v6: facts
+                .source_v6
+                .map(|a| ip6_words(&a.octets()))
+                .unwrap_or([0; 4]),
             proxy_cgroup_id: self.proxy_cgroup.as_ref().map_or(0, |c| c.id),
             proxy_mark: self.proxy_mark.unwrap_or(0),
             proxy_cgroup_level: self.proxy_cgroup.as_ref().map_or(0, |c| c.level),

@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray};
-use redirect_common::{Config, Counter, Rule, ServiceKey, config_flags, map_names, port_flags};
+use redirect_common::{
+    Config, Counter, Rule, ServiceKey, config_flags, ip6_bytes, map_names, port_flags,
+};
 use serde::Serialize;
 
 use crate::{
@@ -205,12 +207,7 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
     let local6 =
         HashMap::<_, [u32; 4], u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V6))?)?;
     for k in local6.keys() {
-        let w = k?;
-        let mut b = [0u8; 16];
-        for (i, word) in w.iter().enumerate() {
-            b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-        local_addrs.push(IpAddr::from(b));
+        local_addrs.push(IpAddr::from(ip6_bytes(k?)));
     }
     local_addrs.sort();
     let groups = ids(dir, map_names::OWNER_GROUPS, None)?;
@@ -230,11 +227,7 @@ fn read_policy(dir: &Path) -> Result<PolicyStatus> {
         let ip = if k.family == redirect_common::AF_INET {
             IpAddr::from(k.ip[0].to_ne_bytes())
         } else {
-            let mut b = [0u8; 16];
-            for (i, word) in k.ip.iter().enumerate() {
-                b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            IpAddr::from(b)
+            IpAddr::from(ip6_bytes(k.ip))
         };
         services.push(std::net::SocketAddr::new(ip, k.port));
     }
