@@ -36,9 +36,10 @@ pub mod map_names {
     /// `SkStorage<OrigDst>`: per-socket original destination. Lives and dies
     /// with its socket, so it can never leak.
     pub const ORIG_DST: &str = "ORIG_DST";
-    /// `HashMap<TupleKey, OrigDst>`: hand-over from the application's socket to
-    /// the proxy's accepted socket, alive only between the client's `connect()`
-    /// and the proxy side's handshake completion (or the client's close).
+    /// `HashMap<TupleKey, OrigDst>`: the original destination of each captured
+    /// connection under its 4-tuple, where the proxy's accepted socket reads
+    /// it. Alive from the client's `connect()` until the client's socket
+    /// reaches `TCP_CLOSE`.
     pub const HANDOVER: &str = "HANDOVER";
     /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
@@ -160,8 +161,8 @@ pub const AF_INET6: u16 = 10;
 pub const PORT_COUNT: u32 = 65_536;
 /// Default capacity of each CIDR trie (no preallocation: memory follows use).
 pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
-/// Capacity of the hand-over map: connections between `connect()` and the
-/// proxy's side of the handshake, all pods of one apply together.
+/// Capacity of the hand-over map: captured connections whose client socket
+/// has not yet closed, all pods of one apply together.
 pub const HANDOVER_CAPACITY: u32 = 1 << 16;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
@@ -258,6 +259,9 @@ pub mod orig_flags {
     /// Stored on the proxy's accepted socket (not the application's): its
     /// `getpeername()` is left alone, since the proxy must see the real peer.
     pub const PROXY_SIDE: u16 = 1 << 0;
+    /// On a hand-over entry: the proxy's side of the handshake completed
+    /// (`PASSIVE_ESTABLISHED_CB` found it).
+    pub const CLAIMED: u16 = 1 << 1;
 }
 
 /// Key of the hand-over map: one TCP connection, from the client's side.
@@ -317,9 +321,10 @@ pub enum Counter {
     OrigDstServed,
     /// `SO_ORIGINAL_DST` asked on a socket with no recorded destination.
     OrigDstMissing,
-    /// Hand-over entries consumed by the proxy's accepted socket.
+    /// Hand-over entries claimed by the proxy's accepted socket.
     HandoverTaken,
-    /// Hand-over entries removed because the client closed first.
+    /// Hand-over entries removed unclaimed: the client's connection closed
+    /// before the proxy's side of the handshake completed.
     HandoverDropped,
     /// The proxy's inbound listener was (re)registered.
     ListenerSet,

@@ -1,16 +1,27 @@
 //! `cgroup/getsockopt`: answer `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and
-//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` from the original
-//! destination stored on the socket, so an unmodified proxy (one that works
-//! behind iptables REDIRECT) works unchanged.
+//! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` with the original
+//! destination, so an unmodified proxy (one that works behind iptables
+//! REDIRECT) works unchanged. The answer comes from the socket's own storage
+//! (the application's socket, an inbound-captured one) or, for the proxy's
+//! socket of an outbound capture, from the hand-over entry under its
+//! 4-tuple.
 //!
 //! Every other call passes through untouched: the program does not write
 //! `optlen`, `retval` or the buffer, so the kernel's own answer stands with
 //! the caller's own buffer length.
 
-use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use redirect_common::{AF_INET, AF_INET6, Counter, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sockopt},
+    helpers::generated::bpf_get_netns_cookie,
+    macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
+use redirect_common::{AF_INET, AF_INET6, Counter, OrigDst, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
-use crate::maps::{SockaddrIn, SockaddrIn6, count, orig_dst_of};
+use crate::{
+    maps::{HANDOVER, SockaddrIn, SockaddrIn6, count, orig_dst_of},
+    tuple::{self, Ends},
+};
 
 #[cgroup_sockopt(getsockopt)]
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
@@ -19,11 +30,16 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
         return 1;
     }
     let sk = unsafe { so.__bindgen_anon_1.sk };
-    let Some(orig) = orig_dst_of(sk) else {
-        count(Counter::OrigDstMissing as u32);
-        return 1;
+    let orig = match orig_dst_of(sk) {
+        Some(p) => unsafe { *p },
+        None => match handed_over(ctx.sockopt, sk) {
+            Some(o) => o,
+            None => {
+                count(Counter::OrigDstMissing as u32);
+                return 1;
+            }
+        },
     };
-    let orig = unsafe { *orig };
     let served = if so.level == SOL_IP && orig.family == AF_INET {
         write(
             so,
@@ -73,4 +89,31 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
         core::ptr::write_volatile(&mut so.retval, 0);
     }
     true
+}
+
+/// The hand-over entry of `sk`'s connection, with `sk` as the proxy's end.
+#[inline(always)]
+fn handed_over(so: *mut bpf_sockopt, sk: *mut bpf_sock) -> Option<OrigDst> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer from the kernel.
+    let s = unsafe { &*sk };
+    let (local, remote) = if s.family == u32::from(AF_INET6) {
+        (s.src_ip6, s.dst_ip6)
+    } else {
+        ([s.src_ip4, 0, 0, 0], [s.dst_ip4, 0, 0, 0])
+    };
+    let (family, local, remote) = tuple::normalize(s.family, local, remote)?;
+    let ends = Ends {
+        netns: unsafe { bpf_get_netns_cookie(so.cast()) },
+        family,
+        local,
+        remote,
+        local_port: s.src_port as u16,
+        remote_port: u16::from_be(s.dst_port),
+    };
+    let entry = HANDOVER.get_ptr(ends.key(false))?;
+    // SAFETY: a live map value.
+    Some(unsafe { *entry })
 }

@@ -2,7 +2,8 @@
 //! layout): `connect.rs` (`cgroup/connect4`), `getpeername.rs`
 //! (`cgroup/getpeername4`), `sockops.rs` (`sockops`), `getsockopt.rs`
 //! (`cgroup/getsockopt`), `sk_lookup.rs` (`sk_lookup`, inbound). Maps and the
-//! glue to the shared decision code live in `maps.rs` and `policy.rs`. The
+//! glue to the shared decision code live in `maps.rs` and `policy.rs`; the
+//! hand-over key, built alike by both ends of a connection, in `tuple.rs`. The
 //! decision itself is in `redirect-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -21,6 +22,8 @@ mod policy;
 mod sk_lookup;
 #[cfg(target_arch = "bpf")]
 mod sockops;
+#[cfg(target_arch = "bpf")]
+mod tuple;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

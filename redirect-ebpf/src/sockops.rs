@@ -1,14 +1,19 @@
 //! `sockops`: carry a captured connection's original destination from the
-//! application's socket to the proxy's accepted socket.
+//! application's socket to the proxy.
 //!
 //! 1. `TCP_CONNECT_CB` (client socket, before its SYN; ports are known): if
 //!    connect4 stored an original destination on it, publish it in the
 //!    hand-over map under the connection's 4-tuple (plus netns cookie), and
 //!    ask for state callbacks.
-//! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): take the entry for
-//!    its 4-tuple, store it on the proxy's socket, delete it from the map.
-//! 3. `STATE_CB` → `TCP_CLOSE` (client socket): delete the entry if the proxy
-//!    never took it (refused, reset, accept queue overflow).
+//! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): mark the entry for
+//!    its 4-tuple as claimed. The proxy's `SO_ORIGINAL_DST` reads the entry
+//!    in place (`getsockopt.rs`): nothing is copied or allocated for the
+//!    proxy's socket.
+//! 3. `STATE_CB` → `TCP_CLOSE` (client socket): delete the entry. The client
+//!    reaches `TCP_CLOSE` once both sides have finished (`TIME_WAIT`,
+//!    `LAST_ACK` answered), or on a reset or a refused connect, so the entry
+//!    outlives the proxy's use of it, as conntrack's does under REDIRECT.
+//!    An entry the proxy never claimed counts as dropped.
 //!
 //! And for inbound capture (see `sk_lookup.rs`):
 //!
@@ -20,8 +25,9 @@
 //!    local address *is* the original destination: store it so
 //!    `SO_ORIGINAL_DST` answers as it does after REDIRECT.
 //!
-//! So a hand-over entry lives for one handshake, and the per-socket copies die
-//! with their sockets: nothing outlives its connection and nothing needs LRU.
+//! So a hand-over entry lives exactly as long as the client's side of its
+//! connection, and the per-socket copies die with their sockets: nothing
+//! outlives its connection and nothing needs LRU.
 
 use aya_ebpf::{
     bindings::{
@@ -35,12 +41,13 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6, OrigDst,
-    TupleKey, decide_inbound, is_v4_mapped, orig_flags,
+    TupleKey, decide_inbound, orig_flags,
 };
 
 use crate::{
     maps::{CONFIG, HANDOVER, INBOUND_LISTENER, count, orig_dst_of, set_orig_dst},
     policy::KernelPolicy,
+    tuple::{self, Ends},
 };
 
 const AF_INET_U32: u32 = AF_INET as u32;
@@ -62,59 +69,33 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     0
 }
 
-/// `ops`'s addresses as `(family, local, remote)`, network-order words;
-/// an IPv6 socket carrying IPv4 (mapped addresses) counts as IPv4, so both
-/// ends of one connection agree on the key.
+/// `ops`'s addresses as [`tuple::normalize`] returns them.
 #[inline(always)]
 fn addrs(ops: *mut bpf_sock_ops) -> Option<(u16, [u32; 4], [u32; 4])> {
     let o = unsafe { &*ops };
-    if o.family == AF_INET_U32 {
-        return Some((AF_INET, [o.local_ip4, 0, 0, 0], [o.remote_ip4, 0, 0, 0]));
-    }
-    if o.family != u32::from(AF_INET6) {
-        return None;
-    }
-    let l = [
-        o.local_ip6[0],
-        o.local_ip6[1],
-        o.local_ip6[2],
-        o.local_ip6[3],
-    ];
-    let r = [
-        o.remote_ip6[0],
-        o.remote_ip6[1],
-        o.remote_ip6[2],
-        o.remote_ip6[3],
-    ];
-    if is_v4_mapped(r) {
-        Some((AF_INET, [l[3], 0, 0, 0], [r[3], 0, 0, 0]))
+    let (local, remote) = if o.family == u32::from(AF_INET6) {
+        (o.local_ip6, o.remote_ip6)
     } else {
-        Some((AF_INET6, l, r))
-    }
+        ([o.local_ip4, 0, 0, 0], [o.remote_ip4, 0, 0, 0])
+    };
+    tuple::normalize(o.family, local, remote)
 }
 
-/// The 4-tuple of `ops`'s connection, seen from the client. `client_is_local`
-/// says whether `ops` is the client's socket or the proxy's.
+/// The hand-over key of `ops`'s connection. `client_is_local` says whether
+/// `ops` is the client's socket or the proxy's.
 #[inline(always)]
 fn tuple(ops: *mut bpf_sock_ops, client_is_local: bool) -> Option<TupleKey> {
     let (family, local, remote) = addrs(ops)?;
     let o = unsafe { &*ops };
-    let local_port = o.local_port as u16;
-    let remote_port = u16::from_be((o.remote_port >> 16) as u16);
-    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
-    let (client_ip, client_port, proxy_ip, proxy_port) = if client_is_local {
-        (local, local_port, remote, remote_port)
-    } else {
-        (remote, remote_port, local, local_port)
+    let ends = Ends {
+        netns: unsafe { bpf_get_netns_cookie(ops.cast()) },
+        family,
+        local,
+        remote,
+        local_port: o.local_port as u16,
+        remote_port: u16::from_be((o.remote_port >> 16) as u16),
     };
-    Some(TupleKey {
-        netns,
-        client_ip,
-        proxy_ip,
-        client_port,
-        proxy_port,
-        family: u32::from(family),
-    })
+    Some(ends.key(client_is_local))
 }
 
 #[inline(always)]
@@ -143,14 +124,12 @@ fn on_passive_established(ops: *mut bpf_sock_ops) {
     let Some(key) = tuple(ops, false) else {
         return;
     };
-    let Some(entry) = HANDOVER.get_ptr(key) else {
+    let Some(entry) = HANDOVER.get_ptr_mut(key) else {
         on_inbound_accepted(ops);
         return;
     };
-    let mut orig = unsafe { *entry };
-    orig.flags |= orig_flags::PROXY_SIDE;
-    let _ = set_orig_dst(sk_of(ops), &orig);
-    let _ = HANDOVER.remove(key);
+    // SAFETY: a live map value; only this flag is written, in place.
+    unsafe { (*entry).flags |= orig_flags::CLAIMED };
     count(Counter::HandoverTaken as u32);
 }
 
@@ -159,7 +138,12 @@ fn on_client_close(ops: *mut bpf_sock_ops) {
     let Some(key) = tuple(ops, true) else {
         return;
     };
-    if HANDOVER.remove(key).is_ok() {
+    let Some(entry) = HANDOVER.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a live map value.
+    let claimed = unsafe { (*entry).flags } & orig_flags::CLAIMED != 0;
+    if HANDOVER.remove(key).is_ok() && !claimed {
         count(Counter::HandoverDropped as u32);
     }
 }

@@ -21,6 +21,11 @@ pub struct ServerArgs {
     /// Addresses to listen on (repeatable).
     #[arg(long, required = true)]
     pub listen: Vec<SocketAddr>,
+    /// Wait this long after accepting a connection before asking its
+    /// `SO_ORIGINAL_DST`, as a busy proxy might (the client may have
+    /// half-closed by then).
+    #[arg(long, default_value = "0")]
+    pub answer_delay_ms: u64,
 }
 
 /// `sample-connect` arguments.
@@ -40,6 +45,10 @@ pub struct ConnectArgs {
     /// Give up after this many milliseconds.
     #[arg(long, default_value = "3000")]
     pub timeout_ms: u64,
+    /// Shut down the sending side right after connecting (a half-close,
+    /// which sends the FIN at once), then read the answer.
+    #[arg(long)]
+    pub shutdown_write: bool,
 }
 
 /// What a sample server saw of one connection.
@@ -83,8 +92,10 @@ pub fn run_server(args: &ServerArgs) -> Result<()> {
     let mut threads = Vec::new();
     for l in listeners {
         let name = args.name.clone();
+        let delay = Duration::from_millis(args.answer_delay_ms);
         threads.push(std::thread::spawn(move || {
             for stream in l.incoming().flatten() {
+                std::thread::sleep(delay);
                 let _ = answer(&name, stream);
             }
         }));
@@ -188,6 +199,11 @@ fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
     stream.set_read_timeout(Some(timeout))?;
     let local = stream.local_addr()?.to_string();
     let peer = stream.peer_addr()?.to_string();
+    if args.shutdown_write {
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .context("shutdown(SHUT_WR)")?;
+    }
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)

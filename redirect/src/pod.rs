@@ -291,11 +291,24 @@ impl Pod {
     /// Starts a sample server named `name` on `listen` addresses and waits
     /// until it is listening. It lives until the pod is dropped.
     pub fn start_server(&mut self, side: Side, who: As, name: &str, listen: &[&str]) -> Result<()> {
+        self.start_server_with(side, who, name, listen, &[])
+    }
+
+    /// [`Pod::start_server`] with more `sample-server` arguments (`extra`).
+    pub fn start_server_with(
+        &mut self,
+        side: Side,
+        who: As,
+        name: &str,
+        listen: &[&str],
+        extra: &[&str],
+    ) -> Result<()> {
         let mut cmd = self.command(side, who, &self.exe)?;
         cmd.arg("sample-server").arg("--name").arg(name);
         for l in listen {
             cmd.arg("--listen").arg(l);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -390,6 +403,14 @@ impl Pod {
     /// socket (`who` must be allowed to set it: root).
     pub fn connect_marked(&self, who: As, to: &str, mark: u32) -> Result<ClientView> {
         let extra = ["--mark".to_string(), mark.to_string()];
+        let mut v = self.run_client(Side::Pod, who, &[to], &extra)?;
+        v.pop().context("the sample client printed nothing")
+    }
+
+    /// Runs the sample client in the pod as `who`, connecting to `to`, with
+    /// more `sample-connect` arguments (`extra`).
+    pub fn connect_with(&self, who: As, to: &str, extra: &[&str]) -> Result<ClientView> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut v = self.run_client(Side::Pod, who, &[to], &extra)?;
         v.pop().context("the sample client printed nothing")
     }

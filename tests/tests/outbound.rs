@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use redirect::pod::{As, POD_IP, UPSTREAM_IP, upstream_extra};
+use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
 use redirect_common::map_names;
 use redirect_tests::{APP_PORT, Fixture, can_run, other};
 
@@ -374,13 +374,8 @@ fn maps_are_empty_after_connections_close() {
         let who = f.who_answers(As::APP, &svc(i, 80));
         assert!(who.starts_with("error"), "{who}");
     }
-    let handover = f.pin_dir.join("state").join(map_names::HANDOVER);
-    let map = redirect::apply::open_pinned(&handover).unwrap();
-    let map =
-        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(map)
-            .unwrap();
     assert_eq!(
-        map.keys().count(),
+        handover_entries_after_close(&f),
         0,
         "hand-over entries outlived their connections"
     );
@@ -388,6 +383,65 @@ fn maps_are_empty_after_connections_close() {
     assert_eq!(st["counters"]["handover_taken"], 5);
     assert_eq!(st["counters"]["handover_dropped"], 3);
     assert_eq!(st["counters"]["orig_dst_served"], 5);
+}
+
+/// A proxy that asks `SO_ORIGINAL_DST` only after the client has sent its
+/// FIN still gets the answer (under REDIRECT, conntrack keeps the entry):
+/// the hand-over entry lives until the client's socket is fully closed, not
+/// just until it stops sending. Then the entry goes.
+#[test]
+fn proxy_learns_destination_after_client_half_closed() {
+    need_root!();
+    let mut f = Fixture::new();
+    f.pod.stop_server("proxy");
+    f.pod
+        .start_server_with(
+            Side::Pod,
+            As::PROXY,
+            "proxy",
+            &["0.0.0.0:15001", "[::]:15001"],
+            &["--answer-delay-ms", "300"],
+        )
+        .unwrap();
+    f.apply_ok(&["-i", "*"]);
+    for to in [svc(1, 80), format!("[{}]:81", upstream_extra6(2))] {
+        let v = f
+            .pod
+            .connect_with(As::APP, &to, &["--shutdown-write"])
+            .unwrap();
+        let reply = v.reply.unwrap_or_else(|| panic!("{to}: {:?}", v.error));
+        assert_eq!(reply.server, "proxy");
+        assert_eq!(reply.orig_dst.as_deref(), Some(to.as_str()), "{reply:?}");
+    }
+    let st = f.status().unwrap();
+    assert_eq!(st["counters"]["orig_dst_served"], 2);
+    assert_eq!(st["counters"]["orig_dst_missing"], 0);
+    // Both sides have closed: nothing is left behind.
+    assert_eq!(
+        handover_entries_after_close(&f),
+        0,
+        "hand-over entries outlived their connections"
+    );
+}
+
+/// Entries left in `HANDOVER` once the pod's closed connections have
+/// finished closing: the client's socket reaches `TCP_CLOSE` when the last
+/// ACK or reset arrives, a moment after the client process exits, so this
+/// waits up to 3 s for the count to reach zero.
+fn handover_entries_after_close(f: &Fixture) -> usize {
+    let handover = f.pin_dir.join("state").join(map_names::HANDOVER);
+    let map = redirect::apply::open_pinned(&handover).unwrap();
+    let map =
+        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(map)
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let n = map.keys().count();
+        if n == 0 || std::time::Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -1,0 +1,66 @@
+//! The hand-over key of one TCP connection, built the same way from either
+//! of its two sockets: the application's (in `sock_ops`) and the proxy's
+//! accepted one (in `sock_ops` and `cgroup/getsockopt`).
+
+use redirect_common::{AF_INET, AF_INET6, TupleKey, is_v4_mapped};
+
+/// A socket's `(family, local, remote)` addresses as the key sees them:
+/// network-order words, IPv4 in word 0. An IPv6 socket carrying IPv4
+/// (mapped addresses) counts as IPv4, so both ends of one connection agree
+/// on the key. `None` for other families.
+#[inline(always)]
+pub fn normalize(
+    family: u32,
+    local: [u32; 4],
+    remote: [u32; 4],
+) -> Option<(u16, [u32; 4], [u32; 4])> {
+    if family == u32::from(AF_INET) {
+        return Some((AF_INET, [local[0], 0, 0, 0], [remote[0], 0, 0, 0]));
+    }
+    if family != u32::from(AF_INET6) {
+        return None;
+    }
+    if is_v4_mapped(remote) {
+        Some((AF_INET, [local[3], 0, 0, 0], [remote[3], 0, 0, 0]))
+    } else {
+        Some((AF_INET6, local, remote))
+    }
+}
+
+/// One socket's view of its connection: addresses as [`normalize`] returns
+/// them, ports in host order.
+pub struct Ends {
+    /// Network namespace cookie.
+    pub netns: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local address.
+    pub local: [u32; 4],
+    /// Remote address.
+    pub remote: [u32; 4],
+    /// Local port.
+    pub local_port: u16,
+    /// Remote port.
+    pub remote_port: u16,
+}
+
+impl Ends {
+    /// The key of this connection; `client_is_local` says whether this is
+    /// the client's socket (local = client) or the proxy's (remote = client).
+    #[inline(always)]
+    pub fn key(&self, client_is_local: bool) -> TupleKey {
+        let (client_ip, client_port, proxy_ip, proxy_port) = if client_is_local {
+            (self.local, self.local_port, self.remote, self.remote_port)
+        } else {
+            (self.remote, self.remote_port, self.local, self.local_port)
+        };
+        TupleKey {
+            netns: self.netns,
+            client_ip,
+            proxy_ip,
+            client_port,
+            proxy_port,
+            family: u32::from(self.family),
+        }
+    }
+}
