@@ -33,13 +33,20 @@ pub mod map_names {
     /// `HashMap<[u32; 4], u8>`: the IPv6 addresses the namespace owns (the
     /// words of `user_ip6`, network order).
     pub const LOCAL_V6: &str = "LOCAL_V6";
-    /// `SkStorage<OrigDst>`: per-socket original destination. Lives and dies
-    /// with its socket, so it can never leak.
+    /// `SkStorage<OrigDst>`: the original destination of an inbound-captured
+    /// connection, on the proxy's socket. Lives and dies with its socket, so
+    /// it can never leak.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// `LruHashMap<u64, OrigDst>` (per-CPU LRU lists): an outbound capture's
+    /// original destination under its socket cookie, from `connect4` until
+    /// `TCP_CONNECT_CB` of the same `connect()` call moves it into
+    /// [`HANDOVER`] (the ports are not known before). LRU only so that the
+    /// entry of a `connect()` failing in between cannot pile up.
+    pub const PENDING: &str = "PENDING";
     /// `HashMap<TupleKey, OrigDst>`: the original destination of each captured
-    /// connection under its 4-tuple, where the proxy's accepted socket reads
-    /// it. Alive from the client's `connect()` until the client's socket
-    /// reaches `TCP_CLOSE`.
+    /// outbound connection under its 4-tuple, where both the application's
+    /// socket and the proxy's accepted socket find it. Alive from the
+    /// client's `connect()` until the client's socket reaches `TCP_CLOSE`.
     pub const HANDOVER: &str = "HANDOVER";
     /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
@@ -68,7 +75,7 @@ pub mod map_names {
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
     /// destination.
-    pub const STATE: [&str; 4] = [ORIG_DST, HANDOVER, COUNTERS, INBOUND_LISTENER];
+    pub const STATE: [&str; 5] = [ORIG_DST, PENDING, HANDOVER, COUNTERS, INBOUND_LISTENER];
 }
 
 /// Names of the programs in the eBPF object.
@@ -164,6 +171,11 @@ pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
 /// Capacity of the hand-over map: captured connections whose client socket
 /// has not yet closed, all pods of one apply together.
 pub const HANDOVER_CAPACITY: u32 = 1 << 16;
+/// Capacity of the pending map: `connect()` calls between `connect4` and
+/// `TCP_CONNECT_CB`, split over the CPUs (per-CPU LRU lists).
+pub const PENDING_CAPACITY: u32 = 1 << 14;
+/// `BPF_F_NO_COMMON_LRU`: an LRU map with one list per CPU.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -232,12 +244,22 @@ impl Config {
     pub const fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
+
+    /// Whether `port` (host order) is one a captured connection is sent to:
+    /// the outbound proxy port, or the inbound one (rule 3a). A captured
+    /// connection's proxy end is bound to it and its application end is
+    /// connected to it; no other socket has a hand-over entry.
+    #[inline(always)]
+    pub const fn is_capture_port(&self, port: u16) -> bool {
+        port == self.proxy_port || port == self.inbound_port
+    }
 }
 
 /// The original destination of a redirected connection.
 ///
-/// Stored per socket (the application's, then the proxy's accepted one) and in
-/// the hand-over map between them.
+/// Kept under the socket's cookie while its `connect()` runs (`PENDING`), then
+/// under the connection's 4-tuple (`HANDOVER`) for both of its sockets; on
+/// the proxy's socket itself for an inbound capture (`ORIG_DST`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -311,9 +333,10 @@ pub enum Counter {
     /// `bpf_bind` to the pod's source address failed; the connection was still
     /// redirected, from a loopback source.
     BindFailed = crate::policy::Rule::COUNT,
-    /// No per-socket storage could be allocated: the connect was refused
-    /// (`EPERM`) rather than let through uncaptured or lose its destination,
-    /// as iptables drops packets when conntrack is full.
+    /// The original destination could not be recorded (`PENDING` refused
+    /// the entry): the connect was refused (`EPERM`) rather than let through
+    /// uncaptured or lose its destination, as iptables drops packets when
+    /// conntrack is full.
     StorageFailed,
     /// The hand-over map was full: the proxy will not learn the destination.
     HandoverFull,

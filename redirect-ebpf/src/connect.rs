@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, sockaddr},
     helpers::{
         bpf_get_current_uid_gid,
-        generated::{bpf_bind, bpf_get_current_ancestor_cgroup_id},
+        generated::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -27,7 +27,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONFIG, SockaddrIn, SockaddrIn6, count, set_orig_dst, v4_mapped},
+    maps::{CONFIG, PENDING, SockaddrIn, SockaddrIn6, count, v4_mapped},
     policy::KernelPolicy,
 };
 
@@ -74,10 +74,11 @@ fn outbound(
     }
 }
 
-/// Decides; on redirect stores the original destination on the socket.
-/// `Ok(None)`: leave the connect alone; `Ok(Some(port))`: rewrite it to
-/// `port`; `Err(())`: refuse it (no storage: never let it through
-/// uncaptured nor lose its destination).
+/// Decides; on redirect records the original destination in `PENDING` under
+/// the socket's cookie, for `sock_ops` to move into `HANDOVER` once the ports
+/// are known (later in this same `connect()`). `Ok(None)`: leave the connect
+/// alone; `Ok(Some(port))`: rewrite it to `port`; `Err(())`: refuse it (not
+/// recorded: never let it through uncaptured nor lose its destination).
 #[inline(always)]
 unsafe fn decide_and_store(
     sa: &bpf_sock_addr,
@@ -94,8 +95,9 @@ unsafe fn decide_and_store(
         rule: verdict.rule as u16,
         ..orig
     };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if set_orig_dst(sk, &orig).is_none() {
+    // SAFETY: `sa` is this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie((sa as *const bpf_sock_addr).cast_mut().cast()) };
+    if PENDING.insert(cookie, orig, 0).is_err() {
         count(Counter::StorageFailed as u32);
         return Err(());
     }

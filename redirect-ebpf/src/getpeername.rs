@@ -1,18 +1,34 @@
 //! `cgroup/getpeername4` and `cgroup/getpeername6`: an application whose
 //! connect was captured still sees the peer it asked for, as under iptables
-//! REDIRECT (NAT is invisible to it).
+//! REDIRECT (NAT is invisible to it). The original destination is the
+//! connection's hand-over entry, looked up with the socket as the client's
+//! end: the proxy's own sockets never match, so their real peer stands.
 
-use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{AF_INET, AF_INET6, OrigDst, orig_flags};
+use aya_ebpf::{
+    bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use redirect_common::{AF_INET, AF_INET6, OrigDst};
 
-use crate::maps::{orig_dst_of, v4_mapped};
+use crate::{
+    maps::{CONFIG, v4_mapped},
+    tuple,
+};
 
 /// The application-side original destination of the socket, if any.
 #[inline(always)]
-fn app_orig(sa: &bpf_sock_addr) -> Option<OrigDst> {
+fn app_orig(sa: &mut bpf_sock_addr) -> Option<OrigDst> {
+    // The kernel filled in the socket's real peer: a captured socket is
+    // connected to a capture port, any other (the proxy's accepted sockets
+    // among them) is left alone without a map lookup.
+    let cfg = CONFIG.get(0)?;
+    if !cfg.is_capture_port(u16::from_be(sa.user_port as u16)) {
+        return None;
+    }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    let orig = unsafe { *orig_dst_of(sk)? };
-    (orig.flags & orig_flags::PROXY_SIDE == 0).then_some(orig)
+    // SAFETY: `sa` is this program's context.
+    let netns = unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) };
+    tuple::handed_over(&tuple::ends_of(sk, netns)?, true)
 }
 
 #[cgroup_sock_addr(getpeername4)]

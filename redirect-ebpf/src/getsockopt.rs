@@ -2,9 +2,8 @@
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` with the original
 //! destination, so an unmodified proxy (one that works behind iptables
 //! REDIRECT) works unchanged. The answer comes from the socket's own storage
-//! (the application's socket, an inbound-captured one) or, for the proxy's
-//! socket of an outbound capture, from the hand-over entry under its
-//! 4-tuple.
+//! (an inbound-captured connection's proxy socket) or, for either socket of
+//! an outbound capture, from the hand-over entry under its 4-tuple.
 //!
 //! Every other call passes through untouched: the program does not write
 //! `optlen`, `retval` or the buffer, so the kernel's own answer stands with
@@ -19,8 +18,8 @@ use aya_ebpf::{
 use redirect_common::{AF_INET, AF_INET6, Counter, OrigDst, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
 use crate::{
-    maps::{HANDOVER, SockaddrIn, SockaddrIn6, count, orig_dst_of},
-    tuple::{self, Ends},
+    maps::{CONFIG, SockaddrIn, SockaddrIn6, count, orig_dst_of},
+    tuple,
 };
 
 #[cgroup_sockopt(getsockopt)]
@@ -91,29 +90,18 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
     true
 }
 
-/// The hand-over entry of `sk`'s connection, with `sk` as the proxy's end.
+/// The original destination of `sk`'s connection from the hand-over map:
+/// `sk` is the proxy's end (the usual asker) or the application's.
 #[inline(always)]
 fn handed_over(so: *mut bpf_sockopt, sk: *mut bpf_sock) -> Option<OrigDst> {
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null socket pointer from the kernel.
-    let s = unsafe { &*sk };
-    let (local, remote) = if s.family == u32::from(AF_INET6) {
-        (s.src_ip6, s.dst_ip6)
+    let cfg = CONFIG.get(0)?;
+    // SAFETY: `so` is this program's context.
+    let ends = tuple::ends_of(sk, unsafe { bpf_get_netns_cookie(so.cast()) })?;
+    if cfg.is_capture_port(ends.local_port) {
+        tuple::handed_over(&ends, false)
+    } else if cfg.is_capture_port(ends.remote_port) {
+        tuple::handed_over(&ends, true)
     } else {
-        ([s.src_ip4, 0, 0, 0], [s.dst_ip4, 0, 0, 0])
-    };
-    let (family, local, remote) = tuple::normalize(s.family, local, remote)?;
-    let ends = Ends {
-        netns: unsafe { bpf_get_netns_cookie(so.cast()) },
-        family,
-        local,
-        remote,
-        local_port: s.src_port as u16,
-        remote_port: u16::from_be(s.dst_port),
-    };
-    let entry = HANDOVER.get_ptr(ends.key(false))?;
-    // SAFETY: a live map value.
-    Some(unsafe { *entry })
+        None
+    }
 }

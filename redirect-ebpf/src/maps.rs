@@ -6,11 +6,12 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use redirect_common::{
-    BPF_F_NO_PREALLOC, Config, Counter, DEFAULT_CIDR_CAPACITY, DEFAULT_SERVICE_CAPACITY,
-    HANDOVER_CAPACITY, OrigDst, PORT_COUNT, SET_CAPACITY, ServiceKey, TupleKey,
+    BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Config, Counter, DEFAULT_CIDR_CAPACITY,
+    DEFAULT_SERVICE_CAPACITY, HANDOVER_CAPACITY, OrigDst, PENDING_CAPACITY, PORT_COUNT,
+    SET_CAPACITY, ServiceKey, TupleKey,
 };
 
 // ---- policy (replaced as a whole on re-apply) ----
@@ -56,6 +57,10 @@ pub static LOCAL_V6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(SET_CAPAC
 
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+#[map]
+pub static PENDING: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(PENDING_CAPACITY, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static HANDOVER: HashMap<TupleKey, OrigDst> = HashMap::with_max_entries(HANDOVER_CAPACITY, 0);

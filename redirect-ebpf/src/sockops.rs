@@ -2,9 +2,10 @@
 //! application's socket to the proxy.
 //!
 //! 1. `TCP_CONNECT_CB` (client socket, before its SYN; ports are known): if
-//!    connect4 stored an original destination on it, publish it in the
-//!    hand-over map under the connection's 4-tuple (plus netns cookie), and
-//!    ask for state callbacks.
+//!    connect4 left an original destination in `PENDING` under the socket's
+//!    cookie, move it into the hand-over map under the connection's 4-tuple
+//!    (plus netns cookie), and ask for state callbacks. The application's
+//!    `getpeername()` and the proxy's `SO_ORIGINAL_DST` both read it there.
 //! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): mark the entry for
 //!    its 4-tuple as claimed. The proxy's `SO_ORIGINAL_DST` reads the entry
 //!    in place (`getsockopt.rs`): nothing is copied or allocated for the
@@ -26,8 +27,9 @@
 //!    `SO_ORIGINAL_DST` answers as it does after REDIRECT.
 //!
 //! So a hand-over entry lives exactly as long as the client's side of its
-//! connection, and the per-socket copies die with their sockets: nothing
-//! outlives its connection and nothing needs LRU.
+//! connection, a pending entry for the length of one `connect()` call, and
+//! the inbound per-socket copies die with their sockets: nothing outlives
+//! its connection.
 
 use aya_ebpf::{
     bindings::{
@@ -35,7 +37,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -45,7 +47,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONFIG, HANDOVER, INBOUND_LISTENER, count, orig_dst_of, set_orig_dst},
+    maps::{CONFIG, HANDOVER, INBOUND_LISTENER, PENDING, count, set_orig_dst},
     policy::KernelPolicy,
     tuple::{self, Ends},
 };
@@ -105,10 +107,14 @@ fn sk_of(ops: *mut bpf_sock_ops) -> *mut aya_ebpf::bindings::bpf_sock {
 
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
-    let Some(orig) = orig_dst_of(sk_of(ops)) else {
+    // SAFETY: `ops` is this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+    let Some(pending) = PENDING.get_ptr(cookie) else {
         return;
     };
-    let orig = unsafe { *orig };
+    // SAFETY: a live map value.
+    let orig = unsafe { *pending };
+    let _ = PENDING.remove(cookie);
     let Some(key) = tuple(ops, true) else {
         return;
     };

@@ -2,7 +2,10 @@
 //! of its two sockets: the application's (in `sock_ops`) and the proxy's
 //! accepted one (in `sock_ops` and `cgroup/getsockopt`).
 
-use redirect_common::{AF_INET, AF_INET6, TupleKey, is_v4_mapped};
+use aya_ebpf::bindings::bpf_sock;
+use redirect_common::{AF_INET, AF_INET6, OrigDst, TupleKey, is_v4_mapped};
+
+use crate::maps::HANDOVER;
 
 /// A socket's `(family, local, remote)` addresses as the key sees them:
 /// network-order words, IPv4 in word 0. An IPv6 socket carrying IPv4
@@ -25,6 +28,40 @@ pub fn normalize(
     } else {
         Some((AF_INET6, local, remote))
     }
+}
+
+/// The ends of socket `sk` (a kernel-provided socket, possibly null) in
+/// network namespace `netns`.
+#[inline(always)]
+pub fn ends_of(sk: *mut bpf_sock, netns: u64) -> Option<Ends> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null socket pointer from the kernel.
+    let s = unsafe { &*sk };
+    let (local, remote) = if s.family == u32::from(AF_INET6) {
+        (s.src_ip6, s.dst_ip6)
+    } else {
+        ([s.src_ip4, 0, 0, 0], [s.dst_ip4, 0, 0, 0])
+    };
+    let (family, local, remote) = normalize(s.family, local, remote)?;
+    Some(Ends {
+        netns,
+        family,
+        local,
+        remote,
+        local_port: s.src_port as u16,
+        remote_port: u16::from_be(s.dst_port),
+    })
+}
+
+/// The hand-over entry of a connection, seen from one of its sockets
+/// (`client_is_local`: the application's socket; otherwise the proxy's).
+#[inline(always)]
+pub fn handed_over(ends: &Ends, client_is_local: bool) -> Option<OrigDst> {
+    let entry = HANDOVER.get_ptr(ends.key(client_is_local))?;
+    // SAFETY: a live map value, copied out.
+    Some(unsafe { *entry })
 }
 
 /// One socket's view of its connection: addresses as [`normalize`] returns

@@ -424,19 +424,25 @@ fn proxy_learns_destination_after_client_half_closed() {
     );
 }
 
-/// Entries left in `HANDOVER` once the pod's closed connections have
-/// finished closing: the client's socket reaches `TCP_CLOSE` when the last
-/// ACK or reset arrives, a moment after the client process exits, so this
-/// waits up to 3 s for the count to reach zero.
+/// Entries left in `HANDOVER` (and `PENDING`, which only holds a `connect()`
+/// in progress) once the pod's closed connections have finished closing:
+/// the client's socket reaches `TCP_CLOSE` when the last ACK or reset
+/// arrives, a moment after the client process exits, so this waits up to
+/// 3 s for the count to reach zero.
 fn handover_entries_after_close(f: &Fixture) -> usize {
-    let handover = f.pin_dir.join("state").join(map_names::HANDOVER);
-    let map = redirect::apply::open_pinned(&handover).unwrap();
-    let map =
-        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(map)
+    let state = f.pin_dir.join("state");
+    let open = |name: &str| redirect::apply::open_pinned(&state.join(name)).unwrap();
+    let handover =
+        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(
+            open(map_names::HANDOVER),
+        )
+        .unwrap();
+    let pending =
+        aya::maps::HashMap::<_, u64, redirect_common::OrigDst>::try_from(open(map_names::PENDING))
             .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        let n = map.keys().count();
+        let n = handover.keys().count() + pending.keys().count();
         if n == 0 || std::time::Instant::now() >= deadline {
             return n;
         }
