@@ -235,6 +235,10 @@ pub struct Results {
     pub memory: Vec<MemorySample>,
     /// Scenario 5, memory of the service policies.
     pub services_memory: Vec<MemorySample>,
+    /// Scenarios 1 and 3: BPF program time of redirect's connection setup.
+    pub prog_cost: Vec<ProgCost>,
+    /// The same, for the service policies.
+    pub services_prog_cost: Vec<ProgCost>,
     /// Ephemeral port wrap.
     pub wrap: Vec<WrapSample>,
     /// Scenario 5, occupancy.
@@ -309,6 +313,8 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         services_apply: Vec::new(),
         memory: Vec::new(),
         services_memory: Vec::new(),
+        prog_cost: Vec::new(),
+        services_prog_cost: Vec::new(),
         wrap: Vec::new(),
         occupancy: None,
     };
@@ -318,6 +324,7 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
             setup: &mut r.setup,
             apply: &mut r.apply,
             memory: &mut r.memory,
+            prog_cost: &mut r.prog_cost,
         };
         setup_at(plan, tools, &Policy::exclusions(0), plan.setup_rounds, out)?;
     }
@@ -328,6 +335,7 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
                 setup: &mut r.setup,
                 apply: &mut r.apply,
                 memory: &mut r.memory,
+                prog_cost: &mut r.prog_cost,
             };
             setup_at(
                 plan,
@@ -345,6 +353,7 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
                 setup: &mut r.services,
                 apply: &mut r.services_apply,
                 memory: &mut r.services_memory,
+                prog_cost: &mut r.services_prog_cost,
             };
             let policy = Policy::services(size, tools)?;
             setup_at(plan, tools, &policy, plan.service_rounds, out)?;
@@ -431,6 +440,86 @@ struct Out<'a> {
     setup: &'a mut Vec<Sample>,
     apply: &'a mut Vec<ApplySample>,
     memory: &'a mut Vec<MemorySample>,
+    prog_cost: &'a mut Vec<ProgCost>,
+}
+
+/// Where redirect's connection setup spends its BPF time: one more setup
+/// measurement on redirect's pod with the kernel's run-time statistics on
+/// (`BPF_ENABLE_STATS`, only for that measurement: they cost two clock
+/// reads per program run), then each program's runs and run time.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgCost {
+    /// Exclusion CIDRs in the policy, or services ahead of the target.
+    pub size: usize,
+    /// Connections made during the measurement, warm-up included (the
+    /// programs run for those too).
+    pub connections: u64,
+    /// Client and proxy CPU time per connection in that measurement, ns.
+    pub cpu_ns_per_conn: f64,
+    /// One entry per attached program.
+    pub programs: Vec<ProgRun>,
+}
+
+/// One program's share of a [`ProgCost`] measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgRun {
+    /// The hook, as `status` names it (`sockops`, `connect4`...).
+    pub program: String,
+    /// Runs during the measurement.
+    pub runs: u64,
+    /// Their total run time, nanoseconds (helpers they call included).
+    pub run_ns: u64,
+}
+
+/// Runs and run time (ns) of every program of the active generation under
+/// `pin_dir`, by hook name.
+fn prog_counters(pin_dir: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
+    let layout = redirect::apply::Layout::new(pin_dir);
+    let active = *layout
+        .generations()?
+        .last()
+        .context("no generation applied")?;
+    let mut out = BTreeMap::new();
+    for (_, _, short) in redirect::apply::PROGRAMS {
+        let path = layout.gen_dir(active).join(format!("prog_{short}"));
+        let info = aya::programs::ProgramInfo::from_pin(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let ns = info.run_time().as_nanos() as u64;
+        out.insert(short.to_string(), (info.run_count(), ns));
+    }
+    Ok(out)
+}
+
+/// See [`ProgCost`].
+fn prog_cost(w: &World, args: &[String], limit: Duration, size: usize) -> Result<ProgCost> {
+    let before = prog_counters(&w.pin_dir())?;
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    let report = w.client(args, limit);
+    drop(stats);
+    let report = report?;
+    check_report(w, &report, &format!("program cost, size {size}"))?;
+    let after = prog_counters(&w.pin_dir())?;
+    let programs = after
+        .iter()
+        .map(|(name, &(runs, ns))| {
+            let (runs0, ns0) = before.get(name).copied().unwrap_or_default();
+            ProgRun {
+                program: name.clone(),
+                runs: runs.saturating_sub(runs0),
+                run_ns: ns.saturating_sub(ns0),
+            }
+        })
+        .collect();
+    Ok(ProgCost {
+        size,
+        connections: report.ops + report.warmup_ops,
+        // The client's CPU time covers the measured part, the proxy's the
+        // warm-up too.
+        cpu_ns_per_conn: report.client_cpu_ns as f64 / report.ops as f64
+            + report.proxy_cpu_ns as f64 / (report.ops + report.warmup_ops) as f64,
+        programs,
+    })
 }
 
 fn setup_at(plan: &Plan, tools: &Tools, policy: &Policy, rounds: usize, r: Out<'_>) -> Result<()> {
@@ -464,6 +553,9 @@ fn setup_at(plan: &Plan, tools: &Tools, policy: &Policy, rounds: usize, r: Out<'
                 report,
             });
         }
+    }
+    if let Some(w) = worlds.iter().find(|w| w.method == Method::Redirect) {
+        r.prog_cost.push(prog_cost(w, &args, limit, size)?);
     }
     // Scenario 4: removal of the policy measured above, then more cycles.
     for rep in 0..plan.apply_reps {
