@@ -742,6 +742,7 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
     setup_table(w, &s["setup"]["0"]);
     let _ = writeln!(w, "![connection setup latency](bench/setup.svg)\n");
     prog_cost_section(w, r, &s["setup"]["0"]);
+    floor_section(w, r);
 
     // Scenario 2.
     let _ = writeln!(
@@ -1004,6 +1005,58 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
     o
 }
 
+/// The floor scenario: `direct`, `direct` with no-op programs at redirect's
+/// hooks, and `redirect`, in turns.
+fn floor_section(w: &mut String, r: &Value) {
+    if arr(&r["floor"]).is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        w,
+        "### The hooks themselves: no-op programs\n\n\
+         Is the gap the hooks or the work? A third pod, `noop-hooks`, is \
+         `direct` with a program that only returns (`r0 = 1; exit`) at each \
+         of redirect's seven hooks. The three are measured in turns, {} \
+         rounds, as above.\n",
+        r["plan"]["setup_rounds"]
+    );
+    let _ = writeln!(
+        w,
+        "| method | conn/s median (min–max) | CPU per connection (client + proxy) |"
+    );
+    let _ = writeln!(w, "|---|---|---|");
+    for m in FLOOR_METHODS {
+        let x = method_stats(r, "floor", 0, m);
+        let _ = writeln!(
+            w,
+            "| {m} | {} | {} |",
+            fmt_spread(&x["rate"], fmt_rate),
+            fmt_ns(f(&x["cpu_ns_per_op"]["median"]))
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n| ratio | wall-time cost, median (min–max) | CPU cost, median (min–max) |"
+    );
+    let _ = writeln!(w, "|---|---|---|");
+    for (a, b) in [
+        ("noop-hooks", "direct"),
+        ("redirect", "direct"),
+        ("redirect", "noop-hooks"),
+    ] {
+        let _ = writeln!(
+            w,
+            "| {a}/{b} | {} | {} |",
+            fmt_ratio(&spread(&paired(r, "floor", 0, a, b))),
+            fmt_ratio(&spread(&paired_cpu(r, "floor", 0, a, b)))
+        );
+    }
+    let _ = writeln!(w);
+}
+
+/// The pods of the floor scenario, in report order.
+const FLOOR_METHODS: [&str; 3] = ["direct", "noop-hooks", "redirect"];
+
 /// BPF program time per connection of one [`ProgCost`] entry (the
 /// harness's `prog_cost` / `services_prog_cost`), ns.
 fn prog_ns_per_conn(x: &Value) -> f64 {
@@ -1031,45 +1084,62 @@ fn prog_cost_section(w: &mut String, r: &Value, setup0: &Value) {
          with the kernel's BPF run-time statistics on (`BPF_ENABLE_STATS`) \
          for it alone: each program's runs and run time, helpers included \
          (`bpf_bind`, map updates). The statistics add two clock reads to \
-         every run, so these times are upper bounds.\n",
+         every run; the no-op programs of the next section, measured the \
+         same way, show how much, and the last column takes it out.\n",
         base["connections"]
     );
+    // The no-op programs of the floor scenario, measured the same way:
+    // their time per run is what the statistics themselves add.
+    let noop: BTreeMap<String, f64> = arr(&r["noop_prog_cost"]["programs"])
+        .iter()
+        .filter(|p| f(&p["runs"]) > 0.0)
+        .map(|p| {
+            (
+                p["program"].as_str().unwrap_or("").to_string(),
+                f(&p["run_ns"]) / f(&p["runs"]),
+            )
+        })
+        .collect();
     let _ = writeln!(
         w,
-        "| program | runs per connection | ns per run | ns per connection |"
+        "| program | runs per connection | ns per run | no-op program, ns per run | ns per connection | net of the no-op's, ns per connection |"
     );
-    let _ = writeln!(w, "|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|");
+    let mut total_net = 0.0;
     for p in arr(&base["programs"]) {
         let runs = f(&p["runs"]);
         if runs == 0.0 {
             continue;
         }
+        let name = p["program"].as_str().unwrap_or("?");
+        let per_conn = f(&p["run_ns"]) / conns;
+        let (noop_run, net) = match noop.get(name) {
+            Some(&n) => (format!("{n:.0}"), per_conn - n * runs / conns),
+            None => ("–".into(), per_conn),
+        };
+        total_net += net;
         let _ = writeln!(
             w,
-            "| {} | {:.2} | {:.0} | {:.0} |",
-            p["program"].as_str().unwrap_or("?"),
+            "| {name} | {:.2} | {:.0} | {noop_run} | {per_conn:.0} | {net:.0} |",
             runs / conns,
             f(&p["run_ns"]) / runs,
-            f(&p["run_ns"]) / conns
         );
     }
     let total = prog_ns_per_conn(base);
-    let _ = writeln!(w, "| **all** | | | **{total:.0}** |\n");
+    let _ = writeln!(
+        w,
+        "| **all** | | | | **{total:.0}** | **{total_net:.0}** |\n"
+    );
     let gap = f(&setup0["methods"]["redirect"]["cpu_ns_per_op"]["median"])
         - f(&setup0["methods"]["direct"]["cpu_ns_per_op"]["median"]);
     let direct = f(&setup0["methods"]["direct"]["cpu_ns_per_op"]["median"]);
     if gap > 0.0 && direct > 0.0 {
-        let rest = if total < gap {
-            format!(
-                "The programs' own time is {total:.0} ns; the other {:.0} ns are \
-                 the hooks' invocation, which the statistics do not see, and \
-                 kernel work the programs cause outside them.",
-                gap - total
-            )
+        let rest = if noop.is_empty() {
+            format!("The programs' own time is {total:.0} ns, the statistics' overhead included.")
         } else {
             format!(
-                "The programs' own time, {total:.0} ns with the statistics' \
-                 overhead, covers the whole gap."
+                "The programs' own work, net of what a no-op program costs \
+                 under the statistics, is {total_net:.0} ns."
             )
         };
         let _ = writeln!(
@@ -1268,7 +1338,7 @@ fn ratio_table(w: &mut String, x: &Value) {
 
 fn csv(r: &Value) -> String {
     let mut o = String::from("scenario,size,method,round,metric,value\n");
-    for key in ["setup", "rr", "services"] {
+    for key in ["setup", "floor", "rr", "services"] {
         for s in arr(&r[key]) {
             let rep = &s["report"];
             let mut row = |metric: &str, v: &Value| {

@@ -17,6 +17,7 @@ use redirect_common::map_names;
 use serde::Serialize;
 
 use crate::{
+    noop::NoopHooks,
     peer::{ClientReport, ProxyMode},
     world::{Method, Policy, Tools, World},
 };
@@ -235,6 +236,12 @@ pub struct Results {
     pub memory: Vec<MemorySample>,
     /// Scenario 5, memory of the service policies.
     pub services_memory: Vec<MemorySample>,
+    /// Scenario 1 again: direct, direct with no-op programs at redirect's
+    /// hooks, and redirect, in turns.
+    pub floor: Vec<FloorSample>,
+    /// The floor scenario's no-op programs, measured like [`ProgCost`]: their
+    /// run time is the statistics' own cost per run.
+    pub noop_prog_cost: Option<ProgCost>,
     /// Scenarios 1 and 3: BPF program time of redirect's connection setup.
     pub prog_cost: Vec<ProgCost>,
     /// The same, for the service policies.
@@ -313,6 +320,8 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         services_apply: Vec::new(),
         memory: Vec::new(),
         services_memory: Vec::new(),
+        floor: Vec::new(),
+        noop_prog_cost: None,
         prog_cost: Vec::new(),
         services_prog_cost: Vec::new(),
         wrap: Vec::new(),
@@ -327,6 +336,10 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
             prog_cost: &mut r.prog_cost,
         };
         setup_at(plan, tools, &Policy::exclusions(0), plan.setup_rounds, out)?;
+    }
+    if only.has("floor") {
+        eprintln!("bench: the hooks' floor: no-op programs at redirect's hooks");
+        floor(plan, tools, &mut r.floor, &mut r.noop_prog_cost)?;
     }
     if only.has("scaling") {
         for &size in &plan.sweep_sizes {
@@ -443,6 +456,64 @@ struct Out<'a> {
     prog_cost: &'a mut Vec<ProgCost>,
 }
 
+/// One connection-setup measurement of the floor scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorSample {
+    /// Exclusion CIDRs in redirect's policy: always 0 (the shape of
+    /// [`Sample`], for the report's tools).
+    pub size: usize,
+    /// `direct`, `noop-hooks` (direct plus a no-op program at each of
+    /// redirect's hooks) or `redirect`.
+    pub method: &'static str,
+    /// Round number (the three take turns within a round).
+    pub round: usize,
+    /// What the client measured.
+    pub report: ClientReport,
+}
+
+/// The floor: what running redirect's hooks costs before any program does
+/// work. Three pods with the policy of scenario 1 (`direct` has none):
+/// `direct`, `direct` with [`NoopHooks`] attached, and `redirect`, measured
+/// in turns like scenario 1.
+fn floor(
+    plan: &Plan,
+    tools: &Tools,
+    out: &mut Vec<FloorSample>,
+    noop_cost: &mut Option<ProgCost>,
+) -> Result<()> {
+    let direct = World::new(Method::Direct, tools, ProxyMode::Setup, None)?;
+    let hooked = World::new(Method::Direct, tools, ProxyMode::Setup, None)?;
+    let hooks = NoopHooks::attach(&hooked.pod)?;
+    let mut redirect = World::new(Method::Redirect, tools, ProxyMode::Setup, None)?;
+    redirect.apply(&Policy::exclusions(0))?;
+    let worlds = [
+        ("direct", &direct),
+        ("noop-hooks", &hooked),
+        ("redirect", &redirect),
+    ];
+    let args = setup_args(plan, plan.setup_count, plan.setup_seconds, plan.warmup);
+    let limit = Duration::from_secs_f64(plan.setup_seconds * 3.0 + 60.0);
+    for round in 0..plan.setup_rounds {
+        let mut order = worlds.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (name, w) in order {
+            let report = w.client(&args, limit)?;
+            check_report(w, &report, &format!("floor, {name}"))?;
+            out.push(FloorSample {
+                size: 0,
+                method: name,
+                round,
+                report,
+            });
+        }
+    }
+    *noop_cost = Some(prog_cost(&hooked, hooks.pin_dir(), &args, limit, 0)?);
+    drop(hooks);
+    Ok(())
+}
+
 /// Where redirect's connection setup spends its BPF time: one more setup
 /// measurement on redirect's pod with the kernel's run-time statistics on
 /// (`BPF_ENABLE_STATS`, only for that measurement: they cost two clock
@@ -471,17 +542,23 @@ pub struct ProgRun {
     pub run_ns: u64,
 }
 
-/// Runs and run time (ns) of every program of the active generation under
-/// `pin_dir`, by hook name.
-fn prog_counters(pin_dir: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
+/// The directory of the active generation's pins under redirect pin dir
+/// `pin_dir`.
+fn active_gen_dir(pin_dir: &Path) -> Result<PathBuf> {
     let layout = redirect::apply::Layout::new(pin_dir);
     let active = *layout
         .generations()?
         .last()
         .context("no generation applied")?;
+    Ok(layout.gen_dir(active))
+}
+
+/// Runs and run time (ns) of the programs pinned as `prog_<hook>` in `dir`,
+/// by hook name.
+fn prog_counters(dir: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
     let mut out = BTreeMap::new();
     for (_, _, short) in redirect::apply::PROGRAMS {
-        let path = layout.gen_dir(active).join(format!("prog_{short}"));
+        let path = dir.join(format!("prog_{short}"));
         let info = aya::programs::ProgramInfo::from_pin(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         let ns = info.run_time().as_nanos() as u64;
@@ -490,16 +567,23 @@ fn prog_counters(pin_dir: &Path) -> Result<BTreeMap<String, (u64, u64)>> {
     Ok(out)
 }
 
-/// See [`ProgCost`].
-fn prog_cost(w: &World, args: &[String], limit: Duration, size: usize) -> Result<ProgCost> {
-    let before = prog_counters(&w.pin_dir())?;
+/// See [`ProgCost`]: one setup measurement on `w` with the statistics on,
+/// reading the programs pinned in `prog_dir`.
+fn prog_cost(
+    w: &World,
+    prog_dir: &Path,
+    args: &[String],
+    limit: Duration,
+    size: usize,
+) -> Result<ProgCost> {
+    let before = prog_counters(prog_dir)?;
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
     let report = w.client(args, limit);
     drop(stats);
     let report = report?;
     check_report(w, &report, &format!("program cost, size {size}"))?;
-    let after = prog_counters(&w.pin_dir())?;
+    let after = prog_counters(prog_dir)?;
     let programs = after
         .iter()
         .map(|(name, &(runs, ns))| {
@@ -555,7 +639,8 @@ fn setup_at(plan: &Plan, tools: &Tools, policy: &Policy, rounds: usize, r: Out<'
         }
     }
     if let Some(w) = worlds.iter().find(|w| w.method == Method::Redirect) {
-        r.prog_cost.push(prog_cost(w, &args, limit, size)?);
+        let dir = active_gen_dir(&w.pin_dir())?;
+        r.prog_cost.push(prog_cost(w, &dir, &args, limit, size)?);
     }
     // Scenario 4: removal of the policy measured above, then more cycles.
     for rep in 0..plan.apply_reps {

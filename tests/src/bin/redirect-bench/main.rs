@@ -9,6 +9,7 @@
 //! report (`docs/benchmarks.md`, `docs/bench/`).
 
 mod harness;
+mod noop;
 mod peer;
 mod world;
 
@@ -40,8 +41,8 @@ enum Cmd {
         /// The `redirect` binary (default: next to this one).
         #[arg(long)]
         redirect_bin: Option<PathBuf>,
-        /// Only these scenarios (comma-separated: setup, scaling, services,
-        /// rr, wrap, occupancy).
+        /// Only these scenarios (comma-separated: setup, floor, scaling,
+        /// services, rr, wrap, occupancy).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Pin the proxy and the client to this CPU (default: the last one).
