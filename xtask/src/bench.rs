@@ -902,20 +902,22 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
     let _ = writeln!(w, "\n![memory](bench/memory.svg)\n");
     if let Some(occ) = r["occupancy"].as_object() {
         let he = occ["handover_entries"].as_u64().unwrap_or(u64::MAX);
+        let pe = occ["pending_entries"].as_u64().unwrap_or(u64::MAX);
         let c = &occ["counters"];
         let _ = writeln!(
             w,
             "Occupancy: {} connections opened and closed through redirect, \
              one at a time, at {} conn/s. Afterwards `HANDOVER` holds **{} \
-             entries** ({}); counters: `handover_taken` {}, `handover_dropped` \
-             {}, `handover_full` {}, `orig_dst_served` {}, `orig_dst_missing` {}, \
-             `storage_failed` {}, `bind_failed` {}. `ORIG_DST` is socket storage, \
-             freed with each socket; it cannot be counted from user space. \
-             TIME_WAIT sockets in the pod afterwards: {}.\n",
+             entries** and `PENDING` **{}** ({}); counters: `handover_taken` {}, \
+             `handover_dropped` {}, `handover_full` {}, `orig_dst_served` {}, \
+             `orig_dst_missing` {}, `storage_failed` {}, `bind_failed` {}. No \
+             socket storage is used for outbound captures (`ORIG_DST` serves \
+             inbound ones only). TIME_WAIT sockets in the pod afterwards: {}.\n",
             fmt_size(occ["connections"].as_u64().unwrap_or(0)),
             fmt_rate(f(&occ["report"]["rate"])),
             he,
-            if he == 0 {
+            pe,
+            if he == 0 && pe == 0 {
                 "back to zero, as required"
             } else {
                 "NOT back to zero"
@@ -1203,6 +1205,7 @@ fn map_type(t: u64) -> &'static str {
         1 => "hash",
         2 => "array",
         6 => "percpu_array",
+        9 => "lru_hash",
         11 => "lpm_trie",
         15 => "sockmap",
         24 => "sk_storage",
@@ -1434,6 +1437,11 @@ fn csv(r: &Value) -> String {
             o,
             "occupancy,0,redirect,0,handover_entries,{}",
             occ["handover_entries"]
+        );
+        let _ = writeln!(
+            o,
+            "occupancy,0,redirect,0,pending_entries,{}",
+            occ["pending_entries"]
         );
     }
     for (k, v) in r["micro"]["cases"].as_object().into_iter().flatten() {

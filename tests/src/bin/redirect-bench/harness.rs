@@ -181,6 +181,8 @@ pub struct Occupancy {
     pub report: ClientReport,
     /// `HANDOVER` entries afterwards (must be 0).
     pub handover_entries: u64,
+    /// `PENDING` entries afterwards (must be 0).
+    pub pending_entries: u64,
     /// TIME_WAIT sockets in the pod afterwards.
     pub time_wait: Option<u64>,
     /// `redirect status --json` counters afterwards.
@@ -729,18 +731,33 @@ fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
     let args = setup_args(plan, plan.occupancy_count, 3600.0, 0);
     let report = w.client(&args, Duration::from_secs(1800))?;
     check_report(&w, &report, "occupancy")?;
-    let handover = w.pin_dir().join("state").join(map_names::HANDOVER);
-    let map = redirect::apply::open_pinned(&handover)?;
-    let map =
+    let state = w.pin_dir().join("state");
+    let handover = redirect::apply::open_pinned(&state.join(map_names::HANDOVER))?;
+    let handover =
         aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(
-            map,
+            handover,
         )?;
-    let handover_entries = map.keys().count() as u64;
+    let pending = redirect::apply::open_pinned(&state.join(map_names::PENDING))?;
+    let pending = aya::maps::HashMap::<_, u64, redirect_common::OrigDst>::try_from(pending)?;
+    // The last connection's client socket reaches TCP_CLOSE (and drops its
+    // entry) a moment after the client exits: give it up to 3 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let (handover_entries, pending_entries) = loop {
+        let counts = (
+            handover.keys().count() as u64,
+            pending.keys().count() as u64,
+        );
+        if counts == (0, 0) || std::time::Instant::now() >= deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let st = w.status_json()?;
     Ok(Occupancy {
         connections: report.ops,
         report,
         handover_entries,
+        pending_entries,
         time_wait: w.time_wait(),
         counters: st["counters"].clone(),
         decisions: st["decisions"].clone(),
