@@ -278,8 +278,8 @@ pub struct OrigDst {
 
 /// Bits of [`OrigDst::flags`].
 pub mod orig_flags {
-    /// Stored on the proxy's accepted socket (not the application's): its
-    /// `getpeername()` is left alone, since the proxy must see the real peer.
+    /// On an inbound capture's `ORIG_DST`: stored on the proxy's accepted
+    /// socket, not an application's.
     pub const PROXY_SIDE: u16 = 1 << 0;
     /// On a hand-over entry: the proxy's side of the handshake completed
     /// (`PASSIVE_ESTABLISHED_CB` found it).
