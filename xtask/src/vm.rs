@@ -146,12 +146,38 @@ fn kernel_version(kdir: &Path) -> Result<String> {
         .with_context(|| format!("no kernel version under {}", modules.display()))
 }
 
-/// The init script: mount the shared root, prepare it, run the tests.
-fn init_script(version: &str) -> String {
+/// Host directories the tests need (the checkout and the target dir) that
+/// the VM's fresh `/tmp` or `/run` would hide: a checkout under `/tmp`, as
+/// CI's clean clone may be. The init script carries them over the tmpfs
+/// with bind mounts.
+fn hidden_by_tmpfs() -> Vec<PathBuf> {
+    let mut keep: Vec<PathBuf> = [root(), target_dir()]
+        .into_iter()
+        .filter(|p| p.starts_with("/tmp") || p.starts_with("/run"))
+        .collect();
+    keep.sort();
+    keep.dedup();
+    keep
+}
+
+/// The init script: mount the shared root, prepare it (keeping `keep`
+/// visible under the new `/tmp` and `/run`), run the tests.
+fn init_script(version: &str, keep: &[PathBuf]) -> String {
     let mods: Vec<String> = BOOT_MODULES
         .iter()
         .map(|m| format!("/mods/{}.ko", m.rsplit('/').next().unwrap_or(m)))
         .collect();
+    let mut save = String::new();
+    let mut restore = String::new();
+    for (i, p) in keep.iter().enumerate() {
+        let p = p.display();
+        save.push_str(&format!(
+            "mkdir -p /keep/{i} && mount -o bind '/mnt/root{p}' /keep/{i}\n"
+        ));
+        restore.push_str(&format!(
+            "mkdir -p '/mnt/root{p}' && mount -o bind /keep/{i} '/mnt/root{p}' || echo \"=== could not keep {p}\"\n"
+        ));
+    }
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -162,9 +188,9 @@ for m in {mods}; do insmod $m || echo "insmod $m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /mnt/root || echo "=== mount of the host root failed"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro kernel /mnt/k || echo "=== mount of the kernel dir failed"
 R=/mnt/root
-mount -t tmpfs tmp $R/tmp
+{save}mount -t tmpfs tmp $R/tmp
 mount -t tmpfs run $R/run
-mount -t proc proc $R/proc
+{restore}mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
 mount -t bpf bpf $R/sys/fs/bpf
@@ -175,7 +201,7 @@ cp /mnt/k/vm-test.sh $R/tmp/vm-test.sh
 chroot $R /bin/sh /tmp/vm-test.sh
 poweroff -f
 "#,
-        mods = mods.join(" ")
+        mods = mods.join(" "),
     )
 }
 
@@ -194,7 +220,7 @@ fn build_initrd(kdir: &Path, version: &str) -> Result<PathBuf> {
             .with_context(|| format!("copying {} (is it built as a module?)", src.display()))?;
     }
     let init = dir.join("init");
-    fs::write(&init, init_script(version))?;
+    fs::write(&init, init_script(version, &hidden_by_tmpfs()))?;
     run(Command::new("chmod").arg("+x").arg(&init))?;
     let out = kdir.join("initrd.gz");
     run(Command::new("sh")
