@@ -157,6 +157,9 @@ fn hidden_by_tmpfs() -> Vec<PathBuf> {
         .collect();
     keep.sort();
     keep.dedup();
+    // A directory inside another kept one comes along with it.
+    let all = keep.clone();
+    keep.retain(|p| !all.iter().any(|q| q != p && p.starts_with(q)));
     keep
 }
 
