@@ -33,21 +33,27 @@ pub mod map_names {
     /// `HashMap<[u32; 4], u8>`: the IPv6 addresses the namespace owns (the
     /// words of `user_ip6`, network order).
     pub const LOCAL_V6: &str = "LOCAL_V6";
-    /// `SkStorage<OrigDst>`: the original destination of an inbound-captured
-    /// connection, on the proxy's socket. Lives and dies with its socket, so
-    /// it can never leak.
+    /// `SkStorage<ProxySide>`: on a proxy's accepted socket, the original
+    /// destination of its connection (and, for an outbound capture, the
+    /// client address to show). Written when the proxy's side of the
+    /// handshake completes; lives and dies with that socket, so it answers
+    /// as long as the proxy holds the socket, whatever the application did.
     pub const ORIG_DST: &str = "ORIG_DST";
-    /// `LruHashMap<u64, OrigDst>` (per-CPU LRU lists): an outbound capture's
-    /// original destination under its socket cookie, from `connect4` until
-    /// `TCP_CONNECT_CB` of the same `connect()` call moves it into
-    /// [`HANDOVER`] (the ports are not known before). LRU only so that the
-    /// entry of a `connect()` failing in between cannot pile up.
-    pub const PENDING: &str = "PENDING";
-    /// `HashMap<TupleKey, OrigDst>`: the original destination of each captured
-    /// outbound connection under its 4-tuple, where both the application's
-    /// socket and the proxy's accepted socket find it. Alive from the
-    /// client's `connect()` until the client's socket reaches `TCP_CLOSE`.
-    pub const HANDOVER: &str = "HANDOVER";
+    /// `HashMap<u64, Conn>` (no preallocation): every captured outbound
+    /// connection under its application socket's cookie, from `connect4`
+    /// until the application releases the socket (or, for a connection whose
+    /// proxy side has not yet been accepted, until it has). Its size is the
+    /// capacity (`--max-connections`): a `connect()` beyond it fails with
+    /// `EPERM`, so no connection can reach the proxy without its destination.
+    pub const CONNS: &str = "CONNS";
+    /// `HashMap<TupleKey, u64>` (no preallocation): the application socket's
+    /// cookie under the connection's 4-tuple, from `TCP_CONNECT_CB` (the first
+    /// moment the ports are known) until its [`CONNS`] entry goes. The proxy's
+    /// new socket finds its connection here.
+    pub const TUPLES: &str = "TUPLES";
+    /// `Array<u64>`, one entry: [`super::STATE_LAYOUT`], so that a pin from
+    /// another layout is recognised and refused instead of silently reused.
+    pub const LAYOUT: &str = "LAYOUT";
     /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// `SockMap`, two slots ([`super::LISTENER_V4`], [`super::LISTENER_V6`]):
@@ -75,7 +81,7 @@ pub mod map_names {
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
     /// destination.
-    pub const STATE: [&str; 5] = [ORIG_DST, PENDING, HANDOVER, COUNTERS, INBOUND_LISTENER];
+    pub const STATE: [&str; 6] = [LAYOUT, ORIG_DST, CONNS, TUPLES, COUNTERS, INBOUND_LISTENER];
 }
 
 /// Names of the programs in the eBPF object.
@@ -93,15 +99,26 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "redirect_sockops";
     /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
     pub const GETSOCKOPT: &str = "redirect_getsockopt";
+    /// `cgroup/getsockname4`: shows the application the pod's address as its
+    /// local address where the connection could not be made from it.
+    pub const GETSOCKNAME4: &str = "redirect_getsockname4";
+    /// `cgroup/getsockname6`: the IPv6 counterpart of [`GETSOCKNAME4`].
+    pub const GETSOCKNAME6: &str = "redirect_getsockname6";
+    /// `cgroup/sock_release`: ends the application's side of a captured
+    /// connection when the application closes its socket.
+    pub const SOCK_RELEASE: &str = "redirect_sock_release";
     /// `sk_lookup` (on the pod's network namespace): steers captured inbound
     /// connections to the proxy's listener.
     pub const SK_LOOKUP: &str = "redirect_sk_lookup";
     /// All programs, in the order they are attached.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         SOCK_OPS,
+        SOCK_RELEASE,
         GETSOCKOPT,
         GETPEERNAME4,
         GETPEERNAME6,
+        GETSOCKNAME4,
+        GETSOCKNAME6,
         SK_LOOKUP,
         CONNECT4,
         CONNECT6,
@@ -168,14 +185,16 @@ pub const AF_INET6: u16 = 10;
 pub const PORT_COUNT: u32 = 65_536;
 /// Default capacity of each CIDR trie (no preallocation: memory follows use).
 pub const DEFAULT_CIDR_CAPACITY: u32 = 1 << 20;
-/// Capacity of the hand-over map: captured connections whose client socket
-/// has not yet closed, all pods of one apply together.
-pub const HANDOVER_CAPACITY: u32 = 1 << 16;
-/// Capacity of the pending map: `connect()` calls between `connect4` and
-/// `TCP_CONNECT_CB`, split over the CPUs (per-CPU LRU lists).
-pub const PENDING_CAPACITY: u32 = 1 << 14;
-/// `BPF_F_NO_COMMON_LRU`: an LRU map with one list per CPU.
-pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+/// Default capacity of [`map_names::CONNS`] and [`map_names::TUPLES`]: the
+/// captured outbound connections open at once. 131,072 covers every 4-tuple
+/// the default ephemeral port range (28,232 ports) allows to both capture
+/// ports from both families. Entries are allocated as they are used; the
+/// kernel preallocates only the hash buckets (16 bytes per slot).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 17;
+/// Version of the layout of the state maps ([`map_names::STATE`]): bumped
+/// whenever a key or value there changes, so that a pin of another layout is
+/// refused rather than reused.
+pub const STATE_LAYOUT: u64 = 2;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -237,6 +256,8 @@ pub struct Config {
 const _: () = assert!(core::mem::size_of::<Config>() == 64);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<Conn>() == 96);
+const _: () = assert!(core::mem::size_of::<ProxySide>() == 40);
 
 impl Config {
     /// Whether a [`config_flags`] bit is set.
@@ -255,11 +276,9 @@ impl Config {
     }
 }
 
-/// The original destination of a redirected connection.
-///
-/// Kept under the socket's cookie while its `connect()` runs (`PENDING`), then
-/// under the connection's 4-tuple (`HANDOVER`) for both of its sockets; on
-/// the proxy's socket itself for an inbound capture (`ORIG_DST`).
+/// The original destination of a redirected connection: in [`Conn`] for the
+/// application's side of an outbound capture, in [`ProxySide`] on the proxy's
+/// socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -278,15 +297,57 @@ pub struct OrigDst {
 
 /// Bits of [`OrigDst::flags`].
 pub mod orig_flags {
-    /// On an inbound capture's `ORIG_DST`: stored on the proxy's accepted
-    /// socket, not an application's.
-    pub const PROXY_SIDE: u16 = 1 << 0;
-    /// On a hand-over entry: the proxy's side of the handshake completed
-    /// (`PASSIVE_ESTABLISHED_CB` found it).
-    pub const CLAIMED: u16 = 1 << 1;
+    /// Captured inbound (steered by `sk_lookup`), not outbound.
+    pub const INBOUND: u16 = 1 << 0;
 }
 
-/// Key of the hand-over map: one TCP connection, from the client's side.
+/// A captured outbound connection as the application's side knows it
+/// ([`map_names::CONNS`], under the application socket's cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Conn {
+    /// Where the application connected.
+    pub orig: OrigDst,
+    /// The local address iptables REDIRECT would have given the application's
+    /// socket (network-order words, IPv4 in word 0), when the connection
+    /// could not be made from it (IPv6, or a socket the application had
+    /// already bound to a wildcard address): `getsockname` and the proxy's
+    /// `accept`/`getpeername` show it. All zero: the real address is right.
+    pub shown_src: [u32; 4],
+    /// The connection's 4-tuple, once `TCP_CONNECT_CB` has seen it
+    /// ([`conn_state::JOINED`]).
+    pub tuple: TupleKey,
+    /// [`conn_state`] bits, set with atomic OR.
+    pub state: u64,
+}
+
+/// Bits of [`Conn::state`]. Both ends of a connection set their bit with an
+/// atomic OR and look at the other's in the value it returns, so exactly
+/// one of them, the last, deletes the entry.
+pub mod conn_state {
+    /// `TCP_CONNECT_CB` has put the 4-tuple in [`super::Conn::tuple`] and
+    /// in `TUPLES`.
+    pub const JOINED: u64 = 1 << 0;
+    /// The proxy's accepted socket has its own copy ([`super::ProxySide`]).
+    pub const CLAIMED: u64 = 1 << 1;
+    /// The application has released (closed) its socket.
+    pub const APP_RELEASED: u64 = 1 << 2;
+}
+
+/// What a proxy's accepted socket carries in [`map_names::ORIG_DST`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ProxySide {
+    /// The original destination.
+    pub orig: OrigDst,
+    /// The client address to show as the socket's peer (`accept`,
+    /// `getpeername`), as [`Conn::shown_src`]; all zero: the real one.
+    pub shown_peer: [u32; 4],
+}
+
+/// Key of the tuple map: one TCP connection, from the client's side.
 ///
 /// The client's socket writes it (local = client, remote = proxy listener) and
 /// the proxy's accepted socket reads it (its remote = client, local =
@@ -331,24 +392,37 @@ pub struct ServiceKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     /// `bpf_bind` to the pod's source address failed; the connection was still
-    /// redirected, from a loopback source.
+    /// redirected, and the application and the proxy are shown the pod's
+    /// address.
     BindFailed = crate::policy::Rule::COUNT,
-    /// The original destination could not be recorded (`PENDING` refused
-    /// the entry): the connect was refused (`EPERM`) rather than let through
-    /// uncaptured or lose its destination, as iptables drops packets when
-    /// conntrack is full.
+    /// A captured `connect()` was refused (`EPERM`) because `CONNS` holds
+    /// `--max-connections` connections already, as iptables drops packets
+    /// when conntrack is full: never let through uncaptured, never without
+    /// its destination.
+    CapacityFull,
+    /// The proxy's copy of the original destination could not be allocated
+    /// (the kernel is out of memory): that proxy socket gets `ENOENT`.
     StorageFailed,
-    /// The hand-over map was full: the proxy will not learn the destination.
-    HandoverFull,
-    /// `SO_ORIGINAL_DST` answered from the map.
+    /// `SO_ORIGINAL_DST` answered.
     OrigDstServed,
     /// `SO_ORIGINAL_DST` asked on a socket with no recorded destination.
     OrigDstMissing,
-    /// Hand-over entries claimed by the proxy's accepted socket.
+    /// Connections whose proxy side took its copy of the destination.
     HandoverTaken,
-    /// Hand-over entries removed unclaimed: the client's connection closed
-    /// before the proxy's side of the handshake completed.
+    /// Connections the application released before they were established
+    /// (refused, unreachable, abandoned in `SYN-SENT`): no proxy socket
+    /// ever existed for them.
     HandoverDropped,
+    /// Established connections the application released before the proxy's
+    /// side of the handshake was processed: kept until it is, or until the
+    /// 4-tuple is used again.
+    OrphanKept,
+    /// Kept connections whose proxy side never came, removed when a new
+    /// connection took their 4-tuple.
+    OrphanReclaimed,
+    /// `TUPLES` refused an entry (cannot happen while it is as large as
+    /// `CONNS`): that connection's proxy side gets `ENOENT`.
+    TupleFailed,
     /// The proxy's inbound listener was (re)registered.
     ListenerSet,
     /// A captured inbound connection found no proxy listener: refused, as a
@@ -360,14 +434,17 @@ impl Counter {
     /// Number of counter slots (rules plus the extra counters).
     pub const TOTAL: u32 = Counter::InboundNoListener as u32 + 1;
     /// All extra counters, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 12] = [
         Counter::BindFailed,
+        Counter::CapacityFull,
         Counter::StorageFailed,
-        Counter::HandoverFull,
         Counter::OrigDstServed,
         Counter::OrigDstMissing,
         Counter::HandoverTaken,
         Counter::HandoverDropped,
+        Counter::OrphanKept,
+        Counter::OrphanReclaimed,
+        Counter::TupleFailed,
         Counter::ListenerSet,
         Counter::InboundNoListener,
     ];
@@ -376,12 +453,15 @@ impl Counter {
     pub const fn name(self) -> &'static str {
         match self {
             Counter::BindFailed => "bind_failed",
+            Counter::CapacityFull => "capacity_full",
             Counter::StorageFailed => "storage_failed",
-            Counter::HandoverFull => "handover_full",
             Counter::OrigDstServed => "orig_dst_served",
             Counter::OrigDstMissing => "orig_dst_missing",
             Counter::HandoverTaken => "handover_taken",
             Counter::HandoverDropped => "handover_dropped",
+            Counter::OrphanKept => "orphan_kept",
+            Counter::OrphanReclaimed => "orphan_reclaimed",
+            Counter::TupleFailed => "tuple_failed",
             Counter::ListenerSet => "listener_set",
             Counter::InboundNoListener => "inbound_no_listener",
         }
@@ -395,5 +475,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::ProxySide {}
     unsafe impl aya::Pod for super::ServiceKey {}
 }

@@ -2,10 +2,22 @@
 //! with the shared policy code and, when it is captured, rewrite the
 //! destination to the proxy.
 //!
-//! To be as transparent as iptables REDIRECT, a captured socket is also bound
-//! (`bpf_bind`, port 0) to the source address the pod's routing would have
-//! used for the original destination, so the application's `getsockname()`
-//! shows the pod's address and the proxy sees the pod's address as its peer.
+//! To be as transparent as iptables REDIRECT, a captured IPv4 socket is also
+//! bound (`bpf_bind`, port 0) to the source address the pod's routing would
+//! have used for the original destination, so the application's
+//! `getsockname()` shows the pod's address and the proxy sees the pod's
+//! address as its peer. Where that cannot be done, the connection runs from
+//! the loopback address and the address iptables would show is recorded
+//! (`Conn::shown_src`) for `getsockname.rs` and `getpeername.rs` to show:
+//!
+//! - IPv6: the kernel answers a segment from a non-loopback address to `::1`
+//!   that no full socket takes (a `TIME_WAIT` socket's ACK, a reset) on the
+//!   interface that address lives on, where `::1` is unreachable; the proxy's
+//!   last FIN then stays unacknowledged, its socket stays in `LAST-ACK`, and
+//!   a later connection reusing the port hangs in `SYN-SENT`. From `::1`
+//!   every answer goes over `lo`.
+//! - A socket the application had bound to a wildcard address and a port
+//!   before `connect()`: it cannot be bound again.
 //!
 //! An IPv6 socket connecting to an IPv4-mapped address (`::ffff:a.b.c.d`)
 //! makes an IPv4 connection: connect6 decides it as IPv4 (as iptables, not
@@ -22,14 +34,17 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    AF_INET, AF_INET6, Action, Addr, Config, Counter, OrigDst, Outbound, V4_LOCALHOST,
-    config_flags, decide_outbound, is_v4_mapped,
+    AF_INET, AF_INET6, Action, Addr, Config, Conn, Counter, OrigDst, Outbound, TupleKey,
+    V4_LOCALHOST, config_flags, conn_state, decide_outbound, is_v4_mapped,
 };
 
 use crate::{
-    maps::{CONFIG, PENDING, SockaddrIn, SockaddrIn6, count, v4_mapped},
+    maps::{CONFIG, CONNS, SockaddrIn, SockaddrIn6, TUPLES, count, v4_mapped},
     policy::KernelPolicy,
 };
+
+/// `BPF_NOEXIST`: insert only if the key is new.
+const BPF_NOEXIST: u64 = 1;
 
 const IPPROTO_TCP: u32 = 6;
 /// Returned to let the syscall proceed.
@@ -74,34 +89,64 @@ fn outbound(
     }
 }
 
-/// Decides; on redirect records the original destination in `PENDING` under
-/// the socket's cookie, for `sock_ops` to move into `HANDOVER` once the ports
-/// are known (later in this same `connect()`). `Ok(None)`: leave the connect
-/// alone; `Ok(Some(port))`: rewrite it to `port`; `Err(())`: refuse it (not
-/// recorded: never let it through uncaptured nor lose its destination).
+/// Decides. `Ok(None)`: leave the connect alone; `Ok(Some((port,
+/// over_lo)))`: capture it, to `port`.
 #[inline(always)]
-unsafe fn decide_and_store(
-    sa: &bpf_sock_addr,
-    cfg: &Config,
-    conn: &Outbound,
-    orig: OrigDst,
-) -> Result<Option<(u16, bool)>, ()> {
+fn decide(cfg: &Config, conn: &Outbound) -> (Option<(u16, bool)>, u16) {
     let verdict = decide_outbound(cfg, &KernelPolicy, conn);
     count(verdict.rule as u32);
-    let Action::Redirect(port) = verdict.action else {
-        return Ok(None);
-    };
-    let orig = OrigDst {
-        rule: verdict.rule as u16,
-        ..orig
-    };
+    match verdict.action {
+        Action::Redirect(port) => (Some((port, verdict.over_lo)), verdict.rule as u16),
+        Action::Pass => (None, verdict.rule as u16),
+    }
+}
+
+/// Records a captured connection in `CONNS` under its socket's cookie.
+/// `false` when `CONNS` is full (`--max-connections`): the connect must then
+/// be refused, never let through uncaptured nor without its destination.
+#[inline(always)]
+fn record(sa: &bpf_sock_addr, orig: OrigDst, shown_src: [u32; 4]) -> bool {
     // SAFETY: `sa` is this program's context.
     let cookie = unsafe { bpf_get_socket_cookie((sa as *const bpf_sock_addr).cast_mut().cast()) };
-    if PENDING.insert(cookie, orig, 0).is_err() {
-        count(Counter::StorageFailed as u32);
-        return Err(());
+    let conn = Conn {
+        orig,
+        shown_src,
+        tuple: TupleKey::default(),
+        state: 0,
+    };
+    if CONNS.insert(cookie, conn, BPF_NOEXIST).is_ok() {
+        return true;
     }
-    Ok(Some((port, verdict.over_lo)))
+    // Either full, or this socket connects again after a failed connect():
+    // replace its entry (and unlist the 4-tuple of the failed attempt).
+    let Some(old) = CONNS.get_ptr_mut(cookie) else {
+        count(Counter::CapacityFull as u32);
+        return false;
+    };
+    // SAFETY: a live map value of this socket, which is connecting.
+    unsafe {
+        if (*old).state & conn_state::JOINED != 0
+            && TUPLES
+                .get_ptr((*old).tuple)
+                .is_some_and(|owner| *owner == cookie)
+        {
+            let _ = TUPLES.remove((*old).tuple);
+        }
+        *old = conn;
+    }
+    true
+}
+
+/// Sets the recorded shown source of this socket's connection (after a
+/// failed `bpf_bind`).
+#[inline(always)]
+fn set_shown_src(sa: &bpf_sock_addr, shown_src: [u32; 4]) {
+    // SAFETY: `sa` is this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie((sa as *const bpf_sock_addr).cast_mut().cast()) };
+    if let Some(conn) = CONNS.get_ptr_mut(cookie) {
+        // SAFETY: a live map value of this socket, which is connecting.
+        unsafe { (*conn).shown_src = shown_src };
+    }
 }
 
 /// The IPv4 source iptables would keep: the destination itself when the
@@ -118,9 +163,10 @@ fn source_v4(cfg: &Config, dst: &Addr, dst_be: u32, over_lo: bool) -> u32 {
     }
 }
 
-/// `bpf_bind` to `addr` (a `SockaddrIn` or `SockaddrIn6`, port 0).
+/// `bpf_bind` to `addr` (a `SockaddrIn` or `SockaddrIn6`, port 0); `false`
+/// if the kernel refused.
 #[inline(always)]
-unsafe fn bind_to<T>(sa: &mut bpf_sock_addr, mut addr: T) {
+unsafe fn bind_to<T>(sa: &mut bpf_sock_addr, mut addr: T) -> bool {
     let ret = unsafe {
         bpf_bind(
             sa,
@@ -131,10 +177,11 @@ unsafe fn bind_to<T>(sa: &mut bpf_sock_addr, mut addr: T) {
     if ret != 0 {
         count(Counter::BindFailed as u32);
     }
+    ret == 0
 }
 
 #[inline(always)]
-unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) {
+unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) -> bool {
     let sin = SockaddrIn {
         family: AF_INET,
         port_be: 0,
@@ -145,7 +192,7 @@ unsafe fn bind4(sa: &mut bpf_sock_addr, src_be: u32) {
 }
 
 #[inline(always)]
-unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) {
+unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) -> bool {
     let sin6 = SockaddrIn6 {
         family: AF_INET6,
         port_be: 0,
@@ -154,6 +201,21 @@ unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) {
         scope_id: 0,
     };
     unsafe { bind_to(sa, sin6) }
+}
+
+/// Where an IPv4 capture runs from: `bind_be` to bind the socket to (0:
+/// leave it), and the address to show as its local address when it is not
+/// bound there. A socket the application bound to an address keeps it; one
+/// bound to a wildcard address and a port cannot be bound again.
+#[inline(always)]
+fn source_plan_v4(src_be: u32, bound_be: u32, bound_port: u32) -> (u32, u32) {
+    if bound_be != 0 || src_be == 0 {
+        (0, 0)
+    } else if bound_port == 0 {
+        (src_be, 0)
+    } else {
+        (0, src_be)
+    }
 }
 
 #[inline(always)]
@@ -166,7 +228,7 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
         return ALLOW;
     };
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    let bound_src_be = unsafe { (*sk).src_ip4 };
+    let (bound_src_be, bound_port) = unsafe { ((*sk).src_ip4, (*sk).src_port) };
     let dst_be = sa.user_ip4;
     let conn = outbound(
         cfg,
@@ -175,23 +237,23 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
         Addr::V4(u32::from_be(dst_be)),
         sa.user_port,
     );
+    let (Some((port, over_lo)), rule) = decide(cfg, &conn) else {
+        return ALLOW;
+    };
     let orig = OrigDst {
         ip: [dst_be, 0, 0, 0],
         port_be: sa.user_port as u16,
         family: AF_INET,
-        rule: 0,
+        rule,
         flags: 0,
     };
-    let (port, over_lo) = match unsafe { decide_and_store(sa, cfg, &conn, orig) } {
-        Ok(Some(p)) => p,
-        Ok(None) => return ALLOW,
-        Err(()) => return DENY,
-    };
-    if bound_src_be == 0 {
-        let src_be = source_v4(cfg, &conn.dst, dst_be, over_lo);
-        if src_be != 0 {
-            unsafe { bind4(sa, src_be) };
-        }
+    let src_be = source_v4(cfg, &conn.dst, dst_be, over_lo);
+    let (bind_be, shown_be) = source_plan_v4(src_be, bound_src_be, bound_port);
+    if !record(sa, orig, [shown_be, 0, 0, 0]) {
+        return DENY;
+    }
+    if bind_be != 0 && !unsafe { bind4(sa, bind_be) } {
+        set_shown_src(sa, [bind_be, 0, 0, 0]);
     }
     sa.user_ip4 = V4_LOCALHOST.to_be();
     sa.user_port = port.to_be() as u32;
@@ -208,13 +270,16 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
         return ALLOW;
     };
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    let bound = unsafe {
-        [
-            (*sk).src_ip6[0],
-            (*sk).src_ip6[1],
-            (*sk).src_ip6[2],
-            (*sk).src_ip6[3],
-        ]
+    let (bound, bound_port) = unsafe {
+        (
+            [
+                (*sk).src_ip6[0],
+                (*sk).src_ip6[1],
+                (*sk).src_ip6[2],
+                (*sk).src_ip6[3],
+            ],
+            (*sk).src_port,
+        )
     };
     let dst = [
         sa.user_ip6[0],
@@ -230,43 +295,47 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
         Addr::from_ip6_words(dst),
         sa.user_port,
     );
+    let (Some((port, over_lo)), rule) = decide(cfg, &conn) else {
+        return ALLOW;
+    };
     let mapped = is_v4_mapped(dst);
-    let orig = if mapped {
-        OrigDst {
+    let to = if mapped {
+        // An IPv4 connection: bound like connect4's (mapped addresses).
+        let orig = OrigDst {
             ip: [dst[3], 0, 0, 0],
             port_be: sa.user_port as u16,
             family: AF_INET,
-            rule: 0,
+            rule,
             flags: 0,
+        };
+        let src_be = source_v4(cfg, &conn.dst, dst[3], over_lo);
+        let bound_be = if unbound { 0 } else { bound[3] };
+        let (bind_be, shown_be) = source_plan_v4(src_be, bound_be, bound_port);
+        if !record(sa, orig, [shown_be, 0, 0, 0]) {
+            return DENY;
         }
-    } else {
-        OrigDst {
-            ip: dst,
-            port_be: sa.user_port as u16,
-            family: AF_INET6,
-            rule: 0,
-            flags: 0,
-        }
-    };
-    let (port, over_lo) = match unsafe { decide_and_store(sa, cfg, &conn, orig) } {
-        Ok(Some(p)) => p,
-        Ok(None) => return ALLOW,
-        Err(()) => return DENY,
-    };
-    let to = if mapped {
-        if unbound {
-            let src_be = source_v4(cfg, &conn.dst, dst[3], over_lo);
-            if src_be != 0 {
-                unsafe { bind6(sa, v4_mapped(src_be)) };
-            }
+        if bind_be != 0 && !unsafe { bind6(sa, v4_mapped(bind_be)) } {
+            set_shown_src(sa, [bind_be, 0, 0, 0]);
         }
         v4_mapped(V4_LOCALHOST.to_be())
     } else {
-        if unbound && !conn.dst.is_loopback_range() {
-            let src = if over_lo { dst } else { cfg.source_v6 };
-            if src != [0; 4] {
-                unsafe { bind6(sa, src) };
-            }
+        // IPv6 runs from ::1 (see the module docs); show the pod's address.
+        let orig = OrigDst {
+            ip: dst,
+            port_be: sa.user_port as u16,
+            family: AF_INET6,
+            rule,
+            flags: 0,
+        };
+        let shown = if !unbound || conn.dst.is_loopback_range() {
+            [0; 4]
+        } else if over_lo {
+            dst
+        } else {
+            cfg.source_v6
+        };
+        if !record(sa, orig, shown) {
+            return DENY;
         }
         // ::1
         [0, 0, 0, 1u32.to_be()]

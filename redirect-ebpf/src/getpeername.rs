@@ -1,44 +1,62 @@
-//! `cgroup/getpeername4` and `cgroup/getpeername6`: an application whose
-//! connect was captured still sees the peer it asked for, as under iptables
-//! REDIRECT (NAT is invisible to it). The original destination is the
-//! connection's hand-over entry, looked up with the socket as the client's
-//! end: the proxy's own sockets never match, so their real peer stands.
+//! `cgroup/getpeername4` and `cgroup/getpeername6` (which also run for the
+//! address `accept()` returns): each end of a captured connection sees what
+//! it would see under iptables REDIRECT.
+//!
+//! - The application's socket (connected to a capture port) sees the peer it
+//!   asked for: its connection's original destination.
+//! - The proxy's accepted socket (bound to a capture port) sees the
+//!   application's address, where the connection could not be made from it
+//!   (IPv6, or a socket the application had bound to a wildcard address): the
+//!   pod's address instead of the loopback address the packets carry.
+//!
+//! Every other socket is left alone after a port comparison.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirect_common::{AF_INET, AF_INET6, OrigDst};
+use redirect_common::{AF_INET, AF_INET6, Config};
 
-use crate::{
-    maps::{CONFIG, v4_mapped},
-    tuple,
-};
+use crate::maps::{CONFIG, CONNS, proxy_side_of, v4_mapped};
 
-/// The application-side original destination of the socket, if any.
+/// What the socket should be shown as its peer: `(family, address words,
+/// port)`, the port in network order (`None`: keep the kernel's).
 #[inline(always)]
-fn app_orig(sa: &mut bpf_sock_addr) -> Option<OrigDst> {
-    // The kernel filled in the socket's real peer: a captured socket is
-    // connected to a capture port, any other (the proxy's accepted sockets
-    // among them) is left alone without a map lookup.
-    let cfg = CONFIG.get(0)?;
-    if !cfg.is_capture_port(u16::from_be(sa.user_port as u16)) {
-        return None;
+fn shown_peer(sa: &mut bpf_sock_addr) -> Option<(u16, [u32; 4], Option<u16>)> {
+    let cfg: &Config = CONFIG.get(0)?;
+    // The kernel filled in the socket's real peer.
+    if cfg.is_capture_port(u16::from_be(sa.user_port as u16)) {
+        // SAFETY: `sa` is this program's context.
+        let cookie = unsafe { bpf_get_socket_cookie((sa as *mut bpf_sock_addr).cast()) };
+        let conn = CONNS.get_ptr(cookie)?;
+        // SAFETY: a live map value, copied out.
+        let orig = unsafe { (*conn).orig };
+        return Some((orig.family, orig.ip, Some(orig.port_be)));
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    // SAFETY: `sa` is this program's context.
-    let netns = unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) };
-    tuple::handed_over(&tuple::ends_of(sk, netns)?, true)
+    // SAFETY: the kernel's socket of this call.
+    if !cfg.is_capture_port(unsafe { (*sk).src_port } as u16) {
+        return None;
+    }
+    let side = proxy_side_of(sk)?;
+    // SAFETY: a live storage slot, copied out.
+    let (orig, shown) = unsafe { ((*side).orig, (*side).shown_peer) };
+    if shown == [0; 4] {
+        return None;
+    }
+    Some((orig.family, shown, None))
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(orig) = app_orig(sa)
-        && orig.family == AF_INET
+    if let Some((family, ip, port)) = shown_peer(sa)
+        && family == AF_INET
     {
-        sa.user_ip4 = orig.ip[0];
-        sa.user_port = orig.port_be as u32;
+        sa.user_ip4 = ip[0];
+        if let Some(port) = port {
+            sa.user_port = u32::from(port);
+        }
     }
     1
 }
@@ -46,13 +64,12 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(orig) = app_orig(sa) {
-        // An IPv6 socket captured on its way to an IPv4-mapped address
-        // sees that mapped address again.
-        let ip = if orig.family == AF_INET {
-            v4_mapped(orig.ip[0])
-        } else if orig.family == AF_INET6 {
-            orig.ip
+    if let Some((family, ip, port)) = shown_peer(sa) {
+        // An IPv6 socket carrying IPv4 sees the IPv4-mapped address.
+        let ip = if family == AF_INET {
+            v4_mapped(ip[0])
+        } else if family == AF_INET6 {
+            ip
         } else {
             return 1;
         };
@@ -60,7 +77,9 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
         sa.user_ip6[1] = ip[1];
         sa.user_ip6[2] = ip[2];
         sa.user_ip6[3] = ip[3];
-        sa.user_port = orig.port_be as u32;
+        if let Some(port) = port {
+            sa.user_port = u32::from(port);
+        }
     }
     1
 }

@@ -1,9 +1,11 @@
 //! `cgroup/getsockopt`: answer `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` with the original
 //! destination, so an unmodified proxy (one that works behind iptables
-//! REDIRECT) works unchanged. The answer comes from the socket's own storage
-//! (an inbound-captured connection's proxy socket) or, for either socket of
-//! an outbound capture, from the hand-over entry under its 4-tuple.
+//! REDIRECT) works unchanged. A proxy's accepted socket answers from its own
+//! storage (written when its side of the handshake completed, outbound or
+//! inbound), so it answers for as long as the proxy holds it. An
+//! application's captured socket answers too, as conntrack does for it,
+//! from its connection's entry under its 4-tuple.
 //!
 //! Every other call passes through untouched: the program does not write
 //! `optlen`, `retval` or the buffer, so the kernel's own answer stands with
@@ -18,7 +20,7 @@ use aya_ebpf::{
 use redirect_common::{AF_INET, AF_INET6, Counter, OrigDst, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
 use crate::{
-    maps::{CONFIG, SockaddrIn, SockaddrIn6, count, orig_dst_of},
+    maps::{CONFIG, SockaddrIn, SockaddrIn6, count, proxy_side_of},
     tuple,
 };
 
@@ -29,9 +31,10 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
         return 1;
     }
     let sk = unsafe { so.__bindgen_anon_1.sk };
-    let orig = match orig_dst_of(sk) {
-        Some(p) => unsafe { *p },
-        None => match handed_over(ctx.sockopt, sk) {
+    let orig = match proxy_side_of(sk) {
+        // SAFETY: a live storage slot, copied out.
+        Some(p) => unsafe { (*p).orig },
+        None => match app_side(ctx.sockopt, sk) {
             Some(o) => o,
             None => {
                 count(Counter::OrigDstMissing as u32);
@@ -90,18 +93,18 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
     true
 }
 
-/// The original destination of `sk`'s connection from the hand-over map:
-/// `sk` is the proxy's end (the usual asker) or the application's.
+/// The original destination of an application's captured socket `sk`,
+/// from its connection's entry (found by 4-tuple: this hook has no socket
+/// cookie).
 #[inline(always)]
-fn handed_over(so: *mut bpf_sockopt, sk: *mut bpf_sock) -> Option<OrigDst> {
+fn app_side(so: *mut bpf_sockopt, sk: *mut bpf_sock) -> Option<OrigDst> {
     let cfg = CONFIG.get(0)?;
     // SAFETY: `so` is this program's context.
     let ends = tuple::ends_of(sk, unsafe { bpf_get_netns_cookie(so.cast()) })?;
-    if cfg.is_capture_port(ends.local_port) {
-        tuple::handed_over(&ends, false)
-    } else if cfg.is_capture_port(ends.remote_port) {
-        tuple::handed_over(&ends, true)
-    } else {
-        None
+    if !cfg.is_capture_port(ends.remote_port) {
+        return None;
     }
+    let (_, conn) = tuple::conn_by_tuple(&ends.key(true))?;
+    // SAFETY: a live map value, copied out.
+    Some(unsafe { (*conn).orig })
 }

@@ -1,17 +1,25 @@
 //! The redirect kernel programs, one file per hook (after Merbridge's `bpf/`
-//! layout): `connect.rs` (`cgroup/connect4`), `getpeername.rs`
-//! (`cgroup/getpeername4`), `sockops.rs` (`sockops`), `getsockopt.rs`
+//! layout): `connect.rs` (`cgroup/connect4`, `connect6`), `getpeername.rs`
+//! and `getsockname.rs` (`cgroup/getpeername4/6`, `getsockname4/6`: what the
+//! application and the proxy are shown), `sockops.rs` (`sockops`),
+//! `sock_release.rs` (`cgroup/sock_release`), `getsockopt.rs`
 //! (`cgroup/getsockopt`), `sk_lookup.rs` (`sk_lookup`, inbound). Maps and the
 //! glue to the shared decision code live in `maps.rs` and `policy.rs`; the
-//! hand-over key, built alike by both ends of a connection, in `tuple.rs`. The
+//! 4-tuple key, built alike by both ends of a connection, in `tuple.rs`. The
 //! decision itself is in `redirect-common`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// 64-bit atomic fetch-or on map values (see `maps::conn_state_or`): core's
+// atomics have no read-modify-write operations for this target.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
+#[cfg(target_arch = "bpf")]
+mod getsockname;
 #[cfg(target_arch = "bpf")]
 mod getsockopt;
 #[cfg(target_arch = "bpf")]
@@ -20,6 +28,8 @@ mod maps;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod sk_lookup;
+#[cfg(target_arch = "bpf")]
+mod sock_release;
 #[cfg(target_arch = "bpf")]
 mod sockops;
 #[cfg(target_arch = "bpf")]

@@ -6,12 +6,11 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
 };
 use redirect_common::{
-    BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, Config, Counter, DEFAULT_CIDR_CAPACITY,
-    DEFAULT_SERVICE_CAPACITY, HANDOVER_CAPACITY, OrigDst, PENDING_CAPACITY, PORT_COUNT,
-    SET_CAPACITY, ServiceKey, TupleKey,
+    BPF_F_NO_PREALLOC, Config, Conn, Counter, DEFAULT_CIDR_CAPACITY, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SERVICE_CAPACITY, PORT_COUNT, ProxySide, SET_CAPACITY, ServiceKey, TupleKey,
 };
 
 // ---- policy (replaced as a whole on re-apply) ----
@@ -55,15 +54,19 @@ pub static LOCAL_V6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(SET_CAPAC
 
 // ---- connection state and counters (kept across re-apply) ----
 
+#[map]
+pub static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
+
 #[btf_map]
-pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+pub static ORIG_DST: SkStorage<ProxySide> = SkStorage::new();
 
 #[map]
-pub static PENDING: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(PENDING_CAPACITY, BPF_F_NO_COMMON_LRU);
+pub static CONNS: HashMap<u64, Conn> =
+    HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static HANDOVER: HashMap<TupleKey, OrigDst> = HashMap::with_max_entries(HANDOVER_CAPACITY, 0);
+pub static TUPLES: HashMap<TupleKey, u64> =
+    HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
@@ -86,10 +89,39 @@ pub fn orig_dst_map() -> *mut core::ffi::c_void {
     core::ptr::addr_of!(ORIG_DST).cast_mut().cast()
 }
 
-/// The original destination stored on socket `sk`; with `create`, a zeroed
+/// Sets `bits` in `conn`'s state with an atomic OR and returns the state as
+/// it was: of two ends racing, each sees whether the other came first.
+#[inline(always)]
+pub fn conn_state_or(conn: *mut Conn, bits: u64) -> u64 {
+    // SAFETY: `conn` points at a live map value; the kernel supports 64-bit
+    // atomic fetch-or on map values (BPF_ATOMIC | BPF_FETCH, 5.12+).
+    unsafe {
+        core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            core::ptr::addr_of_mut!((*conn).state),
+            bits,
+        )
+    }
+}
+
+/// Removes a connection: its `TUPLES` entry (if it has one and it is still
+/// its own) and its `CONNS` entry.
+#[inline(always)]
+pub fn forget_conn(cookie: u64, conn: *const Conn) {
+    // SAFETY: a live map value, read before it is deleted.
+    let (state, tuple) = unsafe { ((*conn).state, (*conn).tuple) };
+    if state & redirect_common::conn_state::JOINED != 0
+        // SAFETY: a live map value, copied out.
+        && TUPLES.get_ptr(tuple).is_some_and(|owner| unsafe { *owner } == cookie)
+    {
+        let _ = TUPLES.remove(tuple);
+    }
+    let _ = CONNS.remove(cookie);
+}
+
+/// The proxy-side record stored on socket `sk`; with `create`, a zeroed
 /// slot is made if there is none. `None` if absent or not allocatable.
 #[inline(always)]
-fn storage(sk: *mut bpf_sock, create: bool) -> Option<*mut OrigDst> {
+fn storage(sk: *mut bpf_sock, create: bool) -> Option<*mut ProxySide> {
     if sk.is_null() {
         return None;
     }
@@ -103,16 +135,16 @@ fn storage(sk: *mut bpf_sock, create: bool) -> Option<*mut OrigDst> {
     if p.is_null() { None } else { Some(p.cast()) }
 }
 
-/// The original destination stored on socket `sk`, if any.
+/// The proxy-side record stored on socket `sk`, if any.
 #[inline(always)]
-pub fn orig_dst_of(sk: *mut bpf_sock) -> Option<*mut OrigDst> {
+pub fn proxy_side_of(sk: *mut bpf_sock) -> Option<*mut ProxySide> {
     storage(sk, false)
 }
 
 /// Stores `value` on socket `sk`, or `None` if the kernel could not
 /// allocate the slot.
 #[inline(always)]
-pub fn set_orig_dst(sk: *mut bpf_sock, value: &OrigDst) -> Option<()> {
+pub fn set_proxy_side(sk: *mut bpf_sock, value: &ProxySide) -> Option<()> {
     let p = storage(sk, true)?;
     unsafe { *p = *value };
     Some(())

@@ -1,41 +1,35 @@
 //! `sockops`: carry a captured connection's original destination from the
-//! application's socket to the proxy.
+//! application's socket to the proxy's.
 //!
-//! 1. `TCP_CONNECT_CB` (client socket, before its SYN; ports are known): if
-//!    connect4 left an original destination in `PENDING` under the socket's
-//!    cookie, move it into the hand-over map under the connection's 4-tuple
-//!    (plus netns cookie), and ask for state callbacks. The application's
-//!    `getpeername()` and the proxy's `SO_ORIGINAL_DST` both read it there.
-//! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): mark the entry for
-//!    its 4-tuple as claimed. The proxy's `SO_ORIGINAL_DST` reads the entry
-//!    in place (`getsockopt.rs`): nothing is copied or allocated for the
-//!    proxy's socket.
-//! 3. `STATE_CB` → `TCP_CLOSE` (client socket): delete the entry. The client
-//!    reaches `TCP_CLOSE` once both sides have finished (`TIME_WAIT`,
-//!    `LAST_ACK` answered), or on a reset or a refused connect, so the entry
-//!    outlives the proxy's use of it, as conntrack's does under REDIRECT.
-//!    An entry the proxy never claimed counts as dropped.
+//! 1. `TCP_CONNECT_CB` (application socket, before its SYN; the ports are
+//!    known from here on): if connect4 recorded the connection in `CONNS`
+//!    under the socket's cookie, list it in `TUPLES` under its 4-tuple (plus
+//!    netns cookie). A 4-tuple still listed for an older connection whose
+//!    proxy side never came is reclaimed here.
+//! 2. `PASSIVE_ESTABLISHED_CB` (the proxy's new socket): find the connection
+//!    by its 4-tuple and copy the destination onto this socket
+//!    (`ORIG_DST`), where `SO_ORIGINAL_DST` reads it for as long as the
+//!    proxy holds the socket, whatever the application does meanwhile. The
+//!    application's side keeps its entry until it releases its socket
+//!    (`sock_release.rs`); whichever end is last removes it.
 //!
 //! And for inbound capture (see `sk_lookup.rs`):
 //!
-//! 4. `TCP_LISTEN_CB`: a socket of the pod's namespace listening on the inbound
+//! 3. `TCP_LISTEN_CB`: a socket of the pod's namespace listening on the inbound
 //!    capture port becomes the capture listener (a restarted proxy replaces
 //!    it; the kernel drops a closed one). The proxy needs no privilege.
-//! 5. `PASSIVE_ESTABLISHED_CB` without a hand-over entry: if the inbound rules
+//! 4. `PASSIVE_ESTABLISHED_CB` without a listed 4-tuple: if the inbound rules
 //!    capture this connection, `sk_lookup` steered it to the proxy, and its
 //!    local address *is* the original destination: store it so
 //!    `SO_ORIGINAL_DST` answers as it does after REDIRECT.
 //!
-//! So a hand-over entry lives exactly as long as the client's side of its
-//! connection, a pending entry for the length of one `connect()` call, and
-//! the inbound per-socket copies die with their sockets: nothing outlives
-//! its connection.
+//! No state callbacks are asked for: a socket's state changes cost nothing
+//! here.
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
-        BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_ANY, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -43,11 +37,13 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6, OrigDst,
-    TupleKey, decide_inbound, orig_flags,
+    ProxySide, TupleKey, conn_state, decide_inbound, orig_flags,
 };
 
 use crate::{
-    maps::{CONFIG, HANDOVER, INBOUND_LISTENER, PENDING, count, set_orig_dst},
+    maps::{
+        CONFIG, CONNS, INBOUND_LISTENER, TUPLES, conn_state_or, count, forget_conn, set_proxy_side,
+    },
     policy::KernelPolicy,
     tuple::{self, Ends},
 };
@@ -58,14 +54,9 @@ const AF_INET_U32: u32 = AF_INET as u32;
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx, ops),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ops),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                on_client_close(ops);
-            }
-        }
         _ => {}
     }
     0
@@ -106,23 +97,43 @@ fn sk_of(ops: *mut bpf_sock_ops) -> *mut aya_ebpf::bindings::bpf_sock {
 }
 
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext, ops: *mut bpf_sock_ops) {
+fn on_connect(ops: *mut bpf_sock_ops) {
     // SAFETY: `ops` is this program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    let Some(pending) = PENDING.get_ptr(cookie) else {
+    let Some(conn) = CONNS.get_ptr_mut(cookie) else {
         return;
     };
-    // SAFETY: a live map value.
-    let orig = unsafe { *pending };
-    let _ = PENDING.remove(cookie);
     let Some(key) = tuple(ops, true) else {
         return;
     };
-    if HANDOVER.insert(key, orig, 0).is_err() {
-        count(Counter::HandoverFull as u32);
+    reclaim_orphan(&key, cookie);
+    // SAFETY: a live map value; only this socket's own connect writes it.
+    unsafe { (*conn).tuple = key };
+    if TUPLES.insert(key, cookie, BPF_ANY.into()).is_err() {
+        count(Counter::TupleFailed as u32);
         return;
     }
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    conn_state_or(conn, conn_state::JOINED);
+}
+
+/// A 4-tuple the kernel handed to a new connection can still be listed for an
+/// older one: an application socket released while established whose proxy
+/// side never came (its listener's queue overflowed, say). That entry is
+/// dead now; remove it.
+#[inline(always)]
+fn reclaim_orphan(key: &TupleKey, cookie: u64) {
+    let Some((owner, old)) = tuple::conn_by_tuple(key) else {
+        return;
+    };
+    // SAFETY: a live map value, read.
+    let (state, tuple) = unsafe { ((*old).state, (*old).tuple) };
+    if owner != cookie
+        && tuple == *key
+        && state & (conn_state::APP_RELEASED | conn_state::CLAIMED) == conn_state::APP_RELEASED
+    {
+        forget_conn(owner, old);
+        count(Counter::OrphanReclaimed as u32);
+    }
 }
 
 #[inline(always)]
@@ -130,27 +141,25 @@ fn on_passive_established(ops: *mut bpf_sock_ops) {
     let Some(key) = tuple(ops, false) else {
         return;
     };
-    let Some(entry) = HANDOVER.get_ptr_mut(key) else {
+    let Some((cookie, conn)) = tuple::conn_by_tuple(&key) else {
         on_inbound_accepted(ops);
         return;
     };
-    // SAFETY: a live map value; only this flag is written, in place.
-    unsafe { (*entry).flags |= orig_flags::CLAIMED };
-    count(Counter::HandoverTaken as u32);
-}
-
-#[inline(always)]
-fn on_client_close(ops: *mut bpf_sock_ops) {
-    let Some(key) = tuple(ops, true) else {
-        return;
+    // SAFETY: a live map value, copied out.
+    let side = unsafe {
+        ProxySide {
+            orig: (*conn).orig,
+            shown_peer: (*conn).shown_src,
+        }
     };
-    let Some(entry) = HANDOVER.get_ptr(key) else {
-        return;
-    };
-    // SAFETY: a live map value.
-    let claimed = unsafe { (*entry).flags } & orig_flags::CLAIMED != 0;
-    if HANDOVER.remove(key).is_ok() && !claimed {
-        count(Counter::HandoverDropped as u32);
+    if set_proxy_side(sk_of(ops), &side).is_some() {
+        count(Counter::HandoverTaken as u32);
+    } else {
+        count(Counter::StorageFailed as u32);
+    }
+    let old = conn_state_or(conn, conn_state::CLAIMED);
+    if old & conn_state::APP_RELEASED != 0 {
+        forget_conn(cookie, conn);
     }
 }
 
@@ -213,12 +222,17 @@ fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
     if let Action::Pass = verdict.action {
         return;
     }
-    let orig = OrigDst {
-        ip: local,
-        port_be: port.to_be(),
-        family,
-        rule: verdict.rule as u16,
-        flags: orig_flags::PROXY_SIDE,
+    let side = ProxySide {
+        orig: OrigDst {
+            ip: local,
+            port_be: port.to_be(),
+            family,
+            rule: verdict.rule as u16,
+            flags: orig_flags::INBOUND,
+        },
+        shown_peer: [0; 4],
     };
-    let _ = set_orig_dst(sk_of(ops), &orig);
+    if set_proxy_side(sk_of(ops), &side).is_none() {
+        count(Counter::StorageFailed as u32);
+    }
 }

@@ -1,11 +1,11 @@
-//! The hand-over key of one TCP connection, built the same way from either
-//! of its two sockets: the application's (in `sock_ops`) and the proxy's
-//! accepted one (in `sock_ops` and `cgroup/getsockopt`).
+//! The 4-tuple key of one TCP connection, built the same way from either of
+//! its two sockets: the application's (in `sock_ops` and `cgroup/getsockopt`)
+//! and the proxy's accepted one (in `sock_ops`).
 
 use aya_ebpf::bindings::bpf_sock;
-use redirect_common::{AF_INET, AF_INET6, OrigDst, TupleKey, is_v4_mapped};
+use redirect_common::{AF_INET, AF_INET6, Conn, TupleKey, is_v4_mapped};
 
-use crate::maps::HANDOVER;
+use crate::maps::{CONNS, TUPLES};
 
 /// A socket's `(family, local, remote)` addresses as the key sees them:
 /// network-order words, IPv4 in word 0. An IPv6 socket carrying IPv4
@@ -51,17 +51,17 @@ pub fn ends_of(sk: *mut bpf_sock, netns: u64) -> Option<Ends> {
         local,
         remote,
         local_port: s.src_port as u16,
-        remote_port: u16::from_be(s.dst_port),
+        remote_port: u16::from_be(s.dst_port as u16),
     })
 }
 
-/// The hand-over entry of a connection, seen from one of its sockets
-/// (`client_is_local`: the application's socket; otherwise the proxy's).
+/// The captured connection whose 4-tuple is `key`, with its application
+/// socket's cookie.
 #[inline(always)]
-pub fn handed_over(ends: &Ends, client_is_local: bool) -> Option<OrigDst> {
-    let entry = HANDOVER.get_ptr(ends.key(client_is_local))?;
+pub fn conn_by_tuple(key: &TupleKey) -> Option<(u64, *mut Conn)> {
     // SAFETY: a live map value, copied out.
-    Some(unsafe { *entry })
+    let cookie = unsafe { *TUPLES.get_ptr(key)? };
+    Some((cookie, CONNS.get_ptr_mut(cookie)?))
 }
 
 /// One socket's view of its connection: addresses as [`normalize`] returns

@@ -4,7 +4,8 @@
 //! Pin layout under the pin dir (see `docs/design.md`):
 //!
 //! ```text
-//! <pin-dir>/state/    ORIG_DST HANDOVER COUNTERS      kept across re-apply
+//! <pin-dir>/state/    LAYOUT ORIG_DST CONNS TUPLES     kept across re-apply
+//!                     COUNTERS INBOUND_LISTENER
 //! <pin-dir>/gen-<N>/  CONFIG PORTS ... (policy maps)   one per apply
 //!                     prog_* link_*                    programs and links
 //! ```
@@ -45,10 +46,15 @@ pub static EBPF_OBJECT: &[u8] =
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
 /// Programs in attach order, with their hook and short pin name. Connect4 and
-/// sk_lookup come last so nothing is redirected before the hand-over path and
-/// the listener registration are in place.
-pub const PROGRAMS: [(&str, AttachType, &str); 7] = [
+/// sk_lookup come last so nothing is redirected before the hand-over path,
+/// the release path and the listener registration are in place.
+pub const PROGRAMS: [(&str, AttachType, &str); 10] = [
     (program_names::SOCK_OPS, AttachType::SockOps, "sockops"),
+    (
+        program_names::SOCK_RELEASE,
+        AttachType::SockRelease,
+        "sock_release",
+    ),
     (
         program_names::GETSOCKOPT,
         AttachType::GetSockopt,
@@ -63,6 +69,16 @@ pub const PROGRAMS: [(&str, AttachType, &str); 7] = [
         program_names::GETPEERNAME6,
         AttachType::GetPeerName6,
         "getpeername6",
+    ),
+    (
+        program_names::GETSOCKNAME4,
+        AttachType::GetSockName4,
+        "getsockname4",
+    ),
+    (
+        program_names::GETSOCKNAME6,
+        AttachType::GetSockName6,
+        "getsockname6",
     ),
     (program_names::SK_LOOKUP, AttachType::SkLookup, "sk_lookup"),
     (program_names::CONNECT4, AttachType::Connect4, "connect4"),
@@ -80,6 +96,10 @@ pub struct ApplyRequest {
     pub pin_dir: PathBuf,
     /// The policy.
     pub policy: PolicySpec,
+    /// Capacity of the connection state maps (captured outbound connections
+    /// open at once); `None`: the default on a new pin dir, what is there on
+    /// a re-apply.
+    pub max_connections: Option<u32>,
 }
 
 /// What an apply did.
@@ -178,6 +198,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     }
 
     let layout = Layout::new(&req.pin_dir);
+    let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
     let old = layout.generations()?;
     let generation = old.last().map_or(1, |g| g + 1);
 
@@ -195,7 +216,14 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         fs::create_dir(&gen_dir)
             .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
         created.push(gen_dir.clone());
-        install(req, &facts, (&cgroup, &netns_file), &layout, &gen_dir)
+        install(
+            req,
+            &facts,
+            (&cgroup, &netns_file),
+            &layout,
+            &gen_dir,
+            capacity,
+        )
     })();
 
     if let Err(err) = result {
@@ -229,6 +257,7 @@ fn install(
     (cgroup, netns_file): (&File, &File),
     layout: &Layout,
     gen_dir: &Path,
+    capacity: u32,
 ) -> Result<()> {
     let state = layout.state_dir();
     let mut loader = EbpfLoader::new();
@@ -244,9 +273,14 @@ fn install(
     let services =
         u32::try_from(req.policy.services.len().max(1)).context("--service: too many services")?;
     loader.map_max_entries(map_names::SERVICES, services);
+    loader.map_max_entries(map_names::CONNS, capacity);
+    loader.map_max_entries(map_names::TUPLES, capacity);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading the eBPF object (maps) into the kernel")?;
+    Array::<_, u64>::try_from(map_mut(&mut ebpf, map_names::LAYOUT)?)?
+        .set(0, redirect_common::STATE_LAYOUT, 0)
+        .context("writing LAYOUT")?;
 
     fill_policy(&mut ebpf, &req.policy, facts)?;
     for name in map_names::POLICY {
@@ -264,6 +298,7 @@ fn install(
             .with_context(|| format!("program {name} missing from the eBPF object"))?;
         let loaded = match prog {
             Program::SockOps(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
             Program::CgroupSockopt(p) => p.load(),
             Program::CgroupSockAddr(p) => p.load(),
             Program::SkLookup(p) => p.load(),

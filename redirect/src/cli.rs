@@ -95,6 +95,12 @@ pub struct ApplyArgs {
     /// With --dry-run: print JSON.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
+    /// Captured outbound connections open at once (default 131072, set when
+    /// the pin dir is first applied). Beyond it, a captured connect() fails
+    /// with EPERM. Memory follows use: about 250 bytes per open connection,
+    /// plus 32 bytes per slot for the hash buckets
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u32>,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,

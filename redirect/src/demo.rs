@@ -95,6 +95,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         netns: Some(pod.netns_path(Side::Pod)),
         pin_dir: pin_dir.to_path_buf(),
         policy,
+        max_connections: None,
     })?;
     println!(
         "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*' -b '*'",

@@ -40,6 +40,8 @@ pub mod policy;
 #[cfg(feature = "loader")]
 pub mod render;
 #[cfg(feature = "loader")]
+pub mod state;
+#[cfg(feature = "loader")]
 pub mod status;
 #[cfg(feature = "loader")]
 pub mod sys;

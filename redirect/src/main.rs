@@ -35,6 +35,7 @@ async fn run(cli: Cli) -> Result<()> {
                 netns: args.netns,
                 pin_dir: args.pin.pin_dir,
                 policy,
+                max_connections: args.max_connections,
             };
             if args.dry_run {
                 let plan = tokio::task::spawn_blocking(move || plan::plan(&req))

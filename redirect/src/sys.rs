@@ -31,6 +31,12 @@ pub enum AttachType {
     GetPeerName4 = 29,
     /// `BPF_CGROUP_INET6_GETPEERNAME`.
     GetPeerName6 = 30,
+    /// `BPF_CGROUP_INET4_GETSOCKNAME`.
+    GetSockName4 = 31,
+    /// `BPF_CGROUP_INET6_GETSOCKNAME`.
+    GetSockName6 = 32,
+    /// `BPF_CGROUP_INET_SOCK_RELEASE`.
+    SockRelease = 34,
     /// `BPF_SK_LOOKUP` (attached to a network namespace, not a cgroup).
     SkLookup = 36,
 }
@@ -45,6 +51,9 @@ impl AttachType {
             Self::GetSockopt => "cgroup/getsockopt",
             Self::GetPeerName4 => "cgroup/getpeername4",
             Self::GetPeerName6 => "cgroup/getpeername6",
+            Self::GetSockName4 => "cgroup/getsockname4",
+            Self::GetSockName6 => "cgroup/getsockname6",
+            Self::SockRelease => "cgroup/sock_release",
             Self::SkLookup => "sk_lookup",
         }
     }

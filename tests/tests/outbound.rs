@@ -375,7 +375,7 @@ fn maps_are_empty_after_connections_close() {
         assert!(who.starts_with("error"), "{who}");
     }
     assert_eq!(
-        handover_entries_after_close(&f),
+        state_entries_after_close(&f),
         0,
         "hand-over entries outlived their connections"
     );
@@ -418,31 +418,27 @@ fn proxy_learns_destination_after_client_half_closed() {
     assert_eq!(st["counters"]["orig_dst_missing"], 0);
     // Both sides have closed: nothing is left behind.
     assert_eq!(
-        handover_entries_after_close(&f),
+        state_entries_after_close(&f),
         0,
         "hand-over entries outlived their connections"
     );
 }
 
-/// Entries left in `HANDOVER` (and `PENDING`, which only holds a `connect()`
-/// in progress) once the pod's closed connections have finished closing:
-/// the client's socket reaches `TCP_CLOSE` when the last ACK or reset
-/// arrives, a moment after the client process exits, so this waits up to
-/// 3 s for the count to reach zero.
-fn handover_entries_after_close(f: &Fixture) -> usize {
+/// Entries left in `CONNS` and `TUPLES` once the pod's connections have
+/// closed: sockets are released a moment after their processes exit, so
+/// this waits up to 3 s for the count to reach zero.
+pub fn state_entries_after_close(f: &Fixture) -> usize {
     let state = f.pin_dir.join("state");
     let open = |name: &str| redirect::apply::open_pinned(&state.join(name)).unwrap();
-    let handover =
-        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(
-            open(map_names::HANDOVER),
-        )
-        .unwrap();
-    let pending =
-        aya::maps::HashMap::<_, u64, redirect_common::OrigDst>::try_from(open(map_names::PENDING))
+    let tuples =
+        aya::maps::HashMap::<_, redirect_common::TupleKey, u64>::try_from(open(map_names::TUPLES))
+            .unwrap();
+    let conns =
+        aya::maps::HashMap::<_, u64, redirect_common::Conn>::try_from(open(map_names::CONNS))
             .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
-        let n = handover.keys().count() + pending.keys().count();
+        let n = tuples.keys().count() + conns.keys().count();
         if n == 0 || std::time::Instant::now() >= deadline {
             return n;
         }

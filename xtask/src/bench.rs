@@ -901,18 +901,19 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
     }
     let _ = writeln!(w, "\n![memory](bench/memory.svg)\n");
     if let Some(occ) = r["occupancy"].as_object() {
-        let he = occ["handover_entries"].as_u64().unwrap_or(u64::MAX);
-        let pe = occ["pending_entries"].as_u64().unwrap_or(u64::MAX);
+        let he = occ["tuples_entries"].as_u64().unwrap_or(u64::MAX);
+        let pe = occ["conns_entries"].as_u64().unwrap_or(u64::MAX);
         let c = &occ["counters"];
         let _ = writeln!(
             w,
             "Occupancy: {} connections opened and closed through redirect, \
-             one at a time, at {} conn/s. Afterwards `HANDOVER` holds **{} \
-             entries** and `PENDING` **{}** ({}); counters: `handover_taken` {}, \
-             `handover_dropped` {}, `handover_full` {}, `orig_dst_served` {}, \
-             `orig_dst_missing` {}, `storage_failed` {}, `bind_failed` {}. No \
-             socket storage is used for outbound captures (`ORIG_DST` serves \
-             inbound ones only). TIME_WAIT sockets in the pod afterwards: {}.\n",
+             one at a time, at {} conn/s. Afterwards `TUPLES` holds **{} \
+             entries** and `CONNS` **{}** ({}); counters: `handover_taken` {}, \
+             `handover_dropped` {}, `orphan_kept` {}, `capacity_full` {}, \
+             `orig_dst_served` {}, `orig_dst_missing` {}, `storage_failed` {}, \
+             `bind_failed` {}. Each proxy socket carries its own copy of the \
+             destination (`ORIG_DST` socket storage), freed with the socket. \
+             TIME_WAIT sockets in the pod afterwards: {}.\n",
             fmt_size(occ["connections"].as_u64().unwrap_or(0)),
             fmt_rate(f(&occ["report"]["rate"])),
             he,
@@ -924,7 +925,8 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
             },
             c["handover_taken"],
             c["handover_dropped"],
-            c["handover_full"],
+            c["orphan_kept"],
+            c["capacity_full"],
             c["orig_dst_served"],
             c["orig_dst_missing"],
             c["storage_failed"],
@@ -1435,13 +1437,13 @@ fn csv(r: &Value) -> String {
         );
         let _ = writeln!(
             o,
-            "occupancy,0,redirect,0,handover_entries,{}",
-            occ["handover_entries"]
+            "occupancy,0,redirect,0,tuples_entries,{}",
+            occ["tuples_entries"]
         );
         let _ = writeln!(
             o,
-            "occupancy,0,redirect,0,pending_entries,{}",
-            occ["pending_entries"]
+            "occupancy,0,redirect,0,conns_entries,{}",
+            occ["conns_entries"]
         );
     }
     for (k, v) in r["micro"]["cases"].as_object().into_iter().flatten() {

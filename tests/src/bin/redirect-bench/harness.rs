@@ -179,10 +179,10 @@ pub struct Occupancy {
     pub connections: u64,
     /// What the client saw.
     pub report: ClientReport,
-    /// `HANDOVER` entries afterwards (must be 0).
-    pub handover_entries: u64,
-    /// `PENDING` entries afterwards (must be 0).
-    pub pending_entries: u64,
+    /// `TUPLES` entries afterwards (must be 0).
+    pub tuples_entries: u64,
+    /// `CONNS` entries afterwards (must be 0).
+    pub conns_entries: u64,
     /// TIME_WAIT sockets in the pod afterwards.
     pub time_wait: Option<u64>,
     /// `redirect status --json` counters afterwards.
@@ -732,21 +732,15 @@ fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
     let report = w.client(&args, Duration::from_secs(1800))?;
     check_report(&w, &report, "occupancy")?;
     let state = w.pin_dir().join("state");
-    let handover = redirect::apply::open_pinned(&state.join(map_names::HANDOVER))?;
-    let handover =
-        aya::maps::HashMap::<_, redirect_common::TupleKey, redirect_common::OrigDst>::try_from(
-            handover,
-        )?;
-    let pending = redirect::apply::open_pinned(&state.join(map_names::PENDING))?;
-    let pending = aya::maps::HashMap::<_, u64, redirect_common::OrigDst>::try_from(pending)?;
-    // The last connection's client socket reaches TCP_CLOSE (and drops its
-    // entry) a moment after the client exits: give it up to 3 s.
+    let tuples = redirect::apply::open_pinned(&state.join(map_names::TUPLES))?;
+    let tuples = aya::maps::HashMap::<_, redirect_common::TupleKey, u64>::try_from(tuples)?;
+    let conns = redirect::apply::open_pinned(&state.join(map_names::CONNS))?;
+    let conns = aya::maps::HashMap::<_, u64, redirect_common::Conn>::try_from(conns)?;
+    // The last connection's sockets are released a moment after the client
+    // exits: give it up to 3 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let (handover_entries, pending_entries) = loop {
-        let counts = (
-            handover.keys().count() as u64,
-            pending.keys().count() as u64,
-        );
+    let (tuples_entries, conns_entries) = loop {
+        let counts = (tuples.keys().count() as u64, conns.keys().count() as u64);
         if counts == (0, 0) || std::time::Instant::now() >= deadline {
             break counts;
         }
@@ -756,8 +750,8 @@ fn occupancy(plan: &Plan, tools: &Tools) -> Result<Occupancy> {
     Ok(Occupancy {
         connections: report.ops,
         report,
-        handover_entries,
-        pending_entries,
+        tuples_entries,
+        conns_entries,
         time_wait: w.time_wait(),
         counters: st["counters"].clone(),
         decisions: st["decisions"].clone(),

@@ -1,4 +1,4 @@
-//! The floor of any design on redirect's hooks: the same seven hooks with
+//! The floor of any design on redirect's hooks: the same ten hooks with
 //! programs that only return "go on" (two instructions each), attached to a
 //! `direct` pod. What such a pod costs over plain `direct` is what the
 //! kernel charges for running the hooks at all, before any program does
@@ -28,6 +28,8 @@ fn prog_type(attach: AttachType) -> u32 {
         AttachType::SkLookup => 30,   // BPF_PROG_TYPE_SK_LOOKUP
         AttachType::Connect4 | AttachType::Connect6 => 18, // CGROUP_SOCK_ADDR
         AttachType::GetPeerName4 | AttachType::GetPeerName6 => 18,
+        AttachType::GetSockName4 | AttachType::GetSockName6 => 18,
+        AttachType::SockRelease => 9, // BPF_PROG_TYPE_CGROUP_SOCK
     }
 }
 
