@@ -26,6 +26,15 @@ pub struct ServerArgs {
     /// half-closed by then).
     #[arg(long, default_value = "0")]
     pub answer_delay_ms: u64,
+    /// Before anything else, read the connection until the client's FIN or
+    /// reset: the delay then counts from the client's close, and the
+    /// answer is asked for strictly after it.
+    #[arg(long)]
+    pub answer_after_eof: bool,
+    /// Also append what was seen of each connection, one JSON line each,
+    /// to this file (the client may be gone before the answer is sent).
+    #[arg(long)]
+    pub log: Option<std::path::PathBuf>,
 }
 
 /// `sample-connect` arguments.
@@ -49,6 +58,23 @@ pub struct ConnectArgs {
     /// which sends the FIN at once), then read the answer.
     #[arg(long)]
     pub shutdown_write: bool,
+    /// Bind this source port first (with the `--bind` address, or the
+    /// wildcard address of the destination's family).
+    #[arg(long)]
+    pub bind_port: Option<u16>,
+    /// Send a request line, then close at once without reading an answer:
+    /// `close` (FIN) or `reset` (`SO_LINGER` 0, RST).
+    #[arg(long, value_enum)]
+    pub send_then: Option<EarlyClose>,
+}
+
+/// How `--send-then` ends the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EarlyClose {
+    /// `close()`: a FIN.
+    Close,
+    /// `SO_LINGER` 0, then `close()`: a reset.
+    Reset,
 }
 
 /// What a sample server saw of one connection.
@@ -89,14 +115,29 @@ pub fn run_server(args: &ServerArgs) -> Result<()> {
     }
     println!("ready");
     std::io::stdout().flush()?;
+    let log = match &args.log {
+        Some(p) => Some(std::sync::Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("--log {}", p.display()))?,
+        ))),
+        None => None,
+    };
     let mut threads = Vec::new();
     for l in listeners {
         let name = args.name.clone();
         let delay = Duration::from_millis(args.answer_delay_ms);
+        let after_eof = args.answer_after_eof;
+        let log = log.clone();
         threads.push(std::thread::spawn(move || {
             for stream in l.incoming().flatten() {
+                if after_eof {
+                    let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+                }
                 std::thread::sleep(delay);
-                let _ = answer(&name, stream);
+                let _ = answer(&name, stream, log.as_deref());
             }
         }));
     }
@@ -120,20 +161,33 @@ fn listen(addr: SocketAddr) -> Result<TcpListener> {
     Ok(sock.into())
 }
 
-fn answer(name: &str, mut stream: TcpStream) -> Result<()> {
+fn answer(
+    name: &str,
+    mut stream: TcpStream,
+    log: Option<&std::sync::Mutex<std::fs::File>>,
+) -> Result<()> {
     let (orig_dst, orig_dst_error) = match crate::original_dst(&stream) {
         Ok(a) => (Some(a.to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    // A reset connection has no peer any more: say so rather than fail.
+    let addr = |a: std::io::Result<SocketAddr>| match a {
+        Ok(a) => a.to_string(),
+        Err(e) => format!("({e})"),
+    };
     let view = ServerView {
         server: name.to_string(),
-        local: stream.local_addr()?.to_string(),
-        peer: stream.peer_addr()?.to_string(),
+        local: addr(stream.local_addr()),
+        peer: addr(stream.peer_addr()),
         orig_dst,
         orig_dst_error,
     };
     let mut line = serde_json::to_string(&view)?;
     line.push('\n');
+    if let Some(log) = log {
+        let mut f = log.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_all(line.as_bytes())?;
+    }
     stream.write_all(line.as_bytes())?;
     Ok(())
 }
@@ -186,9 +240,15 @@ fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
     use socket2::{Domain, Socket, Type};
     let timeout = Duration::from_millis(args.timeout_ms);
     let sock = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
-    if let Some(ip) = args.bind {
-        sock.bind(&SocketAddr::new(ip, 0).into())
-            .with_context(|| format!("bind {ip}"))?;
+    if args.bind.is_some() || args.bind_port.is_some() {
+        let ip = args.bind.unwrap_or(match to {
+            SocketAddr::V4(_) => IpAddr::from([0u8; 4]),
+            SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
+        });
+        let at = SocketAddr::new(ip, args.bind_port.unwrap_or(0));
+        sock.set_reuse_address(true)?;
+        sock.bind(&at.into())
+            .with_context(|| format!("bind {at}"))?;
     }
     if let Some(mark) = args.mark {
         set_mark(&sock, mark).with_context(|| format!("SO_MARK {mark:#x}"))?;
@@ -199,6 +259,20 @@ fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
     stream.set_read_timeout(Some(timeout))?;
     let local = stream.local_addr()?.to_string();
     let peer = stream.peer_addr()?.to_string();
+    if let Some(how) = args.send_then {
+        (&stream).write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        if how == EarlyClose::Reset {
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        }
+        drop(stream);
+        return Ok(ClientView {
+            ok: true,
+            error: None,
+            local: Some(local),
+            peer: Some(peer),
+            reply: None,
+        });
+    }
     if args.shutdown_write {
         stream
             .shutdown(std::net::Shutdown::Write)
