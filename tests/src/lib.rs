@@ -209,6 +209,29 @@ impl Drop for Fixture {
     }
 }
 
+/// Entries left in `CONNS` and `TUPLES` of `f`'s pin dir once the pod's
+/// connections have closed: sockets are released a moment after their
+/// processes exit, so this waits up to 3 s for the count to reach zero.
+pub fn state_entries_after_close(f: &Fixture) -> usize {
+    use redirect_common::map_names;
+    let state = f.pin_dir.join("state");
+    let open = |name: &str| redirect::apply::open_pinned(&state.join(name)).unwrap();
+    let tuples =
+        aya::maps::HashMap::<_, redirect_common::TupleKey, u64>::try_from(open(map_names::TUPLES))
+            .unwrap();
+    let conns =
+        aya::maps::HashMap::<_, u64, redirect_common::Conn>::try_from(open(map_names::CONNS))
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let n = tuples.keys().count() + conns.keys().count();
+        if n == 0 || std::time::Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A process of some other owner: UID 2000 with GID `gid`, in `app/`.
 pub fn other(uid: u32, gid: u32) -> As {
     As {

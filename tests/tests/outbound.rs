@@ -11,7 +11,7 @@ use std::{
 
 use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
 use redirect_common::map_names;
-use redirect_tests::{APP_PORT, Fixture, can_run, other};
+use redirect_tests::{APP_PORT, Fixture, can_run, other, state_entries_after_close};
 
 fn svc(i: u8, port: u16) -> String {
     format!("{}:{port}", upstream_extra(i))
@@ -422,28 +422,6 @@ fn proxy_learns_destination_after_client_half_closed() {
         0,
         "hand-over entries outlived their connections"
     );
-}
-
-/// Entries left in `CONNS` and `TUPLES` once the pod's connections have
-/// closed: sockets are released a moment after their processes exit, so
-/// this waits up to 3 s for the count to reach zero.
-pub fn state_entries_after_close(f: &Fixture) -> usize {
-    let state = f.pin_dir.join("state");
-    let open = |name: &str| redirect::apply::open_pinned(&state.join(name)).unwrap();
-    let tuples =
-        aya::maps::HashMap::<_, redirect_common::TupleKey, u64>::try_from(open(map_names::TUPLES))
-            .unwrap();
-    let conns =
-        aya::maps::HashMap::<_, u64, redirect_common::Conn>::try_from(open(map_names::CONNS))
-            .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        let n = tuples.keys().count() + conns.keys().count();
-        if n == 0 || std::time::Instant::now() >= deadline {
-            return n;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[test]
