@@ -10,7 +10,6 @@ use std::{
 };
 
 use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
-use redirect_common::map_names;
 use redirect_tests::{APP_PORT, Fixture, can_run, other, state_entries_after_close};
 
 fn svc(i: u8, port: u16) -> String {
