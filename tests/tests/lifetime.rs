@@ -81,8 +81,7 @@ fn proxy_asking_after_app_closed_or_reset_gets_destination() {
     let mut f = Fixture::new();
     f.apply_ok(&["-i", "*"]);
     let ends = [AppEnd::Close, AppEnd::Reset, AppEnd::HalfClose];
-    let mut port = 80u16;
-    for delay in [0, 50, 1000] {
+    for (port, delay) in (80u16..).zip([0, 50, 1000]) {
         let log = late_asking_proxy(&mut f, delay);
         let mut want = Vec::new();
         for (i, end) in ends.iter().enumerate() {
@@ -106,7 +105,6 @@ fn proxy_asking_after_app_closed_or_reset_gets_destination() {
                 want.push((to, *end));
             }
         }
-        port += 1;
         let views = proxy_views(&log, want.len());
         let _ = std::fs::remove_file(&log);
         assert_eq!(views.len(), want.len(), "proxy saw {views:?}");
@@ -350,7 +348,8 @@ fn alternate(f: &Fixture, count: u64, extra: &[&str]) {
 /// `redirect-adversary hold`: opens the connections, reports, and keeps
 /// them open until dropped.
 struct Holder {
-    child: Running,
+    /// Holds the connections until dropped.
+    _child: Running,
     report: serde_json::Value,
 }
 
@@ -375,7 +374,10 @@ impl Holder {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
         let report = serde_json::from_str(line.trim())
             .unwrap_or_else(|e| panic!("hold printed {line:?}: {e}"));
-        Holder { child, report }
+        Holder {
+            _child: child,
+            report,
+        }
     }
 
     fn connected(&self) -> u64 {
