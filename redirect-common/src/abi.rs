@@ -169,6 +169,12 @@ pub mod config_flags {
     /// Tasks in the cgroup [`super::Config::proxy_cgroup_id`] (or below) are
     /// the proxy's.
     pub const HAS_CGROUP: u16 = 1 << 12;
+    /// [`super::Config::owner_path`] is filled in: a socket's owner is the
+    /// file system UID and GID of the credentials its file was opened with
+    /// (`sk->sk_socket->file->f_cred`), as iptables' owner match reads
+    /// them. Without it, the real UID and GID of the task calling
+    /// `connect()`.
+    pub const OWNER_FROM_FILE: u16 = 1 << 13;
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -250,10 +256,33 @@ pub struct Config {
     /// Depth of the proxy's cgroup below the cgroup v2 root (the root is 0),
     /// for `bpf_get_current_ancestor_cgroup_id`.
     pub proxy_cgroup_level: u32,
+    /// Where the socket's credentials are in the running kernel's structs,
+    /// with [`config_flags::OWNER_FROM_FILE`].
+    pub owner_path: OwnerPath,
+}
+
+/// Byte offsets of the fields from a `struct sock` to the credentials its
+/// file was opened with, read from the running kernel's BTF by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct OwnerPath {
+    /// `struct sock` → `sk_socket`.
+    pub sk_socket: u16,
+    /// `struct socket` → `file`.
+    pub socket_file: u16,
+    /// `struct file` → `f_cred`.
+    pub file_cred: u16,
+    /// `struct cred` → `fsuid`.
+    pub cred_fsuid: u16,
+    /// `struct cred` → `fsgid`.
+    pub cred_fsgid: u16,
+    /// Padding, zero.
+    pub reserved: [u16; 3],
 }
 
 // The layout both sides agree on (no padding, checked by the Pod derives).
-const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 80);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Conn>() == 96);

@@ -89,6 +89,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         proxy_cgroup_id: 0,
         proxy_mark: 0,
         proxy_cgroup_level: 0,
+        owner_path: Default::default(),
     }
 }
 

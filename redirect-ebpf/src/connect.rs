@@ -25,9 +25,9 @@
 //! bypass the IPv4 policy.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, sockaddr},
+    bindings::{bpf_sock, bpf_sock_addr, sockaddr},
     helpers::{
-        bpf_get_current_uid_gid,
+        bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,
@@ -39,7 +39,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNS, SockaddrIn, SockaddrIn6, TUPLES, count, v4_mapped},
+    maps::{CONFIG, CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, v4_mapped},
     policy::KernelPolicy,
 };
 
@@ -73,20 +73,69 @@ fn outbound(
     dst: Addr,
     port_be: u32,
 ) -> Outbound {
-    let uid_gid = bpf_get_current_uid_gid();
     let sk = unsafe { sa.__bindgen_anon_1.sk };
+    let (uid, gid) = if cfg.has(config_flags::OWNER_FROM_FILE) {
+        socket_owner(cfg, sk)
+    } else {
+        let uid_gid = bpf_get_current_uid_gid();
+        (uid_gid as u32, (uid_gid >> 32) as u32)
+    };
     let in_proxy_cgroup = cfg.has(config_flags::HAS_CGROUP)
         && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.proxy_cgroup_level as i32) }
             == cfg.proxy_cgroup_id;
     Outbound {
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
+        uid,
+        gid,
         mark: unsafe { (*sk).mark },
         in_proxy_cgroup,
         bound_src,
         dst,
         dport: u16::from_be(port_be as u16),
     }
+}
+
+/// The owner iptables' `-m owner` sees: the file system UID and GID of the
+/// credentials the socket's file was opened with
+/// (`sk->sk_socket->file->f_cred`), read at the offsets the loader found in
+/// the kernel's BTF. A socket without a file matches no owner, as in
+/// iptables (`u32::MAX`, which no policy lists).
+#[inline(always)]
+fn socket_owner(cfg: &Config, sk: *mut bpf_sock) -> (u32, u32) {
+    const NOBODY: (u32, u32) = (u32::MAX, u32::MAX);
+    let path = &cfg.owner_path;
+    // The verifier lets a program follow kernel pointers only as plain
+    // numbers: store the socket pointer in a scratch map slot and read it
+    // back as one (allowed to a privileged loader).
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return NOBODY;
+    };
+    // SAFETY: a per-CPU map slot of this program; volatile so the round
+    // trip through memory is kept.
+    let sk_addr = unsafe {
+        core::ptr::write_volatile(slot, sk as u64);
+        core::ptr::read_volatile(slot)
+    };
+    let read_ptr = |addr: u64| -> u64 {
+        // SAFETY: bpf_probe_read_kernel checks the address itself.
+        unsafe { bpf_probe_read_kernel(addr as *const u64) }.unwrap_or(0)
+    };
+    let socket = read_ptr(sk_addr + u64::from(path.sk_socket));
+    if socket == 0 {
+        return NOBODY;
+    }
+    let file = read_ptr(socket + u64::from(path.socket_file));
+    if file == 0 {
+        return NOBODY;
+    }
+    let cred = read_ptr(file + u64::from(path.file_cred));
+    if cred == 0 {
+        return NOBODY;
+    }
+    // SAFETY: as above.
+    let read_id = |off: u16| unsafe {
+        bpf_probe_read_kernel((cred + u64::from(off)) as *const u32).unwrap_or(u32::MAX)
+    };
+    (read_id(path.cred_fsuid), read_id(path.cred_fsgid))
 }
 
 /// Decides. `Ok(None)`: leave the connect alone; `Ok(Some((port,

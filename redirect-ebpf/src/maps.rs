@@ -74,6 +74,13 @@ pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::TOTAL, 0);
 
+// ---- scratch (neither policy nor state: not pinned) ----
+
+/// One per-CPU word through which `connect.rs` turns the socket pointer into
+/// a number it may follow with `bpf_probe_read_kernel`.
+#[map]
+pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Adds one to counter `index` (a `Rule` or a `Counter`).
 #[inline(always)]
 pub fn count(index: u32) {

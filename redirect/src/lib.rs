@@ -18,6 +18,8 @@ pub use orig_dst::original_dst;
 #[cfg(feature = "loader")]
 pub mod apply;
 #[cfg(feature = "loader")]
+pub mod btf;
+#[cfg(feature = "loader")]
 pub mod cli;
 #[cfg(feature = "loader")]
 pub mod demo;

@@ -572,6 +572,7 @@ impl PolicySpec {
             proxy_cgroup_id: self.proxy_cgroup.as_ref().map_or(0, |c| c.id),
             proxy_mark: self.proxy_mark.unwrap_or(0),
             proxy_cgroup_level: self.proxy_cgroup.as_ref().map_or(0, |c| c.level),
+            owner_path: Default::default(),
         }
     }
 

@@ -70,6 +70,20 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
+    /// Run as root: creates a socket with real IDs `--real` and effective
+    /// (and file system) IDs `--socket-as`, then connects to `--to` with
+    /// effective IDs `--connect-as`, and prints the server's answer line.
+    /// IDs are `UID:GID`.
+    CredsConnect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        real: String,
+        #[arg(long)]
+        socket_as: String,
+        #[arg(long)]
+        connect_as: String,
+    },
     /// A transparent proxy for many connections: asks every accepted
     /// connection's `SO_ORIGINAL_DST` at once and counts the answers. With
     /// `--keep`, keeps every connection open; otherwise reads a byte,
@@ -109,6 +123,12 @@ fn main() -> Result<()> {
             app_closes_first,
         } => alternate(to4, to6, count, slow_ms, timeout_ms, app_closes_first),
         Cmd::Hold { to, count } => hold(&to, count),
+        Cmd::CredsConnect {
+            to,
+            real,
+            socket_as,
+            connect_as,
+        } => creds_connect(to, &real, &socket_as, &connect_as),
         Cmd::Proxy {
             listen,
             report,
@@ -302,6 +322,47 @@ fn hold(targets: &[SocketAddr], count: u64) -> Result<()> {
     // Hold until the test closes our standard input.
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
     drop(open);
+    Ok(())
+}
+
+fn ids(s: &str) -> Result<(u32, u32)> {
+    let (u, g) = s.split_once(':').context("IDs are UID:GID")?;
+    Ok((u.parse()?, g.parse()?))
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<()> {
+    if rc != 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn creds_connect(to: SocketAddr, real: &str, socket_as: &str, connect_as: &str) -> Result<()> {
+    let (ruid, rgid) = ids(real)?;
+    let (suid, sgid) = ids(socket_as)?;
+    let (cuid, cgid) = ids(connect_as)?;
+    const KEEP: libc::uid_t = libc::uid_t::MAX;
+    // SAFETY: credential syscalls on this process; the saved UID stays 0 so
+    // the effective IDs can be switched again for the connect.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(libc::setresgid(rgid, sgid, 0), "setresgid (socket)")?;
+        check(libc::setresuid(ruid, suid, 0), "setresuid (socket)")?;
+    }
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+    // SAFETY: as above.
+    unsafe {
+        check(libc::setresuid(KEEP, 0, KEEP), "back to effective root")?;
+        check(libc::setresgid(KEEP, cgid, KEEP), "setresgid (connect)")?;
+        check(libc::setresuid(KEEP, cuid, KEEP), "setresuid (connect)")?;
+    }
+    sock.connect_timeout(&to.into(), Duration::from_secs(3))
+        .with_context(|| format!("connect {to}"))?;
+    let stream: TcpStream = sock.into();
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    println!("{}", line.trim());
     Ok(())
 }
 
