@@ -62,6 +62,9 @@ pub struct ConnectArgs {
     /// wildcard address of the destination's family).
     #[arg(long)]
     pub bind_port: Option<u16>,
+    /// Set SO_REUSEADDR before binding.
+    #[arg(long)]
+    pub reuseaddr: bool,
     /// Send a request line, then close at once without reading an answer:
     /// `close` (FIN) or `reset` (`SO_LINGER` 0, RST).
     #[arg(long, value_enum)]
@@ -246,7 +249,7 @@ fn try_connect(args: &ConnectArgs, to: SocketAddr) -> Result<ClientView> {
             SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
         });
         let at = SocketAddr::new(ip, args.bind_port.unwrap_or(0));
-        sock.set_reuse_address(true)?;
+        sock.set_reuse_address(args.reuseaddr)?;
         sock.bind(&at.into())
             .with_context(|| format!("bind {at}"))?;
     }

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
+use redirect::pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
 use redirect_tests::{APP_PORT, Fixture, can_run, other, state_entries_after_close};
 
 fn svc(i: u8, port: u16) -> String {
@@ -48,6 +48,54 @@ fn captures_and_proxy_learns_original_destination() {
     let app_local = v.local.clone().unwrap();
     assert!(app_local.starts_with(&format!("{POD_IP}:")), "{v:?}");
     assert_eq!(reply.peer, app_local, "proxy's peer is the app's socket");
+}
+
+/// A socket the application bound to a wildcard address and a port before
+/// `connect()` cannot be bound to the pod's address again; it runs from the
+/// loopback address, and yet both ends see the pod's address, as under
+/// iptables REDIRECT: the application as its local address, the proxy as
+/// the peer (from `accept` and `getpeername`). IPv4 and IPv6, with and
+/// without `SO_REUSEADDR`.
+#[test]
+fn socket_bound_to_wildcard_and_port_shows_pod_address() {
+    need_root!();
+    let f = Fixture::new();
+    f.apply_ok(&["-i", "*"]);
+    let cases = [
+        (svc(1, 80), POD_IP.to_string(), 41001, false),
+        (svc(2, 80), POD_IP.to_string(), 41002, true),
+        (
+            format!("[{}]:80", upstream_extra6(1)),
+            format!("[{POD_IP6}]"),
+            41003,
+            false,
+        ),
+        (
+            format!("[{}]:80", upstream_extra6(2)),
+            format!("[{POD_IP6}]"),
+            41004,
+            true,
+        ),
+    ];
+    for (to, pod, port, reuse) in cases {
+        let port_s = port.to_string();
+        let mut extra = vec!["--bind-port", port_s.as_str()];
+        if reuse {
+            extra.push("--reuseaddr");
+        }
+        let v = f.pod.connect_with(As::APP, &to, &extra).unwrap();
+        let reply = v.reply.clone().unwrap_or_else(|| panic!("{to}: {v:?}"));
+        let shown = format!("{pod}:{port}");
+        assert_eq!(reply.server, "proxy", "{v:?}");
+        assert_eq!(reply.orig_dst.as_deref(), Some(to.as_str()), "{v:?}");
+        assert_eq!(
+            v.local.as_deref(),
+            Some(shown.as_str()),
+            "app's getsockname"
+        );
+        assert_eq!(v.peer.as_deref(), Some(to.as_str()), "app's getpeername");
+        assert_eq!(reply.peer, shown, "proxy's accept/getpeername");
+    }
 }
 
 #[test]
