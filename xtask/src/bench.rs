@@ -65,6 +65,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "redirect-tests",
         "--bin",
         "redirect-bench",
+        "--bin",
+        "redirect-adversary",
     ])?;
 
     // Ctrl-C reaches the harness too; it removes its pods and exits. Wait
@@ -932,6 +934,44 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
             c["storage_failed"],
             c["bind_failed"],
             occ["time_wait"],
+        );
+    }
+    if let Some(p) = r["peak"].as_object() {
+        let n = p["connections"].as_u64().unwrap_or(0);
+        let get = |k: &str, m: &str| p[k][m].as_u64().unwrap_or(0);
+        let per = |m: &str| {
+            (get("maps_peak", m).saturating_sub(get("maps_empty", m))) as f64 / n.max(1) as f64
+        };
+        let storage = p["proxy_storage_peak"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            w,
+            "Connection state, empty and at a peak: {} captured connections held \
+             open at once (half IPv4, half IPv6; {} of them reached the proxy with \
+             their destination), with the default `--max-connections` (131,072).\n\n\
+             | map | right after apply | {} open | after they closed | per open connection |\n\
+             |---|---|---|---|---|",
+            fmt_size(n),
+            fmt_size(p["with_destination"].as_u64().unwrap_or(0)),
+            fmt_size(n),
+        );
+        for m in ["CONNS", "TUPLES"] {
+            let _ = writeln!(
+                w,
+                "| `{m}` | {} | {} | {} | {:.0} B |",
+                fmt_bytes(get("maps_empty", m) as f64),
+                fmt_bytes(get("maps_peak", m) as f64),
+                fmt_bytes(get("maps_after", m) as f64),
+                per(m),
+            );
+        }
+        let _ = writeln!(
+            w,
+            "| `ORIG_DST` (socket storage on the proxy's sockets, `ss -m` option memory) | 0 | {} | 0 | {:.0} B |\n\n\
+             Right after apply, each map holds only its hash buckets (16 bytes a \
+             slot, for 131,072 slots); entries are allocated as connections open \
+             and freed as they close. Nothing is preallocated for the maximum.\n",
+            fmt_bytes(storage as f64),
+            storage as f64 / p["proxy_sockets"].as_u64().unwrap_or(1).max(1) as f64,
         );
     }
 

@@ -56,6 +56,9 @@ pub struct Plan {
     pub wrap_port_range: Option<(u16, u16)>,
     /// Scenario 5: connections before the occupancy check.
     pub occupancy_count: u64,
+    /// Scenario 5: captured connections held open at once for the memory
+    /// peak (half IPv4, half IPv6).
+    pub peak_count: u64,
 }
 
 impl Plan {
@@ -79,6 +82,7 @@ impl Plan {
                 // 500 ports: the quick run wraps them too.
                 wrap_port_range: Some((40_000, 40_499)),
                 occupancy_count: 3000,
+                peak_count: 1000,
             }
         } else {
             Plan {
@@ -97,6 +101,7 @@ impl Plan {
                 wrap_count: 100_000,
                 wrap_port_range: None,
                 occupancy_count: 1_000_000,
+                peak_count: 100_000,
             }
         }
     }
@@ -252,6 +257,30 @@ pub struct Results {
     pub wrap: Vec<WrapSample>,
     /// Scenario 5, occupancy.
     pub occupancy: Option<Occupancy>,
+    /// Scenario 5, connection-state memory at 0 and with many connections
+    /// open.
+    pub peak: Option<Peak>,
+}
+
+/// Kernel memory of redirect's connection state, empty and at a peak.
+#[derive(Clone, Debug, Serialize)]
+pub struct Peak {
+    /// Captured connections held open at the peak.
+    pub connections: u64,
+    /// How many of them reached the proxy with their destination.
+    pub with_destination: u64,
+    /// `CONNS` and `TUPLES` (memlock, bytes) right after apply.
+    pub maps_empty: BTreeMap<String, u64>,
+    /// The same at the peak.
+    pub maps_peak: BTreeMap<String, u64>,
+    /// The same after every connection closed.
+    pub maps_after: BTreeMap<String, u64>,
+    /// Socket storage charged to the proxy's accepted sockets at the peak
+    /// (`ss -m` "o", option memory), summed.
+    pub proxy_storage_peak: u64,
+    /// The same summed over as many sockets with no storage (the kernel's
+    /// baseline option memory), for comparison.
+    pub proxy_sockets: u64,
 }
 
 fn cmd_out(cmd: &str, args: &[&str]) -> Option<String> {
@@ -328,6 +357,7 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         services_prog_cost: Vec::new(),
         wrap: Vec::new(),
         occupancy: None,
+        peak: None,
     };
     if only.has("setup") {
         eprintln!("bench: scenario 1, connection setup, no exclusions");
@@ -391,6 +421,13 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
             plan.occupancy_count
         );
         r.occupancy = Some(occupancy(plan, tools)?);
+    }
+    if only.has("peak") {
+        eprintln!(
+            "bench: scenario 5, connection-state memory with {} connections open",
+            plan.peak_count
+        );
+        r.peak = Some(peak(plan, tools)?);
     }
     Ok(r)
 }
@@ -787,6 +824,186 @@ pub fn profile(
     let report = w.client(&args, Duration::from_secs_f64(seconds + 60.0))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// `memlock` of the connection-state maps.
+fn state_memory(w: &World) -> Result<BTreeMap<String, u64>> {
+    let mut maps = BTreeMap::new();
+    map_memory(&w.pin_dir().join("state"), &mut maps)?;
+    Ok(maps
+        .into_iter()
+        .filter(|(n, _)| n == map_names::CONNS || n == map_names::TUPLES)
+        .map(|(n, m)| (n, m.memlock))
+        .collect())
+}
+
+/// Sum of the option memory (`ss -m` "o") of the pod's TCP sockets bound to
+/// local port `port`, and their number.
+fn option_memory(w: &World, port: u16) -> Result<(u64, u64)> {
+    let mut cmd = w.root_cmd("ss")?;
+    cmd.args(["-tmnH", "state", "established"])
+        .arg(format!("( sport = :{port} )"));
+    let out = cmd.output().context("running ss")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut sum, mut n) = (0, 0);
+    for line in text.lines() {
+        if let Some(skmem) = line.split("skmem:(").nth(1) {
+            n += 1;
+            for f in skmem.trim_end_matches(')').split(',') {
+                if let Some(v) = f.strip_prefix('o') {
+                    sum += v.parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    Ok((sum, n))
+}
+
+/// Scenario 5, peak: connection-state memory right after apply, with
+/// `peak_count` captured connections open at once (the redirect-adversary
+/// tool's `hold` clients and `proxy --keep`, spread over processes to stay
+/// under the open-file limit), and after they closed.
+fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
+    let adversary = tools.bench.with_file_name("redirect-adversary");
+    let mut w = World::new(
+        Method::Redirect,
+        tools,
+        ProxyMode::Setup,
+        Some((1024, 65535)),
+    )?;
+    w.apply(&Policy::exclusions(0))?;
+    let maps_empty = state_memory(&w)?;
+    w.stop_proxy();
+    let per_proxy = 15_000u64;
+    let proxies = plan.peak_count.div_ceil(per_proxy).max(1);
+    let report_dir = std::env::temp_dir().join(format!("{}-peak", w.pod.name));
+    std::fs::create_dir_all(&report_dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&report_dir, std::fs::Permissions::from_mode(0o777))?;
+    }
+    let _cleanup = TempDir(report_dir.clone());
+    let mut running = Vec::new();
+    let mut reports = Vec::new();
+    for i in 0..proxies {
+        let report = report_dir.join(format!("proxy-{i}.json"));
+        let mut cmd = w
+            .pod
+            .command(Side::Pod, redirect::pod::As::PROXY, &adversary)?;
+        cmd.args([
+            "proxy",
+            "--keep",
+            "--reuseport",
+            "--listen",
+            "0.0.0.0:15001",
+        ])
+        .args(["--listen", "[::]:15001", "--report"])
+        .arg(&report)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
+        let mut child = ChildGuard(cmd.spawn().context("starting redirect-adversary proxy")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
+            &mut line,
+        )?;
+        if line.trim() != "ready" {
+            anyhow::bail!("redirect-adversary proxy did not start");
+        }
+        running.push(child);
+        reports.push(report);
+    }
+    let half = plan.peak_count / 2;
+    let per_client = half.div_ceil(per_proxy).max(1);
+    let targets = ["10.201.0.1:80", "[fd00:201::1]:80"];
+    let mut holders = Vec::new();
+    for to in targets {
+        for c in 0..per_client {
+            // Equal shares; the last client takes the remainder.
+            let share = half / per_client;
+            let count = if c + 1 == per_client {
+                half - share * c
+            } else {
+                share
+            };
+            let mut cmd = w
+                .pod
+                .command(Side::Pod, redirect::pod::As::APP, &adversary)?;
+            cmd.args(["hold", "--to", to, "--count"])
+                .arg(count.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+            let mut child = ChildGuard(cmd.spawn().context("starting redirect-adversary hold")?);
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
+                &mut line,
+            )?;
+            let r: serde_json::Value = serde_json::from_str(line.trim())
+                .with_context(|| format!("hold printed {line:?}"))?;
+            if r["connected"].as_u64() != Some(count) {
+                anyhow::bail!("peak: a client opened {r} of {count} connections");
+            }
+            holders.push(child);
+        }
+    }
+    let total = |key: &str| -> u64 {
+        reports
+            .iter()
+            .filter_map(|r| std::fs::read_to_string(r).ok())
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|v| v[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while total("accepted") < 2 * half && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let maps_peak = state_memory(&w)?;
+    let (proxy_storage_peak, proxy_sockets) = option_memory(&w, 15001)?;
+    let with_destination = total("orig_ok");
+    drop(holders);
+    drop(running);
+    // Sockets are released a moment after their processes exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut maps_after = state_memory(&w)?;
+    while maps_after
+        .values()
+        .zip(maps_empty.values())
+        .any(|(a, e)| a > e)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        maps_after = state_memory(&w)?;
+    }
+    Ok(Peak {
+        connections: 2 * half,
+        with_destination,
+        maps_empty,
+        maps_peak,
+        maps_after,
+        proxy_storage_peak,
+        proxy_sockets,
+    })
+}
+
+/// A child process killed and reaped on drop.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Kernel memory of the programmed policy: the BPF maps of a redirect pin

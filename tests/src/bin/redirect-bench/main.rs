@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long)]
         redirect_bin: Option<PathBuf>,
         /// Only these scenarios (comma-separated: setup, floor, scaling,
-        /// services, rr, wrap, occupancy).
+        /// services, rr, wrap, occupancy, peak).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Pin the proxy and the client to this CPU (default: the last one).

@@ -403,8 +403,13 @@ impl World {
         Ok(w)
     }
 
+    /// Stops the bench proxy (to put another on its ports).
+    pub fn stop_proxy(&mut self) {
+        self.proxy = None;
+    }
+
     /// A command run as root in the pod's network namespace (no cgroup).
-    fn root_cmd(&self, program: &str) -> Result<Command> {
+    pub fn root_cmd(&self, program: &str) -> Result<Command> {
         self.pod
             .command(Side::Pod, As::PROXY_LESS, Path::new(program))
     }
