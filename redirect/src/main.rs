@@ -11,6 +11,11 @@ use redirect::{
 };
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`redirect status
+    // | head -3`) would fail with EPIPE and `println!` panic. Take the
+    // default action back: the process ends quietly, as other tools do.
+    // SAFETY: called first thing, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")

@@ -1,0 +1,86 @@
+//! `apply` run twice, concurrently, for two pods, interrupted, or given bad
+//! input, on a real kernel: what is attached afterwards (asked of the
+//! kernel, not of the pin dir) is always what the pin dir and the exit
+//! statuses say. Every test builds and removes its own pods, pins and
+//! mounts, also when it fails.
+
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    process::{Command, Output, Stdio},
+};
+
+use redirect_tests::{Fixture, can_run, redirect_bin};
+
+macro_rules! need_root {
+    () => {
+        if !can_run() {
+            return;
+        }
+    };
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// 6. Output into a closed pipe (`redirect status | head -3`): the process
+///    ends quietly, by SIGPIPE, without a panic. The pipe's read end is
+///    closed before the command writes, so the outcome does not depend on
+///    timing.
+fn run_into_closed_pipe(args: &[&str]) -> Output {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) into an array of two.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: we own both ends; the read end goes at once.
+    unsafe { libc::close(fds[0]) };
+    let write_end =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
+    Command::new(redirect_bin())
+        .args(args)
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn assert_quiet_sigpipe(out: &Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{what}: {}",
+        text(out)
+    );
+}
+
+#[test]
+fn status_into_a_closed_pipe_is_quiet() {
+    need_root!();
+    let f = Fixture::new();
+    f.apply_ok(&["-i", "*"]);
+    let pin = f.pin_dir.display().to_string();
+    for json in [false, true] {
+        let mut args = vec!["status", "--pin-dir", &pin];
+        if json {
+            args.push("--json");
+        }
+        assert_quiet_sigpipe(&run_into_closed_pipe(&args), &format!("{args:?}"));
+    }
+}
+
+/// The same with commands that print without a pod (no root needed).
+#[test]
+fn printing_into_a_closed_pipe_is_quiet() {
+    for args in [
+        &["iptables", "-i", "*"][..],
+        &["explain", "-i", "*", "--dst", "10.0.0.1:80"][..],
+    ] {
+        assert_quiet_sigpipe(&run_into_closed_pipe(args), &format!("{args:?}"));
+    }
+}
