@@ -339,21 +339,95 @@ pub enum PolicyArgsError {
         /// Why.
         source: std::io::Error,
     },
+    /// A list file is not a list: too large, a line too long, not text.
+    #[error("{flag} {path}: {why}")]
+    BadFile {
+        /// The flag.
+        flag: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong, and the limit.
+        why: String,
+    },
 }
 
+/// Most bytes a list file (`--exclude-cidrs-file`, `--services-file`) may
+/// hold: a million IPv6 CIDRs with comments fit.
+pub const MAX_LIST_FILE_BYTES: u64 = 64 << 20;
+/// Longest line of a list file.
+pub const MAX_LIST_LINE_BYTES: usize = 4096;
+
 /// A list file (one entry per line, `#` comments, blank lines ignored) as
-/// the comma-separated list the flag parsers take.
+/// the comma-separated list the flag parsers take. Reads at most
+/// [`MAX_LIST_FILE_BYTES`], in lines of at most [`MAX_LIST_LINE_BYTES`], so
+/// a wrong file (`/dev/zero`, a disk image) is refused at once.
 fn read_list_file(flag: &'static str, path: &std::path::Path) -> Result<String, PolicyArgsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+    let file = std::fs::File::open(path).map_err(|source| PolicyArgsError::File {
         flag,
         path: path.display().to_string(),
         source,
     })?;
-    let entries: Vec<&str> = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .collect();
+    read_list(
+        flag,
+        path,
+        std::io::BufReader::new(file),
+        MAX_LIST_FILE_BYTES,
+        MAX_LIST_LINE_BYTES,
+    )
+}
+
+/// [`read_list_file`] on any reader, with the limits given.
+fn read_list(
+    flag: &'static str,
+    path: &std::path::Path,
+    mut reader: impl std::io::BufRead,
+    max_bytes: u64,
+    max_line: usize,
+) -> Result<String, PolicyArgsError> {
+    use std::io::{BufRead as _, Read as _};
+    let bad = |why: String| PolicyArgsError::BadFile {
+        flag,
+        path: path.display().to_string(),
+        why,
+    };
+    let mut entries: Vec<String> = Vec::new();
+    let (mut total, mut number) = (0u64, 0usize);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(max_line as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|source| PolicyArgsError::File {
+                flag,
+                path: path.display().to_string(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        total += n as u64;
+        if total > max_bytes {
+            return Err(bad(format!(
+                "more than {} MiB, the most a list file may hold",
+                max_bytes >> 20
+            )));
+        }
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        if body.len() > max_line {
+            return Err(bad(format!(
+                "line {number} is longer than {max_line} bytes, the longest line a list file \
+                 may have"
+            )));
+        }
+        let text = std::str::from_utf8(body)
+            .map_err(|_| bad(format!("line {number} is not UTF-8 text")))?;
+        let entry = text.split('#').next().unwrap_or("").trim();
+        if !entry.is_empty() {
+            entries.push(entry.to_string());
+        }
+    }
     Ok(entries.join(","))
 }
 
@@ -658,5 +732,35 @@ mod tests {
         assert_eq!(spec.unwrap().exclude_cidrs.len(), 3);
         let e = parse(&["--exclude-cidrs-file", "/nonexistent/x"]).unwrap_err();
         assert!(e.contains("/nonexistent/x"), "{e}");
+    }
+
+    #[test]
+    fn list_files_are_bounded() {
+        // /dev/zero has no end and no newline: refused after one line.
+        let t = std::time::Instant::now();
+        for flag in ["--exclude-cidrs-file", "--services-file"] {
+            let e = parse(&[flag, "/dev/zero"]).unwrap_err();
+            assert!(
+                e.contains(flag) && e.contains("/dev/zero") && e.contains("4096 bytes"),
+                "{e}"
+            );
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        let p = std::path::Path::new("list");
+        let read = |text: &[u8], max: u64, line: usize| {
+            read_list("--services-file", p, text, max, line).map_err(|e| e.to_string())
+        };
+        assert_eq!(read(b"a\n# c\n\n b # d\nc", 100, 10).unwrap(), "a,b,c");
+        let e = read(b"10.0.0.0/8\n10.1.0.0/16\n", 20, 100).unwrap_err();
+        assert!(
+            e.contains("--services-file list") && e.contains("the most a list file"),
+            "{e}"
+        );
+        // A line of exactly the limit is fine, one byte more is not.
+        assert!(read(b"0123456789\n", 100, 10).is_ok());
+        let e = read(b"ok\n0123456789a\n", 100, 10).unwrap_err();
+        assert!(e.contains("line 2 is longer than 10 bytes"), "{e}");
+        let e = read(b"\xff\n", 100, 10).unwrap_err();
+        assert!(e.contains("line 1 is not UTF-8"), "{e}");
     }
 }

@@ -5,8 +5,10 @@
 //! mounts, also when it fails.
 
 use std::{
-    os::unix::process::ExitStatusExt as _,
+    io::Read as _,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Command, Output, Stdio},
+    time::{Duration, Instant},
 };
 
 use redirect_tests::{Fixture, can_run, redirect_bin};
@@ -82,5 +84,54 @@ fn printing_into_a_closed_pipe_is_quiet() {
         &["explain", "-i", "*", "--dst", "10.0.0.1:80"][..],
     ] {
         assert_quiet_sigpipe(&run_into_closed_pipe(args), &format!("{args:?}"));
+    }
+}
+
+/// 6. A list file that never ends (`/dev/zero`) is refused at once, naming
+///    the file and the limit (no root needed: the flags are read first).
+#[test]
+fn endless_list_files_are_refused() {
+    for flag in ["--exclude-cidrs-file", "--services-file"] {
+        let mut cmd = Command::new(redirect_bin());
+        cmd.args(["apply", "--cgroup", "/nonexistent", flag, "/dev/zero"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe. A reader without a bound
+        // runs out of its 1 GiB of address space, not of the machine's.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 1 << 30,
+                    rlim_max: 1 << 30,
+                };
+                libc::setrlimit(libc::RLIMIT_AS, &limit);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{flag} /dev/zero: still reading after 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(!status.success());
+        assert!(
+            err.contains(flag) && err.contains("/dev/zero") && err.contains("4096 bytes"),
+            "{err}"
+        );
     }
 }
