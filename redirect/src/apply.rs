@@ -100,6 +100,9 @@ pub struct ApplyRequest {
     /// open at once); `None`: the default on a new pin dir, what is there on
     /// a re-apply.
     pub max_connections: Option<u32>,
+    /// Apply a policy that captures outbound traffic with nothing exempting
+    /// the proxy's own connections (which then loop back to it).
+    pub allow_no_proxy_exemption: bool,
 }
 
 /// What an apply did.
@@ -172,6 +175,9 @@ impl Layout {
 /// nothing of this run stays behind and a previous apply keeps working.
 pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     // 1. Validate every input before touching the kernel.
+    if !req.allow_no_proxy_exemption {
+        req.policy.check_proxy_exemption()?;
+    }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
     ensure_bpffs(&req.pin_dir)?;

@@ -101,6 +101,11 @@ pub struct ApplyArgs {
     /// plus 32 bytes per slot for the hash buckets
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
+    /// Apply even though outbound traffic is captured and nothing (no proxy
+    /// UID, GID, mark or cgroup) exempts the proxy's own connections, which
+    /// then loop back to the proxy.
+    #[arg(long)]
+    pub allow_no_proxy_exemption: bool,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,

@@ -96,6 +96,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         pin_dir: pin_dir.to_path_buf(),
         policy,
         max_connections: None,
+        allow_no_proxy_exemption: false,
     })?;
     println!(
         "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*' -b '*'",

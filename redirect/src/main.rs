@@ -41,6 +41,7 @@ async fn run(cli: Cli) -> Result<()> {
                 pin_dir: args.pin.pin_dir,
                 policy,
                 max_connections: args.max_connections,
+                allow_no_proxy_exemption: args.allow_no_proxy_exemption,
             };
             if args.dry_run {
                 let plan = tokio::task::spawn_blocking(move || plan::plan(&req))

@@ -2,7 +2,8 @@
 //!
 //! [`plan`] checks the inputs as [`crate::apply::apply`] does (the policy was
 //! already parsed; the cgroup directory; the network namespace, which it also
-//! probes for its addresses, source addresses and cookie; the address counts),
+//! probes for its addresses, source addresses and cookie; the address counts;
+//! the proxy exemption),
 //! then reports what would be attached where and what would be written into
 //! each policy map. It neither requires nor mounts bpffs and makes no `bpf(2)`
 //! call: the pin dir is only inspected (is it on bpffs, which generations
@@ -287,6 +288,9 @@ pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPl
 /// Checks `req` as `apply` does and returns what apply would do. Touches
 /// neither bpffs nor the kernel's BPF state.
 pub fn plan(req: &ApplyRequest) -> Result<Plan> {
+    if !req.allow_no_proxy_exemption {
+        req.policy.check_proxy_exemption()?;
+    }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
     File::open(&req.cgroup)

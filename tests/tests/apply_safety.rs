@@ -5,12 +5,18 @@
 //! mounts, also when it fails.
 
 use std::{
+    fs::File,
     io::Read as _,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use redirect::{
+    apply::PROGRAMS,
+    pod::{As, Side, upstream_extra},
+    sys,
+};
 use redirect_tests::{Fixture, can_run, redirect_bin};
 
 macro_rules! need_root {
@@ -21,6 +27,10 @@ macro_rules! need_root {
     };
 }
 
+fn v4() -> String {
+    format!("{}:80", upstream_extra(1))
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -28,6 +38,64 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Number of programs the kernel has attached to `f`'s pod, per hook of
+/// [`PROGRAMS`]: to its cgroup, or to its namespace for `sk_lookup`.
+fn attached(f: &Fixture) -> Vec<(&'static str, usize)> {
+    let cgroup = File::open(&f.pod.cgroup).unwrap();
+    let netns = File::open(f.pod.netns_path(Side::Pod)).unwrap();
+    PROGRAMS
+        .iter()
+        .map(|(_, attach, _)| {
+            let target = if attach.on_netns() { &netns } else { &cgroup };
+            let ids = sys::prog_query(target, *attach).unwrap();
+            (attach.hook(), ids.len())
+        })
+        .collect()
+}
+
+/// Whether every hook of `f`'s pod has `n` programs attached. Unpinning a
+/// link detaches it a moment later (the kernel frees the pin's inode after
+/// an RCU grace period), so this waits up to 3 s for the count to settle.
+fn each_hook_has(f: &Fixture, n: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if attached(f).iter().all(|(_, c)| *c == n) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether nothing is attached at any hook of `f`'s pod.
+fn none_attached(f: &Fixture) -> bool {
+    each_hook_has(f, 0)
+}
+
+/// 6. Outbound capture with nothing exempting the proxy would loop the
+///    proxy's own connections back to it: refused unless overridden.
+#[test]
+fn no_proxy_exemption_is_refused_unless_allowed() {
+    need_root!();
+    let f = Fixture::new();
+    let out = f.apply(&["-i", "*", "-u", "", "-g", ""]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exempts no proxy") && err.contains("--allow-no-proxy-exemption"),
+        "{err}"
+    );
+    assert!(!f.pin_dir.exists());
+    assert!(none_attached(&f));
+    // Inbound only: nothing outbound to exempt.
+    f.apply_ok(&["-b", "*", "-u", "", "-g", ""]);
+    // Overridden: applied, and the proxy's own connection loops back.
+    f.apply_ok(&["-i", "*", "-u", "", "-g", "", "--allow-no-proxy-exemption"]);
+    assert_eq!(f.who_answers(As::PROXY, &v4()), "proxy");
 }
 
 /// 6. Output into a closed pipe (`redirect status | head -3`): the process
