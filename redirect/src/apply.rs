@@ -32,7 +32,10 @@ use aya::{
 use redirect_common::{Config, map_names, program_names};
 
 use crate::{
-    fs::{check_cgroup, ensure_bpffs},
+    fs::{
+        check_cgroup, create_private_dir, create_private_dir_all, ensure_bpffs,
+        is_bpffs_mount_point, refuse_bpffs_root,
+    },
     netns,
     policy::{Include, NetnsFacts, PolicySpec},
     sys::{self, AttachType},
@@ -180,6 +183,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
+    refuse_bpffs_root(&req.pin_dir)?;
     ensure_bpffs(&req.pin_dir)?;
     let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
@@ -211,15 +215,22 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     // 2. Create this run's directories, remembering what to undo.
     let mut created: Vec<PathBuf> = Vec::new();
     let result = (|| {
-        for dir in [layout.root().to_path_buf(), layout.state_dir()] {
-            if !dir.exists() {
-                fs::create_dir_all(&dir)
-                    .with_context(|| format!("--pin-dir: cannot create {}", dir.display()))?;
-                created.push(dir);
-            }
+        // Every directory 0700, whatever the umask; missing parents of
+        // the pin dir too (those are not rolled back).
+        let root = layout.root().to_path_buf();
+        if !root.exists() {
+            create_private_dir_all(&root)
+                .with_context(|| format!("--pin-dir: cannot create {}", root.display()))?;
+            created.push(root);
+        }
+        let state = layout.state_dir();
+        if !state.exists() {
+            create_private_dir(&state)
+                .with_context(|| format!("--pin-dir: cannot create {}", state.display()))?;
+            created.push(state);
         }
         let gen_dir = layout.gen_dir(generation);
-        fs::create_dir(&gen_dir)
+        create_private_dir(&gen_dir)
             .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
         created.push(gen_dir.clone());
         install(
@@ -484,6 +495,15 @@ pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
     let state = layout.state_dir();
     if state.exists() {
         fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
+    }
+    if is_bpffs_mount_point(pin_dir) {
+        // Applied by a version that took a bpffs root as a pin dir: what
+        // redirect put there is gone, the mount point stays.
+        tracing::warn!(
+            "{} is a bpffs mount point: left in place",
+            pin_dir.display()
+        );
+        return Ok(gens);
     }
     fs::remove_dir(pin_dir).with_context(|| {
         format!(

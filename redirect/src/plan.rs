@@ -3,7 +3,7 @@
 //! [`plan`] checks the inputs as [`crate::apply::apply`] does (the policy was
 //! already parsed; the cgroup directory; the network namespace, which it also
 //! probes for its addresses, source addresses and cookie; the address counts;
-//! the proxy exemption),
+//! the proxy exemption; the pin dir, which must not be a bpffs root),
 //! then reports what would be attached where and what would be written into
 //! each policy map. It neither requires nor mounts bpffs and makes no `bpf(2)`
 //! call: the pin dir is only inspected (is it on bpffs, which generations
@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::{
     apply::{ApplyRequest, Layout, PROGRAMS},
-    fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs},
+    fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs, refuse_bpffs_root},
     netns,
     policy::{Include, PolicySpec},
 };
@@ -293,6 +293,7 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
+    refuse_bpffs_root(&req.pin_dir)?;
     File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
     let netns_path: PathBuf = req

@@ -7,14 +7,18 @@
 use std::{
     fs::File,
     io::Read as _,
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::unix::{
+        fs::PermissionsExt as _,
+        process::{CommandExt as _, ExitStatusExt as _},
+    },
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use redirect::{
     apply::PROGRAMS,
-    pod::{As, Side, upstream_extra},
+    pod::{As, Side, upstream_extra, upstream_extra6},
     sys,
 };
 use redirect_tests::{Fixture, can_run, redirect_bin};
@@ -31,6 +35,10 @@ fn v4() -> String {
     format!("{}:80", upstream_extra(1))
 }
 
+fn v6() -> String {
+    format!("[{}]:80", upstream_extra6(1))
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -38,6 +46,24 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `apply` arguments for `f`'s pod with `f`'s pin dir, then `extra`.
+fn apply_args(f: &Fixture, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "apply",
+        "--cgroup",
+        &f.pod.cgroup.display().to_string(),
+        "--netns",
+        &f.pod.netns_path(Side::Pod).display().to_string(),
+        "--pin-dir",
+        &f.pin_dir.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// Number of programs the kernel has attached to `f`'s pod, per hook of
@@ -74,6 +100,135 @@ fn each_hook_has(f: &Fixture, n: usize) -> bool {
 /// Whether nothing is attached at any hook of `f`'s pod.
 fn none_attached(f: &Fixture) -> bool {
     each_hook_has(f, 0)
+}
+
+/// `f`'s pod is captured, IPv4 and IPv6.
+fn assert_captured(f: &Fixture, why: &str) {
+    assert_eq!(f.who_answers(As::APP, &v4()), "proxy", "IPv4, {why}");
+    assert_eq!(f.who_answers(As::APP, &v6()), "proxy", "IPv6, {why}");
+}
+
+/// A directory that is removed (with its contents) when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// 4. Directories the loader creates are 0700 whatever the umask; pins get
+///    no group or other bits either.
+#[test]
+fn loader_directories_are_private_whatever_the_umask() {
+    need_root!();
+    let mut f = Fixture::new();
+    let parent = PathBuf::from("/sys/fs/bpf").join(format!("{}-parent", f.pod.name));
+    let _guard = RemoveDir(parent.clone());
+    f.pin_dir = parent.join("pin");
+    let mut cmd = Command::new(redirect_bin());
+    cmd.args(apply_args(&f, &["-i", "*"]));
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for dir in [
+        parent.clone(),
+        f.pin_dir.clone(),
+        f.pin_dir.join("state"),
+        f.pin_dir.join("gen-1"),
+    ] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for dir in [
+        f.pin_dir.clone(),
+        f.pin_dir.join("state"),
+        f.pin_dir.join("gen-1"),
+    ] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(mode(&p) & 0o077, 0, "{}", p.display());
+        }
+    }
+    assert_captured(&f, "applied under umask 000");
+}
+
+/// A bpffs mounted for one test, unmounted (which drops its pins) and
+/// removed when dropped.
+struct BpffsMount(PathBuf);
+
+impl BpffsMount {
+    fn new(name: &str) -> BpffsMount {
+        let dir = std::env::temp_dir().join(format!("{name}-bpffs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = BpffsMount(dir);
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&m.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        m
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// 6. A pin dir at the root of a bpffs is refused (`remove` could not
+///    remove a mount point), by apply and by its dry run.
+#[test]
+fn bpffs_root_is_refused_as_pin_dir() {
+    need_root!();
+    let mut f = Fixture::new();
+    let mount = BpffsMount::new(&f.pod.name);
+    // A new bpffs may hold the kernel's own `maps.debug` and `progs.debug`.
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&mount.0);
+    for root in ["/sys/fs/bpf".to_string(), mount.0.display().to_string()] {
+        f.pin_dir = PathBuf::from(&root);
+        for dry in [true, false] {
+            if root == "/sys/fs/bpf" && !dry {
+                // Only the dry run there: a build without the check would
+                // really pin into the shared root.
+                continue;
+            }
+            let mut args = apply_args(&f, &["-i", "*"]);
+            if dry {
+                args.push("--dry-run".to_string());
+            }
+            let out = f.redirect(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(!out.status.success(), "{root} dry {dry}: {}", text(&out));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("--pin-dir") && err.contains("root of a bpf filesystem"),
+                "{err}"
+            );
+        }
+    }
+    assert_eq!(listing(&mount.0), before, "nothing pinned at the root");
+    assert!(none_attached(&f));
+    // A directory below the root is fine.
+    f.pin_dir = mount.0.join("pod");
+    f.apply_ok(&["-i", "*"]);
+    assert_captured(&f, "pin dir below a bpffs root");
 }
 
 /// 6. Outbound capture with nothing exempting the proxy would loop the
