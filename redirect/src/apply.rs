@@ -21,6 +21,7 @@ use std::{
     net::IpAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -32,10 +33,8 @@ use aya::{
 use redirect_common::{Config, map_names, program_names};
 
 use crate::{
-    fs::{
-        check_cgroup, create_private_dir, create_private_dir_all, ensure_bpffs,
-        is_bpffs_mount_point, refuse_bpffs_root,
-    },
+    fs::{check_cgroup, create_private_dir, ensure_bpffs, is_bpffs_mount_point, refuse_bpffs_root},
+    lock::PinDirLock,
     netns,
     policy::{Include, NetnsFacts, PolicySpec},
     sys::{self, AttachType},
@@ -106,6 +105,8 @@ pub struct ApplyRequest {
     /// Apply a policy that captures outbound traffic with nothing exempting
     /// the proxy's own connections (which then loop back to it).
     pub allow_no_proxy_exemption: bool,
+    /// How long to wait for another `apply` or `remove` on the same pin dir.
+    pub lock_timeout: Duration,
 }
 
 /// What an apply did.
@@ -174,6 +175,28 @@ impl Layout {
     }
 }
 
+/// Something this run made in the pin dir, undone in reverse order if the
+/// run fails.
+#[derive(Debug)]
+enum Made {
+    /// A directory only this run wrote into: removed with its contents.
+    Dir(PathBuf),
+    /// The pin dir itself: removed only if empty once the rest is undone.
+    PinDir(PathBuf),
+}
+
+impl Made {
+    fn undo(&self) {
+        let r = match self {
+            Made::Dir(d) => fs::remove_dir_all(d),
+            Made::PinDir(d) => fs::remove_dir(d),
+        };
+        if let Err(e) = r {
+            tracing::warn!("rollback: cannot remove {self:?}: {e}");
+        }
+    }
+}
+
 /// Validates everything, then loads, fills, attaches and pins. On any error
 /// nothing of this run stays behind and a previous apply keeps working.
 pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
@@ -207,32 +230,31 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         }
     }
 
+    // 2. One apply or remove at a time on this pin dir; from here on the
+    //    pin dir's contents are ours to read and change. Locking creates
+    //    the pin dir and its missing parents (0700; parents are not rolled
+    //    back).
+    let lock = PinDirLock::acquire(&req.pin_dir, true, req.lock_timeout)?
+        .context("the pin dir vanished while it was being created")?;
     let layout = Layout::new(&req.pin_dir);
-    let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
-    let old = layout.generations()?;
-    let generation = old.last().map_or(1, |g| g + 1);
-
-    // 2. Create this run's directories, remembering what to undo.
-    let mut created: Vec<PathBuf> = Vec::new();
+    let mut made: Vec<Made> = Vec::new();
+    if lock.created().last().map(PathBuf::as_path) == Some(layout.root()) {
+        made.push(Made::PinDir(layout.root().to_path_buf()));
+    }
     let result = (|| {
-        // Every directory 0700, whatever the umask; missing parents of
-        // the pin dir too (those are not rolled back).
-        let root = layout.root().to_path_buf();
-        if !root.exists() {
-            create_private_dir_all(&root)
-                .with_context(|| format!("--pin-dir: cannot create {}", root.display()))?;
-            created.push(root);
-        }
+        let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
+        let old = layout.generations()?;
+        let generation = old.last().map_or(1, |g| g + 1);
         let state = layout.state_dir();
         if !state.exists() {
             create_private_dir(&state)
                 .with_context(|| format!("--pin-dir: cannot create {}", state.display()))?;
-            created.push(state);
+            made.push(Made::Dir(state));
         }
         let gen_dir = layout.gen_dir(generation);
         create_private_dir(&gen_dir)
             .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
-        created.push(gen_dir.clone());
+        made.push(Made::Dir(gen_dir.clone()));
         install(
             req,
             &facts,
@@ -240,25 +262,28 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
             &layout,
             &gen_dir,
             capacity,
-        )
+        )?;
+        Ok::<_, anyhow::Error>((generation, old))
     })();
 
-    if let Err(err) = result {
-        // Links and programs of this run were dropped with `install`'s
-        // locals; removing the pins releases the last references.
-        for dir in created.iter().rev() {
-            if let Err(e) = fs::remove_dir_all(dir) {
-                tracing::warn!("rollback: cannot remove {}: {e}", dir.display());
+    let (generation, old) = match result {
+        Ok(r) => r,
+        Err(err) => {
+            // Links and programs of this run were dropped with `install`'s
+            // locals; removing the pins releases the last references.
+            for m in made.iter().rev() {
+                m.undo();
             }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
 
     // 3. The new generation is attached: retire the old ones.
     for g in &old {
         retire(&layout.gen_dir(*g))
             .with_context(|| format!("detaching the previous generation {g}"))?;
     }
+    drop(lock);
     Ok(ApplyReport {
         generation,
         replaced: old,
@@ -479,15 +504,22 @@ fn retire(dir: &Path) -> Result<()> {
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
-/// Detaches and unpins everything applied at `pin_dir`.
-pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
+/// Detaches and unpins everything applied at `pin_dir`, waiting up to
+/// `lock_timeout` for a running `apply` or `remove` there to finish.
+pub fn remove(pin_dir: &Path, lock_timeout: Duration) -> Result<Vec<u64>> {
+    let nothing = || {
+        anyhow::anyhow!(
+            "--pin-dir {}: nothing applied there (no gen-* or state directory)",
+            pin_dir.display()
+        )
+    };
+    let Some(lock) = PinDirLock::acquire(pin_dir, false, lock_timeout)? else {
+        return Err(nothing());
+    };
     let layout = Layout::new(pin_dir);
     let gens = layout.generations()?;
     if gens.is_empty() && !layout.state_dir().exists() {
-        bail!(
-            "--pin-dir {}: nothing applied there (no gen-* or state directory)",
-            pin_dir.display()
-        );
+        return Err(nothing());
     }
     for g in &gens {
         retire(&layout.gen_dir(*g))?;
@@ -511,6 +543,7 @@ pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
             pin_dir.display()
         )
     })?;
+    drop(lock);
     Ok(gens)
 }
 

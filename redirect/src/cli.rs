@@ -33,7 +33,7 @@ pub enum Command {
     /// the previous policy with no gap.
     Apply(Box<ApplyArgs>),
     /// Detach and unpin everything applied at a pin dir.
-    Remove(PinDirArgs),
+    Remove(RemoveArgs),
     /// Show what is attached, the policy in force and the counters.
     Status(StatusArgs),
     /// Say what redirect does with one TCP connection (redirect to which
@@ -61,6 +61,18 @@ pub struct PinDirArgs {
     /// bpffs directory holding the pinned programs, links and maps.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+}
+
+/// `remove` arguments.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// Where it was applied.
+    #[command(flatten)]
+    pub pin: PinDirArgs,
+    /// Seconds to wait for an apply or remove already running on the same
+    /// pin dir.
+    #[arg(long, value_name = "SECONDS", default_value = "120")]
+    pub lock_timeout: u64,
 }
 
 /// `status` arguments.
@@ -106,6 +118,10 @@ pub struct ApplyArgs {
     /// then loop back to the proxy.
     #[arg(long)]
     pub allow_no_proxy_exemption: bool,
+    /// Seconds to wait for an apply or remove already running on the same
+    /// pin dir.
+    #[arg(long, value_name = "SECONDS", default_value = "120")]
+    pub lock_timeout: u64,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,

@@ -97,6 +97,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         policy,
         max_connections: None,
         allow_no_proxy_exemption: false,
+        lock_timeout: crate::lock::DEFAULT_TIMEOUT,
     })?;
     println!(
         "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*' -b '*'",
@@ -149,7 +150,7 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
 
     println!("\n$ redirect status --pin-dir {}", pin_dir.display());
     print!("{}", status::status(pin_dir)?);
-    apply::remove(pin_dir)?;
+    apply::remove(pin_dir, crate::lock::DEFAULT_TIMEOUT)?;
     println!("\n$ redirect remove --pin-dir {}", pin_dir.display());
     Ok(())
 }

@@ -7,7 +7,8 @@
 //!
 //! With the default `loader` feature the crate also holds the loader behind
 //! the `redirect` binary: [`policy`] (flags → validated policy), [`apply`]
-//! (load, attach, pin, remove), [`status`], [`explain`] (one connection's
+//! (load, attach, pin, remove), [`lock`] (one apply at a time per pin
+//! dir), [`status`], [`explain`] (one connection's
 //! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
 //! (`apply --dry-run`), and the helpers the demo and the
 //! integration tests use to build throwaway pods ([`pod`], [`peer`]).
@@ -27,6 +28,8 @@ pub mod explain;
 pub mod fs;
 #[cfg(feature = "loader")]
 pub mod listener;
+#[cfg(feature = "loader")]
+pub mod lock;
 #[cfg(feature = "loader")]
 pub mod netns;
 #[cfg(feature = "loader")]

@@ -1,5 +1,7 @@
 //! The `redirect` binary: a thin CLI over the `redirect` library.
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use redirect::{
@@ -42,6 +44,7 @@ async fn run(cli: Cli) -> Result<()> {
                 policy,
                 max_connections: args.max_connections,
                 allow_no_proxy_exemption: args.allow_no_proxy_exemption,
+                lock_timeout: Duration::from_secs(args.lock_timeout),
             };
             if args.dry_run {
                 let plan = tokio::task::spawn_blocking(move || plan::plan(&req))
@@ -69,11 +72,18 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Remove(args) => {
-            let gens = apply::remove(&args.pin_dir)?;
+            let pin_dir = args.pin.pin_dir;
+            let timeout = Duration::from_secs(args.lock_timeout);
+            let gens = {
+                let pin_dir = pin_dir.clone();
+                tokio::task::spawn_blocking(move || apply::remove(&pin_dir, timeout))
+                    .await
+                    .context("remove task")??
+            };
             println!(
                 "removed {} generation(s) from {}",
                 gens.len(),
-                args.pin_dir.display()
+                pin_dir.display()
             );
         }
         Command::Status(args) => {
