@@ -1,25 +1,28 @@
 //! `apply` and `remove`: load the programs, fill the policy maps, attach to a
 //! cgroup and pin everything so redirection outlives the loader.
 //!
-//! Pin layout under the pin dir (see `docs/design.md`):
+//! Pin layout under the pin dir (see [`crate::layout`] and `docs/design.md`):
 //!
 //! ```text
+//! <pin-dir>/POD       the pod it belongs to (cgroup id, netns cookie)
 //! <pin-dir>/state/    LAYOUT ORIG_DST CONNS TUPLES     kept across re-apply
 //!                     COUNTERS INBOUND_LISTENER
 //! <pin-dir>/gen-<N>/  CONFIG PORTS ... (policy maps)   one per apply
 //!                     prog_* link_*                    programs and links
 //! ```
 //!
-//! A re-apply builds `gen-<N+1>` completely, attaches it next to `gen-<N>`
-//! (both sets of programs share the state maps and agree on every decision
-//! already made), then unpins `gen-<N>`, which detaches it. No connection
-//! escapes in between. Any failure removes what this run created and leaves
-//! the previous state exactly as it was.
+//! Only one `apply` or `remove` works on a pin dir at a time
+//! ([`crate::lock`]); a second one waits. A re-apply builds `gen-<N+1>`
+//! completely, attaches it next to `gen-<N>` (both sets of programs share
+//! the state maps and agree on every decision already made), then unpins
+//! `gen-<N>`, which detaches it. No connection escapes in between.
+//! Any failure removes what this run created and leaves the previous state
+//! exactly as it was.
 
 use std::{
     fs::{self, File},
     net::IpAddr,
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,10 +35,13 @@ use aya::{
 };
 use redirect_common::{Config, map_names, program_names};
 
+pub use crate::layout::Layout;
 use crate::{
     fs::{check_cgroup, create_private_dir, ensure_bpffs, is_bpffs_mount_point, refuse_bpffs_root},
+    layout::{DEFAULT_PIN_ROOT, old_default_in_use},
     lock::PinDirLock,
     netns,
+    pod_record::PodRecord,
     policy::{Include, NetnsFacts, PolicySpec},
     sys::{self, AttachType},
 };
@@ -43,9 +49,6 @@ use crate::{
 /// The compiled eBPF object (built by `build.rs`).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
-
-/// Default pin directory.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
 /// Programs in attach order, with their hook and short pin name. Connect4 and
 /// sk_lookup come last so nothing is redirected before the hand-over path,
@@ -120,61 +123,6 @@ pub struct ApplyReport {
     pub facts: NetnsFacts,
 }
 
-/// The pin directory's layout.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    root: PathBuf,
-}
-
-impl Layout {
-    /// Layout rooted at `pin_dir`.
-    pub fn new(pin_dir: &Path) -> Self {
-        Layout {
-            root: pin_dir.to_path_buf(),
-        }
-    }
-
-    /// The pin dir itself.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Directory of the state maps.
-    pub fn state_dir(&self) -> PathBuf {
-        self.root.join("state")
-    }
-
-    /// Directory of generation `n`.
-    pub fn gen_dir(&self, n: u64) -> PathBuf {
-        self.root.join(format!("gen-{n}"))
-    }
-
-    /// Existing generations, oldest first.
-    pub fn generations(&self) -> Result<Vec<u64>> {
-        let mut out = Vec::new();
-        let entries = match fs::read_dir(&self.root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.root.display())),
-        };
-        for entry in entries {
-            let name = entry?.file_name();
-            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix("gen-"))
-                && let Ok(n) = n.parse()
-            {
-                out.push(n);
-            }
-        }
-        out.sort_unstable();
-        Ok(out)
-    }
-
-    /// The active generation, if anything is applied.
-    pub fn current(&self) -> Result<Option<u64>> {
-        Ok(self.generations()?.last().copied())
-    }
-}
-
 /// Something this run made in the pin dir, undone in reverse order if the
 /// run fails.
 #[derive(Debug)]
@@ -183,6 +131,8 @@ enum Made {
     Dir(PathBuf),
     /// The pin dir itself: removed only if empty once the rest is undone.
     PinDir(PathBuf),
+    /// A pinned object.
+    Pin(PathBuf),
 }
 
 impl Made {
@@ -190,6 +140,7 @@ impl Made {
         let r = match self {
             Made::Dir(d) => fs::remove_dir_all(d),
             Made::PinDir(d) => fs::remove_dir(d),
+            Made::Pin(p) => fs::remove_file(p),
         };
         if let Err(e) = r {
             tracing::warn!("rollback: cannot remove {self:?}: {e}");
@@ -210,10 +161,11 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     ensure_bpffs(&req.pin_dir)?;
     let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
-    let netns_file = match &req.netns {
-        Some(p) => netns::open_netns(p)?,
-        None => netns::open_netns(Path::new("/proc/self/ns/net"))?,
-    };
+    let netns_path = req
+        .netns
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
+    let netns_file = netns::open_netns(&netns_path)?;
     for v4 in [true, false] {
         if facts
             .local_addrs
@@ -229,11 +181,24 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
             );
         }
     }
+    let pod = PodRecord::of(
+        &req.cgroup,
+        &cgroup,
+        &netns_path,
+        &netns_file,
+        facts.netns_cookie,
+    )?;
+
+    if req.pin_dir.parent() == Some(Path::new(DEFAULT_PIN_ROOT)) && old_default_in_use() {
+        tracing::warn!(
+            "{DEFAULT_PIN_ROOT} holds an apply by an older redirect (its default pin dir); \
+             if it is for this pod too, both are attached: remove it with \
+             `redirect remove --pin-dir {DEFAULT_PIN_ROOT}`"
+        );
+    }
 
     // 2. One apply or remove at a time on this pin dir; from here on the
-    //    pin dir's contents are ours to read and change. Locking creates
-    //    the pin dir and its missing parents (0700; parents are not rolled
-    //    back).
+    //    pin dir's contents are ours to read and change.
     let lock = PinDirLock::acquire(&req.pin_dir, true, req.lock_timeout)?
         .context("the pin dir vanished while it was being created")?;
     let layout = Layout::new(&req.pin_dir);
@@ -242,6 +207,9 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         made.push(Made::PinDir(layout.root().to_path_buf()));
     }
     let result = (|| {
+        if let Some(pin) = claim_for_pod(&layout, &pod)? {
+            made.push(Made::Pin(pin));
+        }
         let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
         let old = layout.generations()?;
         let generation = old.last().map_or(1, |g| g + 1);
@@ -260,7 +228,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
             &facts,
             (&cgroup, &netns_file),
             &layout,
-            &gen_dir,
+            generation,
             capacity,
         )?;
         Ok::<_, anyhow::Error>((generation, old))
@@ -291,6 +259,67 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     })
 }
 
+/// Makes sure the pin dir is this pod's ([`check_pod`]) and pins the pod
+/// record if it has none yet (its path is returned, for the rollback).
+fn claim_for_pod(layout: &Layout, pod: &PodRecord) -> Result<Option<PathBuf>> {
+    if check_pod(layout, pod)? {
+        return Ok(None);
+    }
+    pod.pin(layout.root()).map(Some)
+}
+
+/// Checks that the pin dir may take a generation for `pod`: its pod record
+/// names the same cgroup and network namespace, or it has none and nothing
+/// in it is attached to another cgroup or namespace (a pin dir of a version
+/// of redirect that kept no record). Returns whether a record is there.
+pub fn check_pod(layout: &Layout, pod: &PodRecord) -> Result<bool> {
+    let refuse = |theirs: &dyn std::fmt::Display| -> anyhow::Error {
+        anyhow::anyhow!(
+            "--pin-dir {pin}: it belongs to another pod ({theirs}); this apply is for {pod}. \
+             Give each pod its own pin dir (the default, without --pin-dir, is one per \
+             cgroup), or detach the other pod first with `redirect remove --pin-dir {pin}`",
+            pin = layout.root().display(),
+        )
+    };
+    if let Some(recorded) = PodRecord::read(layout.root())? {
+        if !recorded.same_pod(pod) {
+            return Err(refuse(&recorded));
+        }
+        return Ok(true);
+    }
+    // No record: a new pin dir, or one applied by a version of redirect
+    // that kept none. Its links say where it is attached.
+    for g in layout.generations()?.iter().rev() {
+        let dir = layout.gen_dir(*g);
+        for (_, attach, short) in PROGRAMS {
+            let Ok(link) = sys::obj_get(&dir.join(format!("link_{short}")), 0) else {
+                continue;
+            };
+            let Ok(info) = sys::link_info(link.as_fd()) else {
+                continue;
+            };
+            let other = match info.target {
+                // The kernel reports id 0 once the cgroup is gone.
+                sys::LinkTarget::Cgroup(0) => Some(format!(
+                    "{} attached to a cgroup that no longer exists",
+                    attach.hook()
+                )),
+                sys::LinkTarget::Cgroup(id) if id != pod.cgroup_id => {
+                    Some(format!("{} attached to cgroup id {id}", attach.hook()))
+                }
+                sys::LinkTarget::Netns(ino) if u64::from(ino) != pod.netns_inode => {
+                    Some(format!("{} attached to netns inode {ino}", attach.hook()))
+                }
+                _ => None,
+            };
+            if let Some(other) = other {
+                return Err(refuse(&other));
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Loads the object, fills and pins the policy maps, loads, attaches and pins
 /// the programs. Returns only when everything is in place.
 fn install(
@@ -298,9 +327,10 @@ fn install(
     facts: &NetnsFacts,
     (cgroup, netns_file): (&File, &File),
     layout: &Layout,
-    gen_dir: &Path,
+    generation: u64,
     capacity: u32,
 ) -> Result<()> {
+    let gen_dir = &layout.gen_dir(generation);
     let state = layout.state_dir();
     let mut loader = EbpfLoader::new();
     let state_paths: Vec<(&str, PathBuf)> = map_names::STATE
@@ -518,7 +548,7 @@ pub fn remove(pin_dir: &Path, lock_timeout: Duration) -> Result<Vec<u64>> {
     };
     let layout = Layout::new(pin_dir);
     let gens = layout.generations()?;
-    if gens.is_empty() && !layout.state_dir().exists() {
+    if gens.is_empty() && !layout.state_dir().exists() && !layout.pod_record().exists() {
         return Err(nothing());
     }
     for g in &gens {
@@ -527,6 +557,15 @@ pub fn remove(pin_dir: &Path, lock_timeout: Duration) -> Result<Vec<u64>> {
     let state = layout.state_dir();
     if state.exists() {
         fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
+    }
+    let pod = layout.pod_record();
+    if pod.exists() {
+        fs::remove_file(&pod).with_context(|| format!("unpinning {}", pod.display()))?;
+    }
+    if pin_dir == Path::new(DEFAULT_PIN_ROOT) && fs::read_dir(pin_dir)?.next().is_some() {
+        // The default pin dir of older versions, now also the root of the
+        // per-pod pin dirs: those stay.
+        return Ok(gens);
     }
     if is_bpffs_mount_point(pin_dir) {
         // Applied by a version that took a bpffs root as a pin dir: what

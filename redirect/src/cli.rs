@@ -10,7 +10,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    apply::DEFAULT_PIN_DIR,
+    layout::default_pin_dir,
     policy::{
         OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports,
         parse_include, parse_mark, parse_port, parse_ports, parse_services, resolve_proxy_cgroup,
@@ -55,20 +55,63 @@ pub enum Command {
     SampleConnect(crate::peer::ConnectArgs),
 }
 
-/// `--pin-dir`.
+/// `apply --pin-dir`.
 #[derive(Debug, Args)]
 pub struct PinDirArgs {
-    /// bpffs directory holding the pinned programs, links and maps.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
+    /// bpffs directory holding the pinned programs, links and maps, one per
+    /// pod [default: /sys/fs/bpf/redirect/cgroup-<id of --cgroup>].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl PinDirArgs {
+    /// The pin dir given, or the default one of the pod in `cgroup`.
+    pub fn resolve(&self, cgroup: &std::path::Path) -> anyhow::Result<PathBuf> {
+        match &self.pin_dir {
+            Some(p) => Ok(p.clone()),
+            None => default_pin_dir(cgroup),
+        }
+    }
+}
+
+/// Which pod `status` and `remove` are about: its pin dir, or its cgroup
+/// (whose default pin dir `apply` used).
+#[derive(Debug, Args)]
+pub struct WhichPod {
+    /// The pin dir given to `apply --pin-dir`.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// The pod's cgroup v2 directory, when `apply` ran without --pin-dir
+    /// (its pin dir is /sys/fs/bpf/redirect/cgroup-<cgroup id>).
+    #[arg(long, conflicts_with = "pin_dir")]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl WhichPod {
+    /// The pin dir: `--pin-dir`, or the default one of `--cgroup`.
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        match (&self.pin_dir, &self.cgroup) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(cg)) => default_pin_dir(cg).map_err(|e| {
+                e.context(
+                    "finding the pin dir from --cgroup (if the cgroup is gone, give --pin-dir: \
+                     /sys/fs/bpf/redirect/cgroup-<id it had>)",
+                )
+            }),
+            (None, None) => anyhow::bail!(
+                "which pod? Give --cgroup DIR (the pod's cgroup, when apply ran without \
+                 --pin-dir) or --pin-dir DIR (the pin dir given to apply)"
+            ),
+        }
+    }
 }
 
 /// `remove` arguments.
 #[derive(Debug, Args)]
 pub struct RemoveArgs {
-    /// Where it was applied.
+    /// Which pod.
     #[command(flatten)]
-    pub pin: PinDirArgs,
+    pub pod: WhichPod,
     /// Seconds to wait for an apply or remove already running on the same
     /// pin dir.
     #[arg(long, value_name = "SECONDS", default_value = "120")]
@@ -78,9 +121,9 @@ pub struct RemoveArgs {
 /// `status` arguments.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Where it was applied.
+    /// Which pod.
     #[command(flatten)]
-    pub pin: PinDirArgs,
+    pub pod: WhichPod,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -783,5 +826,39 @@ mod tests {
         assert!(e.contains("line 2 is longer than 10 bytes"), "{e}");
         let e = read(b"\xff\n", 100, 10).unwrap_err();
         assert!(e.contains("line 1 is not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn status_and_remove_need_a_pod() {
+        for cmd in ["status", "remove"] {
+            let cli = Cli::try_parse_from(["redirect", cmd]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            let e = pod.resolve().unwrap_err().to_string();
+            assert!(e.contains("--cgroup") && e.contains("--pin-dir"), "{e}");
+            let cli = Cli::try_parse_from(["redirect", cmd, "--pin-dir", "/p"]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            assert_eq!(pod.resolve().unwrap(), PathBuf::from("/p"));
+            let e = Cli::try_parse_from(["redirect", cmd, "--pin-dir", "/p", "--cgroup", "/c"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--cgroup") && e.contains("--pin-dir"), "{e}");
+            let cli =
+                Cli::try_parse_from(["redirect", cmd, "--cgroup", "/nonexistent/cg"]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            let e = format!("{:#}", pod.resolve().unwrap_err());
+            assert!(e.contains("/nonexistent/cg"), "{e}");
+        }
     }
 }

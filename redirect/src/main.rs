@@ -37,10 +37,11 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Apply(args) => {
             let policy = args.policy.to_spec()?;
+            let pin_dir = args.pin.resolve(&args.cgroup)?;
             let req = ApplyRequest {
                 cgroup: args.cgroup,
                 netns: args.netns,
-                pin_dir: args.pin.pin_dir,
+                pin_dir,
                 policy,
                 max_connections: args.max_connections,
                 allow_no_proxy_exemption: args.allow_no_proxy_exemption,
@@ -57,13 +58,15 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            let pin_dir = req.pin_dir.clone();
             let report = tokio::task::spawn_blocking(move || apply::apply(&req))
                 .await
                 .context("apply task")??;
             tracing::info!(?report, "applied");
             println!(
-                "applied generation {}{}",
+                "applied generation {} at {}{}",
                 report.generation,
+                pin_dir.display(),
                 if report.replaced.is_empty() {
                     String::new()
                 } else {
@@ -72,7 +75,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Remove(args) => {
-            let pin_dir = args.pin.pin_dir;
+            let pin_dir = args.pod.resolve()?;
             let timeout = Duration::from_secs(args.lock_timeout);
             let gens = {
                 let pin_dir = pin_dir.clone();
@@ -87,7 +90,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Status(args) => {
-            let st = status::status(&args.pin.pin_dir)?;
+            let st = status::status(&args.pod.resolve()?)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

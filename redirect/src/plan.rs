@@ -3,11 +3,12 @@
 //! [`plan`] checks the inputs as [`crate::apply::apply`] does (the policy was
 //! already parsed; the cgroup directory; the network namespace, which it also
 //! probes for its addresses, source addresses and cookie; the address counts;
-//! the proxy exemption; the pin dir, which must not be a bpffs root),
-//! then reports what would be attached where and what would be written into
-//! each policy map. It neither requires nor mounts bpffs and makes no `bpf(2)`
-//! call: the pin dir is only inspected (is it on bpffs, which generations
-//! exist), so nothing of the kernel's BPF state changes.
+//! the proxy exemption; the pin dir, which must not be a bpffs root and must
+//! not belong to another pod), then reports what would be attached where and
+//! what would be written into each policy map. It neither requires nor
+//! mounts bpffs, takes no lock and changes nothing: the pin dir is only
+//! inspected (is it on bpffs, which generations exist, which pod its record
+//! names), so nothing of the kernel's BPF state changes.
 
 use std::{
     fmt,
@@ -20,9 +21,10 @@ use redirect_common::{Config, SET_CAPACITY, config_flags, map_names, port_flags}
 use serde::Serialize;
 
 use crate::{
-    apply::{ApplyRequest, Layout, PROGRAMS},
+    apply::{ApplyRequest, Layout, PROGRAMS, check_pod},
     fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs, refuse_bpffs_root},
     netns,
+    pod_record::PodRecord,
     policy::{Include, PolicySpec},
 };
 
@@ -294,13 +296,13 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
     refuse_bpffs_root(&req.pin_dir)?;
-    File::open(&req.cgroup)
+    let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
     let netns_path: PathBuf = req
         .netns
         .clone()
         .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
-    netns::open_netns(&netns_path)?;
+    let netns_file = netns::open_netns(&netns_path)?;
     for v4 in [true, false] {
         let count = facts
             .local_addrs
@@ -317,6 +319,16 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     }
 
     let layout = Layout::new(&req.pin_dir);
+    if is_bpffs(layout.root()) {
+        let pod = PodRecord::of(
+            &req.cgroup,
+            &cgroup,
+            &netns_path,
+            &netns_file,
+            facts.netns_cookie,
+        )?;
+        check_pod(&layout, &pod)?;
+    }
     let existing = layout.generations()?;
     let next_generation = existing.last().map_or(1, |g| g + 1);
 

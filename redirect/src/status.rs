@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::{
     apply::{Layout, PROGRAMS, open_pinned},
+    pod_record::PodRecord,
     sys,
 };
 
@@ -79,6 +80,9 @@ pub struct PolicyStatus {
 pub struct Status {
     /// The pin dir.
     pub pin_dir: String,
+    /// The pod it belongs to, if recorded (pin dirs of older versions have
+    /// no record).
+    pub pod: Option<PodRecord>,
     /// Active generation.
     pub generation: u64,
     /// Attached programs.
@@ -98,6 +102,7 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
         bail!("--pin-dir {}: nothing applied there", pin_dir.display());
     };
     let dir = layout.gen_dir(generation);
+    let pod = PodRecord::read(pin_dir)?;
 
     let mut links = Vec::new();
     for (_, attach, short) in PROGRAMS {
@@ -135,6 +140,7 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
     }
     Ok(Status {
         pin_dir: pin_dir.display().to_string(),
+        pod,
         generation,
         links,
         policy,
@@ -284,6 +290,10 @@ impl std::fmt::Display for Status {
             "pin dir     {} (generation {})",
             self.pin_dir, self.generation
         )?;
+        match &self.pod {
+            Some(pod) => writeln!(f, "pod         {pod}")?,
+            None => writeln!(f, "pod         not recorded (applied by an older redirect)")?,
+        }
         for l in &self.links {
             writeln!(
                 f,

@@ -150,6 +150,11 @@ fn concurrently(runs: Vec<Vec<String>>) -> Vec<Output> {
         .collect()
 }
 
+/// The cgroup id of `f`'s pod: the inode number of its cgroup directory.
+fn cgroup_id(f: &Fixture) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&f.pod.cgroup).unwrap())
+}
+
 /// `f`'s pod is captured, IPv4 and IPv6.
 fn assert_captured(f: &Fixture, why: &str) {
     assert_eq!(f.who_answers(As::APP, &v4()), "proxy", "IPv4, {why}");
@@ -231,6 +236,124 @@ fn remove_serializes_with_applies() {
             assert_eq!(f.who_answers(As::APP, &v4()), "upstream");
         }
     }
+}
+
+/// 2. A pin dir records its pod, and refuses a generation for another pod,
+///    naming both; also in a pin dir without a record (made by an older
+///    redirect), from what its links are attached to.
+#[test]
+fn pin_dir_belongs_to_one_pod() {
+    need_root!();
+    let a = Fixture::new();
+    let b = Fixture::new();
+    a.apply_ok(&["-i", "*"]);
+    let a_id = cgroup_id(&a);
+    let b_id = cgroup_id(&b);
+
+    // Pod B into A's pin dir.
+    let mut args = apply_args(&b, &["-i", "*"]);
+    let pin_at = args.iter().position(|a| a == "--pin-dir").unwrap() + 1;
+    args[pin_at] = a.pin_dir.display().to_string();
+    let out = b.redirect(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "belongs to another pod".to_string(),
+        a.pod.cgroup.display().to_string(),
+        format!("id {a_id}"),
+        a.pod.netns_path(Side::Pod).display().to_string(),
+        b.pod.cgroup.display().to_string(),
+        format!("id {b_id}"),
+        b.pod.netns_path(Side::Pod).display().to_string(),
+    ] {
+        assert!(err.contains(&needle), "error does not name {needle}: {err}");
+    }
+    assert!(none_attached(&b), "{:?}", attached(&b));
+    assert_eq!(b.who_answers(As::APP, &v4()), "upstream");
+    assert!(one_each(&a));
+    assert_captured(&a, "after the refused apply");
+    assert_eq!(gen_dirs(&a.pin_dir), vec!["gen-1"]);
+    let st = a.status().unwrap();
+    assert_eq!(st["pod"]["cgroup_id"], a_id);
+    assert_eq!(st["pod"]["cgroup"], a.pod.cgroup.display().to_string());
+    assert_eq!(
+        st["pod"]["netns"],
+        a.pod.netns_path(Side::Pod).display().to_string()
+    );
+
+    // Without the record, as an older redirect left it: the links tell.
+    std::fs::remove_file(a.pin_dir.join("POD")).unwrap();
+    let out = b.redirect(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to another pod") && err.contains(&format!("cgroup id {a_id}")),
+        "{err}"
+    );
+    assert!(none_attached(&b));
+    // The same pod may re-apply; the record is written again.
+    a.apply_ok(&["-i", "*"]);
+    assert_eq!(a.status().unwrap()["pod"]["cgroup_id"], a_id);
+
+    // status and remove keep working.
+    let out = a.redirect(&["remove", "--pin-dir", &a.pin_dir.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!a.pin_dir.exists());
+    assert!(none_attached(&a));
+}
+
+/// 3. Without --pin-dir each pod gets its own pin dir, named after its
+///    cgroup id: two pods applied with default flags are both captured, and
+///    removing one (found by --cgroup) leaves the other captured.
+#[test]
+fn default_pin_dirs_keep_pods_apart() {
+    need_root!();
+    let mut a = Fixture::new();
+    let mut b = Fixture::new();
+    for f in [&mut a, &mut b] {
+        // The fixture removes its pin dir when dropped.
+        f.pin_dir = PathBuf::from(format!("/sys/fs/bpf/redirect/cgroup-{}", cgroup_id(f)));
+    }
+    let mut outs = Vec::new();
+    for f in [&a, &b] {
+        let cg = f.pod.cgroup.display().to_string();
+        let ns = f.pod.netns_path(Side::Pod).display().to_string();
+        let out = f.redirect(&["apply", "--cgroup", &cg, "--netns", &ns, "-i", "*"]);
+        assert!(out.status.success(), "{}", text(&out));
+        outs.push(out);
+    }
+    for (f, out) in [&a, &b].into_iter().zip(&outs) {
+        assert_captured(f, "both pods applied");
+        assert!(one_each(f), "{:?}", attached(f));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("at {}", f.pin_dir.display())),
+            "{}",
+            text(out)
+        );
+        assert!(f.pin_dir.join("gen-1").is_dir());
+        let cg = f.pod.cgroup.display().to_string();
+        let out = f.redirect(&["status", "--json", "--cgroup", &cg]);
+        assert!(out.status.success(), "{}", text(&out));
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["pin_dir"], f.pin_dir.display().to_string());
+    }
+    // Neither --pin-dir nor --cgroup: a clear error.
+    for cmd in ["status", "remove"] {
+        let out = a.redirect(&[cmd]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--cgroup") && err.contains("--pin-dir"),
+            "{err}"
+        );
+    }
+    let out = a.redirect(&["remove", "--cgroup", &a.pod.cgroup.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!a.pin_dir.exists());
+    assert!(none_attached(&a));
+    assert_eq!(a.who_answers(As::APP, &v4()), "upstream");
+    assert!(one_each(&b));
+    assert_captured(&b, "after the other pod was removed");
 }
 
 /// A directory that is removed (with its contents) when dropped.
