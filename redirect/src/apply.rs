@@ -9,13 +9,15 @@
 //!                     COUNTERS INBOUND_LISTENER
 //! <pin-dir>/gen-<N>/  CONFIG PORTS ... (policy maps)   one per apply
 //!                     prog_* link_*                    programs and links
+//!                     complete                         pinned last
 //! ```
 //!
 //! Only one `apply` or `remove` works on a pin dir at a time
 //! ([`crate::lock`]); a second one waits. A re-apply builds `gen-<N+1>`
 //! completely, attaches it next to `gen-<N>` (both sets of programs share
-//! the state maps and agree on every decision already made), then unpins
-//! `gen-<N>`, which detaches it. No connection escapes in between.
+//! the state maps and agree on every decision already made), marks it
+//! complete, then unpins `gen-<N>` (and any generation an interrupted apply
+//! left incomplete), which detaches it. No connection escapes in between.
 //! Any failure removes what this run created and leaves the previous state
 //! exactly as it was.
 
@@ -246,7 +248,8 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         }
     };
 
-    // 3. The new generation is attached: retire the old ones.
+    // 3. The new generation is attached and complete: retire the old ones,
+    //    complete or left incomplete by an interrupted apply.
     for g in &old {
         retire(&layout.gen_dir(*g))
             .with_context(|| format!("detaching the previous generation {g}"))?;
@@ -404,14 +407,41 @@ fn install(
         sys::obj_pin(&link, &gen_dir.join(format!("link_{short}")))
             .with_context(|| format!("pinning the {} link", attach.hook()))?;
         links.push(link);
+        test_hook_after_link(links.len());
         if attach == AttachType::SockOps {
             // From here on sock_ops registers new listeners; register one
             // that is already listening before sk_lookup starts steering.
             register_running_listener(&mut ebpf, req)?;
         }
     }
+    // Last step: the generation is complete. Any pinned object will do as
+    // the marker; the CONFIG map is at hand.
+    let marker = layout.complete_marker(generation);
+    ebpf.map(map_names::CONFIG)
+        .context("map CONFIG missing from the eBPF object")?
+        .pin(&marker)
+        .with_context(|| format!("pinning the completion marker {}", marker.display()))?;
     Ok(())
 }
+
+/// Test hook, in debug builds only (the integration tests run a debug
+/// build): with `REDIRECT_TEST_HOOK_KILL_AFTER_LINKS=N` in the environment,
+/// the loader kills itself with SIGKILL right after pinning its N-th link,
+/// as an apply interrupted there would be: no rollback, no completion
+/// marker. Release builds have no such hook.
+#[cfg(debug_assertions)]
+fn test_hook_after_link(pinned: usize) {
+    let kill_after = std::env::var("REDIRECT_TEST_HOOK_KILL_AFTER_LINKS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if kill_after == Some(pinned) {
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_hook_after_link(_pinned: usize) {}
 
 /// Puts a proxy listener that was up before this apply into the listener map.
 fn register_running_listener(ebpf: &mut Ebpf, req: &ApplyRequest) -> Result<()> {
@@ -534,8 +564,9 @@ fn retire(dir: &Path) -> Result<()> {
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
-/// Detaches and unpins everything applied at `pin_dir`, waiting up to
-/// `lock_timeout` for a running `apply` or `remove` there to finish.
+/// Detaches and unpins everything applied at `pin_dir`, complete
+/// generations and incomplete ones alike, waiting up to `lock_timeout` for
+/// a running `apply` or `remove` there to finish.
 pub fn remove(pin_dir: &Path, lock_timeout: Duration) -> Result<Vec<u64>> {
     let nothing = || {
         anyhow::anyhow!(

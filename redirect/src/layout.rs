@@ -8,7 +8,13 @@
 //!     gen-<N>/                    one per apply
 //!       CONFIG PORTS ...          policy maps
 //!       prog_* link_*             programs and links
+//!       complete                  pinned last: every link of gen-<N> is in place
 //! ```
+//!
+//! A generation without `complete` was interrupted (the loader was killed
+//! between two links) or is being built right now: it may hold some links
+//! and not others. It is never "the current generation"; the next `apply`
+//! retires it like any older generation, and `remove` removes it.
 
 use std::{
     fs,
@@ -18,13 +24,16 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::fs::check_cgroup;
+use crate::{apply::PROGRAMS, fs::check_cgroup};
 
 /// Where the default pin dirs live: `<root>/cgroup-<cgroup id>`.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/redirect";
 
 /// Name of the pod record pinned at the top of a pin dir.
 pub const POD_PIN: &str = "POD";
+
+/// Name of the completion marker pinned in a generation's directory.
+pub const COMPLETE_PIN: &str = "complete";
 
 /// The default pin dir of the pod whose cgroup v2 directory is `cgroup`:
 /// `/sys/fs/bpf/redirect/cgroup-<cgroup id>`, the cgroup id being the
@@ -79,7 +88,12 @@ impl Layout {
         self.root.join(format!("gen-{n}"))
     }
 
-    /// Existing generations, oldest first.
+    /// The completion marker of generation `n`.
+    pub fn complete_marker(&self, n: u64) -> PathBuf {
+        self.gen_dir(n).join(COMPLETE_PIN)
+    }
+
+    /// Existing generations, complete or not, oldest first.
     pub fn generations(&self) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         let entries = match fs::read_dir(&self.root) {
@@ -99,9 +113,35 @@ impl Layout {
         Ok(out)
     }
 
-    /// The active generation, if anything is applied.
+    /// Whether generation `n` was completed: its marker is pinned. A pin
+    /// dir made before markers existed has no pod record either; there a
+    /// generation with every link of [`PROGRAMS`] pinned counts as complete.
+    pub fn is_complete(&self, n: u64) -> bool {
+        if self.complete_marker(n).exists() {
+            return true;
+        }
+        !self.pod_record().exists()
+            && PROGRAMS
+                .iter()
+                .all(|(_, _, short)| self.gen_dir(n).join(format!("link_{short}")).exists())
+    }
+
+    /// Generations that were started and never completed, oldest first.
+    pub fn incomplete(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .generations()?
+            .into_iter()
+            .filter(|g| !self.is_complete(*g))
+            .collect())
+    }
+
+    /// The generation in force: the newest complete one, if any.
     pub fn current(&self) -> Result<Option<u64>> {
-        Ok(self.generations()?.last().copied())
+        Ok(self
+            .generations()?
+            .into_iter()
+            .rev()
+            .find(|g| self.is_complete(*g)))
     }
 }
 
@@ -122,5 +162,32 @@ mod tests {
                 PathBuf::from(format!("/sys/fs/bpf/redirect/cgroup-{id}"))
             );
         }
+    }
+
+    #[test]
+    fn generations_in_a_plain_directory() {
+        // Outside bpffs, directories stand in for the pins.
+        let dir = std::env::temp_dir().join(format!("redirect-layout-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let l = Layout::new(&dir);
+        assert_eq!(l.current().unwrap(), None);
+        for g in [1, 2, 10] {
+            fs::create_dir_all(l.gen_dir(g)).unwrap();
+        }
+        fs::create_dir(dir.join("gen-x")).unwrap();
+        fs::write(l.pod_record(), b"").unwrap();
+        fs::write(l.complete_marker(2), b"").unwrap();
+        assert_eq!(l.generations().unwrap(), vec![1, 2, 10]);
+        assert_eq!(l.incomplete().unwrap(), vec![1, 10]);
+        assert_eq!(l.current().unwrap(), Some(2), "gen-10 is not complete");
+        // No pod record: a pin dir of an older version, where every link
+        // pinned means complete.
+        fs::remove_file(l.pod_record()).unwrap();
+        for (_, _, short) in PROGRAMS {
+            fs::write(l.gen_dir(10).join(format!("link_{short}")), b"").unwrap();
+        }
+        assert_eq!(l.current().unwrap(), Some(10));
+        assert_eq!(l.incomplete().unwrap(), vec![1]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

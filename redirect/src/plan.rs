@@ -120,6 +120,8 @@ pub struct PinDirPlan {
     pub bpffs: String,
     /// Generations applied there now.
     pub existing: Vec<u64>,
+    /// Those of them an interrupted apply left incomplete.
+    pub incomplete: Vec<u64>,
     /// The generation apply would create.
     pub next_generation: u64,
 }
@@ -330,6 +332,7 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
         check_pod(&layout, &pod)?;
     }
     let existing = layout.generations()?;
+    let incomplete = layout.incomplete()?;
     let next_generation = existing.last().map_or(1, |g| g + 1);
 
     let netns_label = match &req.netns {
@@ -361,6 +364,7 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
             path: req.pin_dir.display().to_string(),
             bpffs: bpffs_state(&req.pin_dir),
             existing,
+            incomplete,
             next_generation,
         },
         attach,
@@ -414,11 +418,20 @@ impl fmt::Display for Plan {
             )?;
         } else {
             let old: Vec<String> = p.existing.iter().map(ToString::to_string).collect();
+            let incomplete: Vec<String> = p.incomplete.iter().map(ToString::to_string).collect();
             writeln!(
                 f,
-                "generation  {}, replacing {}",
+                "generation  {}, replacing {}{}",
                 p.next_generation,
-                old.join(",")
+                old.join(","),
+                if incomplete.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} left incomplete by an interrupted apply)",
+                        incomplete.join(",")
+                    )
+                }
             )?;
         }
         writeln!(f, "attach, in this order")?;

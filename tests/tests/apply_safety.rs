@@ -7,10 +7,7 @@
 use std::{
     fs::File,
     io::Read as _,
-    os::unix::{
-        fs::PermissionsExt as _,
-        process::{CommandExt as _, ExitStatusExt as _},
-    },
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -19,9 +16,10 @@ use std::{
 use redirect::{
     apply::PROGRAMS,
     pod::{As, Side, upstream_extra, upstream_extra6},
+    status::INCOMPLETE_INTERRUPTED,
     sys,
 };
-use redirect_tests::{Fixture, can_run, redirect_bin};
+use redirect_tests::{APP_PORT, Fixture, can_run, redirect_bin};
 
 macro_rules! need_root {
     () => {
@@ -37,6 +35,11 @@ fn v4() -> String {
 
 fn v6() -> String {
     format!("[{}]:80", upstream_extra6(1))
+}
+
+/// The app's port at the pod's address, from outside.
+fn inbound() -> String {
+    format!("{}:{APP_PORT}", redirect::pod::POD_IP)
 }
 
 fn text(out: &Output) -> String {
@@ -199,6 +202,8 @@ fn concurrent_applies_serialize() {
         assert!(one_each(&f), "round {round}: {:?}", attached(&f));
         let st = f.status().expect("status");
         assert_eq!(st["generation"], last, "round {round}");
+        assert_eq!(st["complete"], true, "round {round}");
+        assert_eq!(st["incomplete"].as_array().unwrap().len(), 0);
         assert_captured(&f, &format!("round {round}"));
     }
 }
@@ -405,6 +410,86 @@ fn loader_directories_are_private_whatever_the_umask() {
         }
     }
     assert_captured(&f, "applied under umask 000");
+}
+
+/// 5. An apply killed between two links (the test hook of debug builds
+///    stands in for a SIGKILL) leaves IPv4 and inbound capture attached but
+///    not IPv6. `status` says so; the next apply replaces it with a
+///    complete generation; `remove` removes an incomplete one too.
+#[test]
+fn interrupted_apply_shows_and_is_completed() {
+    need_root!();
+    let f = Fixture::new();
+    let interrupted = |after: usize, policy: &[&str]| {
+        let out = Command::new(redirect_bin())
+            .args(apply_args(&f, policy))
+            .env("REDIRECT_TEST_HOOK_KILL_AFTER_LINKS", after.to_string())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "the test hook did not kill the loader (a release build?): {}",
+            text(&out)
+        );
+    };
+    // Every link but connect6's.
+    interrupted(PROGRAMS.len() - 1, &["-i", "*", "-b", "*"]);
+    let st = f.status().expect("status of an incomplete pin dir");
+    assert_eq!(st["complete"], false);
+    assert_eq!(st["generation"], 1);
+    let inc = &st["incomplete"][0];
+    assert_eq!(inc["generation"], 1);
+    assert_eq!(inc["state"], INCOMPLETE_INTERRUPTED);
+    assert_eq!(inc["missing"], serde_json::json!(["cgroup/connect6"]));
+    let out = f.redirect(&["status", "--pin-dir", &f.pin_dir.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("incomplete (apply interrupted): run apply again or remove"),
+        "{shown}"
+    );
+    // Half attached, as status says: IPv4 and inbound captured, IPv6 not.
+    assert_eq!(f.who_answers(As::APP, &v4()), "proxy");
+    assert_eq!(f.who_answers(As::APP, &v6()), "upstream");
+    assert_eq!(f.who_answers_in(&inbound()), "proxy");
+    // explain --pin-dir wants a complete generation.
+    let out = f.redirect(&[
+        "explain",
+        "--pin-dir",
+        &f.pin_dir.display().to_string(),
+        "--dst",
+        "10.0.0.1:80",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no complete generation"));
+
+    f.apply_ok(&["-i", "*", "-b", "*"]);
+    let st = f.status().unwrap();
+    assert_eq!(st["complete"], true);
+    assert_eq!(st["generation"], 2);
+    assert_eq!(st["incomplete"].as_array().unwrap().len(), 0);
+    assert_eq!(gen_dirs(&f.pin_dir), vec!["gen-2"]);
+    assert!(one_each(&f), "{:?}", attached(&f));
+    assert_captured(&f, "after completing");
+    assert_eq!(f.who_answers_in(&inbound()), "proxy");
+
+    // An interrupted re-apply: generation 2 stays in force and is shown;
+    // generation 3 is listed as incomplete.
+    interrupted(3, &["-i", "*", "-x", "192.0.2.1/32"]);
+    let st = f.status().unwrap();
+    assert_eq!(
+        (st["generation"].as_u64(), st["complete"].as_bool()),
+        (Some(2), Some(true))
+    );
+    assert_eq!(st["incomplete"][0]["generation"], 3);
+    assert_eq!(st["policy"]["exclude_cidrs"].as_array().unwrap().len(), 0);
+    // remove takes both.
+    let out = f.redirect(&["remove", "--pin-dir", &f.pin_dir.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 2 generation(s)"));
+    assert!(!f.pin_dir.exists());
+    assert!(none_attached(&f), "{:?}", attached(&f));
 }
 
 /// A bpffs mounted for one test, unmounted (which drops its pins) and
