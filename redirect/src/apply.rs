@@ -186,7 +186,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     let pod = PodRecord::of(
         &req.cgroup,
         &cgroup,
-        &netns_path,
+        req.netns.as_deref(),
         &netns_file,
         facts.netns_cookie,
     )?;

@@ -325,7 +325,7 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
         let pod = PodRecord::of(
             &req.cgroup,
             &cgroup,
-            &netns_path,
+            req.netns.as_deref(),
             &netns_file,
             facts.netns_cookie,
         )?;

@@ -40,16 +40,17 @@ pub struct PodRecord {
     pub netns_cookie: u64,
     /// The network namespace's inode number.
     pub netns_inode: u64,
-    /// The namespace file given to apply, or the loader's own.
+    /// The namespace file given to apply, or `the loader's own`.
     pub netns: String,
 }
 
 impl PodRecord {
-    /// The pod of an apply: its open cgroup directory and namespace file.
+    /// The pod of an apply: its open cgroup directory and namespace file
+    /// (`netns_path` `None`: the loader's own namespace).
     pub fn of(
         cgroup_path: &Path,
         cgroup: &File,
-        netns_path: &Path,
+        netns_path: Option<&Path>,
         netns: &File,
         netns_cookie: u64,
     ) -> Result<PodRecord> {
@@ -63,7 +64,10 @@ impl PodRecord {
             cgroup: resolved.display().to_string(),
             netns_cookie,
             netns_inode: ns.ino(),
-            netns: netns_path.display().to_string(),
+            netns: netns_path.map_or_else(
+                || "the loader's own".to_string(),
+                |p| p.display().to_string(),
+            ),
         })
     }
 
