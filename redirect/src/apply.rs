@@ -1,26 +1,32 @@
 //! `apply` and `remove`: load the programs, fill the policy maps, attach to a
 //! cgroup and pin everything so redirection outlives the loader.
 //!
-//! Pin layout under the pin dir (see `docs/design.md`):
+//! Pin layout under the pin dir (see [`crate::layout`] and `docs/design.md`):
 //!
 //! ```text
+//! <pin-dir>/POD       the pod it belongs to (cgroup id, netns cookie)
 //! <pin-dir>/state/    LAYOUT ORIG_DST CONNS TUPLES     kept across re-apply
 //!                     COUNTERS INBOUND_LISTENER
 //! <pin-dir>/gen-<N>/  CONFIG PORTS ... (policy maps)   one per apply
 //!                     prog_* link_*                    programs and links
+//!                     complete                         pinned last
 //! ```
 //!
-//! A re-apply builds `gen-<N+1>` completely, attaches it next to `gen-<N>`
-//! (both sets of programs share the state maps and agree on every decision
-//! already made), then unpins `gen-<N>`, which detaches it. No connection
-//! escapes in between. Any failure removes what this run created and leaves
-//! the previous state exactly as it was.
+//! Only one `apply` or `remove` works on a pin dir at a time
+//! ([`crate::lock`]); a second one waits. A re-apply builds `gen-<N+1>`
+//! completely, attaches it next to `gen-<N>` (both sets of programs share
+//! the state maps and agree on every decision already made), marks it
+//! complete, then unpins `gen-<N>` (and any generation an interrupted apply
+//! left incomplete), which detaches it. No connection escapes in between.
+//! Any failure removes what this run created and leaves the previous state
+//! exactly as it was.
 
 use std::{
     fs::{self, File},
     net::IpAddr,
-    os::fd::OwnedFd,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -31,9 +37,13 @@ use aya::{
 };
 use redirect_common::{Config, map_names, program_names};
 
+pub use crate::layout::Layout;
 use crate::{
-    fs::{check_cgroup, ensure_bpffs},
+    fs::{check_cgroup, create_private_dir, ensure_bpffs, is_bpffs_mount_point, refuse_bpffs_root},
+    layout::{DEFAULT_PIN_ROOT, old_default_in_use},
+    lock::PinDirLock,
     netns,
+    pod_record::PodRecord,
     policy::{Include, NetnsFacts, PolicySpec},
     sys::{self, AttachType},
 };
@@ -41,9 +51,6 @@ use crate::{
 /// The compiled eBPF object (built by `build.rs`).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-ebpf"));
-
-/// Default pin directory.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
 /// Programs in attach order, with their hook and short pin name. Connect4 and
 /// sk_lookup come last so nothing is redirected before the hand-over path,
@@ -100,6 +107,11 @@ pub struct ApplyRequest {
     /// open at once); `None`: the default on a new pin dir, what is there on
     /// a re-apply.
     pub max_connections: Option<u32>,
+    /// Apply a policy that captures outbound traffic with nothing exempting
+    /// the proxy's own connections (which then loop back to it).
+    pub allow_no_proxy_exemption: bool,
+    /// How long to wait for another `apply` or `remove` on the same pin dir.
+    pub lock_timeout: Duration,
 }
 
 /// What an apply did.
@@ -113,58 +125,28 @@ pub struct ApplyReport {
     pub facts: NetnsFacts,
 }
 
-/// The pin directory's layout.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    root: PathBuf,
+/// Something this run made in the pin dir, undone in reverse order if the
+/// run fails.
+#[derive(Debug)]
+enum Made {
+    /// A directory only this run wrote into: removed with its contents.
+    Dir(PathBuf),
+    /// The pin dir itself: removed only if empty once the rest is undone.
+    PinDir(PathBuf),
+    /// A pinned object.
+    Pin(PathBuf),
 }
 
-impl Layout {
-    /// Layout rooted at `pin_dir`.
-    pub fn new(pin_dir: &Path) -> Self {
-        Layout {
-            root: pin_dir.to_path_buf(),
-        }
-    }
-
-    /// The pin dir itself.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Directory of the state maps.
-    pub fn state_dir(&self) -> PathBuf {
-        self.root.join("state")
-    }
-
-    /// Directory of generation `n`.
-    pub fn gen_dir(&self, n: u64) -> PathBuf {
-        self.root.join(format!("gen-{n}"))
-    }
-
-    /// Existing generations, oldest first.
-    pub fn generations(&self) -> Result<Vec<u64>> {
-        let mut out = Vec::new();
-        let entries = match fs::read_dir(&self.root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.root.display())),
+impl Made {
+    fn undo(&self) {
+        let r = match self {
+            Made::Dir(d) => fs::remove_dir_all(d),
+            Made::PinDir(d) => fs::remove_dir(d),
+            Made::Pin(p) => fs::remove_file(p),
         };
-        for entry in entries {
-            let name = entry?.file_name();
-            if let Some(n) = name.to_str().and_then(|s| s.strip_prefix("gen-"))
-                && let Ok(n) = n.parse()
-            {
-                out.push(n);
-            }
+        if let Err(e) = r {
+            tracing::warn!("rollback: cannot remove {self:?}: {e}");
         }
-        out.sort_unstable();
-        Ok(out)
-    }
-
-    /// The active generation, if anything is applied.
-    pub fn current(&self) -> Result<Option<u64>> {
-        Ok(self.generations()?.last().copied())
     }
 }
 
@@ -172,15 +154,20 @@ impl Layout {
 /// nothing of this run stays behind and a previous apply keeps working.
 pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     // 1. Validate every input before touching the kernel.
+    if !req.allow_no_proxy_exemption {
+        req.policy.check_proxy_exemption()?;
+    }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
+    refuse_bpffs_root(&req.pin_dir)?;
     ensure_bpffs(&req.pin_dir)?;
     let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
-    let netns_file = match &req.netns {
-        Some(p) => netns::open_netns(p)?,
-        None => netns::open_netns(Path::new("/proc/self/ns/net"))?,
-    };
+    let netns_path = req
+        .netns
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
+    let netns_file = netns::open_netns(&netns_path)?;
     for v4 in [true, false] {
         if facts
             .local_addrs
@@ -196,57 +183,144 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
             );
         }
     }
+    let pod = PodRecord::of(
+        &req.cgroup,
+        &cgroup,
+        req.netns.as_deref(),
+        &netns_file,
+        facts.netns_cookie,
+    )?;
 
+    if req.pin_dir.parent() == Some(Path::new(DEFAULT_PIN_ROOT)) && old_default_in_use() {
+        tracing::warn!(
+            "{DEFAULT_PIN_ROOT} holds an apply by an older redirect (its default pin dir); \
+             if it is for this pod too, both are attached: remove it with \
+             `redirect remove --pin-dir {DEFAULT_PIN_ROOT}`"
+        );
+    }
+
+    // 2. One apply or remove at a time on this pin dir; from here on the
+    //    pin dir's contents are ours to read and change.
+    let lock = PinDirLock::acquire(&req.pin_dir, true, req.lock_timeout)?
+        .context("the pin dir vanished while it was being created")?;
     let layout = Layout::new(&req.pin_dir);
-    let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
-    let old = layout.generations()?;
-    let generation = old.last().map_or(1, |g| g + 1);
-
-    // 2. Create this run's directories, remembering what to undo.
-    let mut created: Vec<PathBuf> = Vec::new();
+    let mut made: Vec<Made> = Vec::new();
+    if lock.created().last().map(PathBuf::as_path) == Some(layout.root()) {
+        made.push(Made::PinDir(layout.root().to_path_buf()));
+    }
     let result = (|| {
-        for dir in [layout.root().to_path_buf(), layout.state_dir()] {
-            if !dir.exists() {
-                fs::create_dir_all(&dir)
-                    .with_context(|| format!("--pin-dir: cannot create {}", dir.display()))?;
-                created.push(dir);
-            }
+        if let Some(pin) = claim_for_pod(&layout, &pod)? {
+            made.push(Made::Pin(pin));
+        }
+        let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
+        let old = layout.generations()?;
+        let generation = old.last().map_or(1, |g| g + 1);
+        let state = layout.state_dir();
+        if !state.exists() {
+            create_private_dir(&state)
+                .with_context(|| format!("--pin-dir: cannot create {}", state.display()))?;
+            made.push(Made::Dir(state));
         }
         let gen_dir = layout.gen_dir(generation);
-        fs::create_dir(&gen_dir)
+        create_private_dir(&gen_dir)
             .with_context(|| format!("--pin-dir: cannot create {}", gen_dir.display()))?;
-        created.push(gen_dir.clone());
+        made.push(Made::Dir(gen_dir.clone()));
         install(
             req,
             &facts,
             (&cgroup, &netns_file),
             &layout,
-            &gen_dir,
+            generation,
             capacity,
-        )
+        )?;
+        Ok::<_, anyhow::Error>((generation, old))
     })();
 
-    if let Err(err) = result {
-        // Links and programs of this run were dropped with `install`'s
-        // locals; removing the pins releases the last references.
-        for dir in created.iter().rev() {
-            if let Err(e) = fs::remove_dir_all(dir) {
-                tracing::warn!("rollback: cannot remove {}: {e}", dir.display());
+    let (generation, old) = match result {
+        Ok(r) => r,
+        Err(err) => {
+            // Links and programs of this run were dropped with `install`'s
+            // locals; removing the pins releases the last references.
+            for m in made.iter().rev() {
+                m.undo();
             }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
 
-    // 3. The new generation is attached: retire the old ones.
+    // 3. The new generation is attached and complete: retire the old ones,
+    //    complete or left incomplete by an interrupted apply.
     for g in &old {
         retire(&layout.gen_dir(*g))
             .with_context(|| format!("detaching the previous generation {g}"))?;
     }
+    drop(lock);
     Ok(ApplyReport {
         generation,
         replaced: old,
         facts,
     })
+}
+
+/// Makes sure the pin dir is this pod's ([`check_pod`]) and pins the pod
+/// record if it has none yet (its path is returned, for the rollback).
+fn claim_for_pod(layout: &Layout, pod: &PodRecord) -> Result<Option<PathBuf>> {
+    if check_pod(layout, pod)? {
+        return Ok(None);
+    }
+    pod.pin(layout.root()).map(Some)
+}
+
+/// Checks that the pin dir may take a generation for `pod`: its pod record
+/// names the same cgroup and network namespace, or it has none and nothing
+/// in it is attached to another cgroup or namespace (a pin dir of a version
+/// of redirect that kept no record). Returns whether a record is there.
+pub fn check_pod(layout: &Layout, pod: &PodRecord) -> Result<bool> {
+    let refuse = |theirs: &dyn std::fmt::Display| -> anyhow::Error {
+        anyhow::anyhow!(
+            "--pin-dir {pin}: it belongs to another pod ({theirs}); this apply is for {pod}. \
+             Give each pod its own pin dir (the default, without --pin-dir, is one per \
+             cgroup), or detach the other pod first with `redirect remove --pin-dir {pin}`",
+            pin = layout.root().display(),
+        )
+    };
+    if let Some(recorded) = PodRecord::read(layout.root())? {
+        if !recorded.same_pod(pod) {
+            return Err(refuse(&recorded));
+        }
+        return Ok(true);
+    }
+    // No record: a new pin dir, or one applied by a version of redirect
+    // that kept none. Its links say where it is attached.
+    for g in layout.generations()?.iter().rev() {
+        let dir = layout.gen_dir(*g);
+        for (_, attach, short) in PROGRAMS {
+            let Ok(link) = sys::obj_get(&dir.join(format!("link_{short}")), 0) else {
+                continue;
+            };
+            let Ok(info) = sys::link_info(link.as_fd()) else {
+                continue;
+            };
+            let other = match info.target {
+                // The kernel reports id 0 once the cgroup is gone.
+                sys::LinkTarget::Cgroup(0) => Some(format!(
+                    "{} attached to a cgroup that no longer exists",
+                    attach.hook()
+                )),
+                sys::LinkTarget::Cgroup(id) if id != pod.cgroup_id => {
+                    Some(format!("{} attached to cgroup id {id}", attach.hook()))
+                }
+                sys::LinkTarget::Netns(ino) if u64::from(ino) != pod.netns_inode => {
+                    Some(format!("{} attached to netns inode {ino}", attach.hook()))
+                }
+                _ => None,
+            };
+            if let Some(other) = other {
+                return Err(refuse(&other));
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// Loads the object, fills and pins the policy maps, loads, attaches and pins
@@ -256,9 +330,10 @@ fn install(
     facts: &NetnsFacts,
     (cgroup, netns_file): (&File, &File),
     layout: &Layout,
-    gen_dir: &Path,
+    generation: u64,
     capacity: u32,
 ) -> Result<()> {
+    let gen_dir = &layout.gen_dir(generation);
     let state = layout.state_dir();
     let mut loader = EbpfLoader::new();
     let state_paths: Vec<(&str, PathBuf)> = map_names::STATE
@@ -332,14 +407,41 @@ fn install(
         sys::obj_pin(&link, &gen_dir.join(format!("link_{short}")))
             .with_context(|| format!("pinning the {} link", attach.hook()))?;
         links.push(link);
+        test_hook_after_link(links.len());
         if attach == AttachType::SockOps {
             // From here on sock_ops registers new listeners; register one
             // that is already listening before sk_lookup starts steering.
             register_running_listener(&mut ebpf, req)?;
         }
     }
+    // Last step: the generation is complete. Any pinned object will do as
+    // the marker; the CONFIG map is at hand.
+    let marker = layout.complete_marker(generation);
+    ebpf.map(map_names::CONFIG)
+        .context("map CONFIG missing from the eBPF object")?
+        .pin(&marker)
+        .with_context(|| format!("pinning the completion marker {}", marker.display()))?;
     Ok(())
 }
+
+/// Test hook, in debug builds only (the integration tests run a debug
+/// build): with `REDIRECT_TEST_HOOK_KILL_AFTER_LINKS=N` in the environment,
+/// the loader kills itself with SIGKILL right after pinning its N-th link,
+/// as an apply interrupted there would be: no rollback, no completion
+/// marker. Release builds have no such hook.
+#[cfg(debug_assertions)]
+fn test_hook_after_link(pinned: usize) {
+    let kill_after = std::env::var("REDIRECT_TEST_HOOK_KILL_AFTER_LINKS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if kill_after == Some(pinned) {
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_hook_after_link(_pinned: usize) {}
 
 /// Puts a proxy listener that was up before this apply into the listener map.
 fn register_running_listener(ebpf: &mut Ebpf, req: &ApplyRequest) -> Result<()> {
@@ -472,15 +574,23 @@ fn retire(dir: &Path) -> Result<()> {
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }
 
-/// Detaches and unpins everything applied at `pin_dir`.
-pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
-    let layout = Layout::new(pin_dir);
-    let gens = layout.generations()?;
-    if gens.is_empty() && !layout.state_dir().exists() {
-        bail!(
+/// Detaches and unpins everything applied at `pin_dir`, complete
+/// generations and incomplete ones alike, waiting up to `lock_timeout` for
+/// a running `apply` or `remove` there to finish.
+pub fn remove(pin_dir: &Path, lock_timeout: Duration) -> Result<Vec<u64>> {
+    let nothing = || {
+        anyhow::anyhow!(
             "--pin-dir {}: nothing applied there (no gen-* or state directory)",
             pin_dir.display()
-        );
+        )
+    };
+    let Some(lock) = PinDirLock::acquire(pin_dir, false, lock_timeout)? else {
+        return Err(nothing());
+    };
+    let layout = Layout::new(pin_dir);
+    let gens = layout.generations()?;
+    if gens.is_empty() && !layout.state_dir().exists() && !layout.pod_record().exists() {
+        return Err(nothing());
     }
     for g in &gens {
         retire(&layout.gen_dir(*g))?;
@@ -489,12 +599,31 @@ pub fn remove(pin_dir: &Path) -> Result<Vec<u64>> {
     if state.exists() {
         fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     }
+    let pod = layout.pod_record();
+    if pod.exists() {
+        fs::remove_file(&pod).with_context(|| format!("unpinning {}", pod.display()))?;
+    }
+    if pin_dir == Path::new(DEFAULT_PIN_ROOT) && fs::read_dir(pin_dir)?.next().is_some() {
+        // The default pin dir of older versions, now also the root of the
+        // per-pod pin dirs: those stay.
+        return Ok(gens);
+    }
+    if is_bpffs_mount_point(pin_dir) {
+        // Applied by a version that took a bpffs root as a pin dir: what
+        // redirect put there is gone, the mount point stays.
+        tracing::warn!(
+            "{} is a bpffs mount point: left in place",
+            pin_dir.display()
+        );
+        return Ok(gens);
+    }
     fs::remove_dir(pin_dir).with_context(|| {
         format!(
             "removing {} (it holds something redirect did not put there)",
             pin_dir.display()
         )
     })?;
+    drop(lock);
     Ok(gens)
 }
 

@@ -10,7 +10,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    apply::DEFAULT_PIN_DIR,
+    layout::default_pin_dir,
     policy::{
         OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports,
         parse_include, parse_mark, parse_port, parse_ports, parse_services, resolve_proxy_cgroup,
@@ -33,7 +33,7 @@ pub enum Command {
     /// the previous policy with no gap.
     Apply(Box<ApplyArgs>),
     /// Detach and unpin everything applied at a pin dir.
-    Remove(PinDirArgs),
+    Remove(RemoveArgs),
     /// Show what is attached, the policy in force and the counters.
     Status(StatusArgs),
     /// Say what redirect does with one TCP connection (redirect to which
@@ -55,20 +55,75 @@ pub enum Command {
     SampleConnect(crate::peer::ConnectArgs),
 }
 
-/// `--pin-dir`.
+/// `apply --pin-dir`.
 #[derive(Debug, Args)]
 pub struct PinDirArgs {
-    /// bpffs directory holding the pinned programs, links and maps.
-    #[arg(long, default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
+    /// bpffs directory holding the pinned programs, links and maps, one per
+    /// pod [default: /sys/fs/bpf/redirect/cgroup-<id of --cgroup>].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl PinDirArgs {
+    /// The pin dir given, or the default one of the pod in `cgroup`.
+    pub fn resolve(&self, cgroup: &std::path::Path) -> anyhow::Result<PathBuf> {
+        match &self.pin_dir {
+            Some(p) => Ok(p.clone()),
+            None => default_pin_dir(cgroup),
+        }
+    }
+}
+
+/// Which pod `status` and `remove` are about: its pin dir, or its cgroup
+/// (whose default pin dir `apply` used).
+#[derive(Debug, Args)]
+pub struct WhichPod {
+    /// The pin dir given to `apply --pin-dir`.
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// The pod's cgroup v2 directory, when `apply` ran without --pin-dir
+    /// (its pin dir is /sys/fs/bpf/redirect/cgroup-<cgroup id>).
+    #[arg(long, conflicts_with = "pin_dir")]
+    pub cgroup: Option<PathBuf>,
+}
+
+impl WhichPod {
+    /// The pin dir: `--pin-dir`, or the default one of `--cgroup`.
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        match (&self.pin_dir, &self.cgroup) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(cg)) => default_pin_dir(cg).map_err(|e| {
+                e.context(
+                    "finding the pin dir from --cgroup (if the cgroup is gone, give --pin-dir: \
+                     /sys/fs/bpf/redirect/cgroup-<id it had>)",
+                )
+            }),
+            (None, None) => anyhow::bail!(
+                "which pod? Give --cgroup DIR (the pod's cgroup, when apply ran without \
+                 --pin-dir) or --pin-dir DIR (the pin dir given to apply)"
+            ),
+        }
+    }
+}
+
+/// `remove` arguments.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// Which pod.
+    #[command(flatten)]
+    pub pod: WhichPod,
+    /// Seconds to wait for an apply or remove already running on the same
+    /// pin dir.
+    #[arg(long, value_name = "SECONDS", default_value = "120")]
+    pub lock_timeout: u64,
 }
 
 /// `status` arguments.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Where it was applied.
+    /// Which pod.
     #[command(flatten)]
-    pub pin: PinDirArgs,
+    pub pod: WhichPod,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -101,6 +156,15 @@ pub struct ApplyArgs {
     /// plus 32 bytes per slot for the hash buckets
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
+    /// Apply even though outbound traffic is captured and nothing (no proxy
+    /// UID, GID, mark or cgroup) exempts the proxy's own connections, which
+    /// then loop back to the proxy.
+    #[arg(long)]
+    pub allow_no_proxy_exemption: bool,
+    /// Seconds to wait for an apply or remove already running on the same
+    /// pin dir.
+    #[arg(long, value_name = "SECONDS", default_value = "120")]
+    pub lock_timeout: u64,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,
@@ -339,21 +403,95 @@ pub enum PolicyArgsError {
         /// Why.
         source: std::io::Error,
     },
+    /// A list file is not a list: too large, a line too long, not text.
+    #[error("{flag} {path}: {why}")]
+    BadFile {
+        /// The flag.
+        flag: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong, and the limit.
+        why: String,
+    },
 }
 
+/// Most bytes a list file (`--exclude-cidrs-file`, `--services-file`) may
+/// hold: a million IPv6 CIDRs with comments fit.
+pub const MAX_LIST_FILE_BYTES: u64 = 64 << 20;
+/// Longest line of a list file.
+pub const MAX_LIST_LINE_BYTES: usize = 4096;
+
 /// A list file (one entry per line, `#` comments, blank lines ignored) as
-/// the comma-separated list the flag parsers take.
+/// the comma-separated list the flag parsers take. Reads at most
+/// [`MAX_LIST_FILE_BYTES`], in lines of at most [`MAX_LIST_LINE_BYTES`], so
+/// a wrong file (`/dev/zero`, a disk image) is refused at once.
 fn read_list_file(flag: &'static str, path: &std::path::Path) -> Result<String, PolicyArgsError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyArgsError::File {
+    let file = std::fs::File::open(path).map_err(|source| PolicyArgsError::File {
         flag,
         path: path.display().to_string(),
         source,
     })?;
-    let entries: Vec<&str> = text
-        .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .collect();
+    read_list(
+        flag,
+        path,
+        std::io::BufReader::new(file),
+        MAX_LIST_FILE_BYTES,
+        MAX_LIST_LINE_BYTES,
+    )
+}
+
+/// [`read_list_file`] on any reader, with the limits given.
+fn read_list(
+    flag: &'static str,
+    path: &std::path::Path,
+    mut reader: impl std::io::BufRead,
+    max_bytes: u64,
+    max_line: usize,
+) -> Result<String, PolicyArgsError> {
+    use std::io::{BufRead as _, Read as _};
+    let bad = |why: String| PolicyArgsError::BadFile {
+        flag,
+        path: path.display().to_string(),
+        why,
+    };
+    let mut entries: Vec<String> = Vec::new();
+    let (mut total, mut number) = (0u64, 0usize);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(max_line as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(|source| PolicyArgsError::File {
+                flag,
+                path: path.display().to_string(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        total += n as u64;
+        if total > max_bytes {
+            return Err(bad(format!(
+                "more than {} MiB, the most a list file may hold",
+                max_bytes >> 20
+            )));
+        }
+        let body = line.strip_suffix(b"\n").unwrap_or(&line);
+        if body.len() > max_line {
+            return Err(bad(format!(
+                "line {number} is longer than {max_line} bytes, the longest line a list file \
+                 may have"
+            )));
+        }
+        let text = std::str::from_utf8(body)
+            .map_err(|_| bad(format!("line {number} is not UTF-8 text")))?;
+        let entry = text.split('#').next().unwrap_or("").trim();
+        if !entry.is_empty() {
+            entries.push(entry.to_string());
+        }
+    }
     Ok(entries.join(","))
 }
 
@@ -658,5 +796,69 @@ mod tests {
         assert_eq!(spec.unwrap().exclude_cidrs.len(), 3);
         let e = parse(&["--exclude-cidrs-file", "/nonexistent/x"]).unwrap_err();
         assert!(e.contains("/nonexistent/x"), "{e}");
+    }
+
+    #[test]
+    fn list_files_are_bounded() {
+        // /dev/zero has no end and no newline: refused after one line.
+        let t = std::time::Instant::now();
+        for flag in ["--exclude-cidrs-file", "--services-file"] {
+            let e = parse(&[flag, "/dev/zero"]).unwrap_err();
+            assert!(
+                e.contains(flag) && e.contains("/dev/zero") && e.contains("4096 bytes"),
+                "{e}"
+            );
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        let p = std::path::Path::new("list");
+        let read = |text: &[u8], max: u64, line: usize| {
+            read_list("--services-file", p, text, max, line).map_err(|e| e.to_string())
+        };
+        assert_eq!(read(b"a\n# c\n\n b # d\nc", 100, 10).unwrap(), "a,b,c");
+        let e = read(b"10.0.0.0/8\n10.1.0.0/16\n", 20, 100).unwrap_err();
+        assert!(
+            e.contains("--services-file list") && e.contains("the most a list file"),
+            "{e}"
+        );
+        // A line of exactly the limit is fine, one byte more is not.
+        assert!(read(b"0123456789\n", 100, 10).is_ok());
+        let e = read(b"ok\n0123456789a\n", 100, 10).unwrap_err();
+        assert!(e.contains("line 2 is longer than 10 bytes"), "{e}");
+        let e = read(b"\xff\n", 100, 10).unwrap_err();
+        assert!(e.contains("line 1 is not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn status_and_remove_need_a_pod() {
+        for cmd in ["status", "remove"] {
+            let cli = Cli::try_parse_from(["redirect", cmd]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            let e = pod.resolve().unwrap_err().to_string();
+            assert!(e.contains("--cgroup") && e.contains("--pin-dir"), "{e}");
+            let cli = Cli::try_parse_from(["redirect", cmd, "--pin-dir", "/p"]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            assert_eq!(pod.resolve().unwrap(), PathBuf::from("/p"));
+            let e = Cli::try_parse_from(["redirect", cmd, "--pin-dir", "/p", "--cgroup", "/c"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--cgroup") && e.contains("--pin-dir"), "{e}");
+            let cli =
+                Cli::try_parse_from(["redirect", cmd, "--cgroup", "/nonexistent/cg"]).unwrap();
+            let pod = match cli.command {
+                Command::Status(a) => a.pod,
+                Command::Remove(a) => a.pod,
+                _ => unreachable!(),
+            };
+            let e = format!("{:#}", pod.resolve().unwrap_err());
+            assert!(e.contains("/nonexistent/cg"), "{e}");
+        }
     }
 }

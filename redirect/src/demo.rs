@@ -21,7 +21,8 @@ use crate::{
 pub fn run() -> Result<()> {
     let exe = std::env::current_exe().context("locating the redirect binary")?;
     let mut pod = Pod::create("redirect-demo", &exe)?;
-    let pins = Pins(PathBuf::from(apply::DEFAULT_PIN_DIR).with_file_name(&pod.name));
+    // The pin dir apply picks without --pin-dir: one per pod's cgroup.
+    let pins = Pins(crate::layout::default_pin_dir(&pod.cgroup)?);
     let result = demo(&mut pod, &pins.0);
     // Pins first (detaches), then the pod; also on a panic (e.g. stdout
     // closed), through the guards' Drop.
@@ -96,16 +97,18 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
         pin_dir: pin_dir.to_path_buf(),
         policy,
         max_connections: None,
+        allow_no_proxy_exemption: false,
+        lock_timeout: crate::lock::DEFAULT_TIMEOUT,
     })?;
     println!(
-        "\n$ redirect apply --cgroup {} --netns {} --pin-dir {} -i '*' -b '*'",
+        "\n$ redirect apply --cgroup {} --netns {} -i '*' -b '*'",
         pod.cgroup.display(),
         pod.netns_path(Side::Pod).display(),
-        pin_dir.display()
     );
     println!(
-        "applied generation {}; the loader is done, the pins keep it attached",
-        report.generation
+        "applied generation {} at {}; the loader is done, the pins keep it attached",
+        report.generation,
+        pin_dir.display()
     );
 
     let after = pod.connect(As::APP, &service, None)?;
@@ -146,9 +149,9 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
             .map_or("nobody", |r| r.server.as_str())
     );
 
-    println!("\n$ redirect status --pin-dir {}", pin_dir.display());
+    println!("\n$ redirect status --cgroup {}", pod.cgroup.display());
     print!("{}", status::status(pin_dir)?);
-    apply::remove(pin_dir)?;
-    println!("\n$ redirect remove --pin-dir {}", pin_dir.display());
+    apply::remove(pin_dir, crate::lock::DEFAULT_TIMEOUT)?;
+    println!("\n$ redirect remove --cgroup {}", pod.cgroup.display());
     Ok(())
 }

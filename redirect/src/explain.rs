@@ -22,7 +22,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use redirect_common::{Action, Addr, Inbound, Outbound, Rule, ip6_words};
 use serde::Serialize;
 
@@ -422,7 +422,13 @@ pub fn in_cgroup(dir: &Path, id: u64) -> Result<bool> {
 /// pinned maps, and the generation they belong to.
 pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
     let st = crate::status::status(pin_dir)?;
-    let p = &st.policy;
+    let (true, Some(p)) = (st.complete, &st.policy) else {
+        bail!(
+            "--pin-dir {}: no complete generation there ({})",
+            pin_dir.display(),
+            crate::status::INCOMPLETE_INTERRUPTED
+        );
+    };
     let ctx = || format!("--pin-dir {}: reading the pinned policy", pin_dir.display());
     let include_cidrs = parse_include("pinned INCLUDE_V4", &p.include_cidrs.join(","))
         .map_err(anyhow::Error::from)

@@ -7,7 +7,9 @@
 //!
 //! With the default `loader` feature the crate also holds the loader behind
 //! the `redirect` binary: [`policy`] (flags → validated policy), [`apply`]
-//! (load, attach, pin, remove), [`status`], [`explain`] (one connection's
+//! (load, attach, pin, remove), [`layout`] (what lives where in a pin dir),
+//! [`lock`] (one apply at a time per pin dir), [`pod_record`] (which pod a
+//! pin dir belongs to), [`status`], [`explain`] (one connection's
 //! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
 //! (`apply --dry-run`), and the helpers the demo and the
 //! integration tests use to build throwaway pods ([`pod`], [`peer`]).
@@ -28,7 +30,11 @@ pub mod explain;
 #[cfg(feature = "loader")]
 pub mod fs;
 #[cfg(feature = "loader")]
+pub mod layout;
+#[cfg(feature = "loader")]
 pub mod listener;
+#[cfg(feature = "loader")]
+pub mod lock;
 #[cfg(feature = "loader")]
 pub mod netns;
 #[cfg(feature = "loader")]
@@ -37,6 +43,8 @@ pub mod peer;
 pub mod plan;
 #[cfg(feature = "loader")]
 pub mod pod;
+#[cfg(feature = "loader")]
+pub mod pod_record;
 #[cfg(feature = "loader")]
 pub mod policy;
 #[cfg(feature = "loader")]

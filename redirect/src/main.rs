@@ -1,5 +1,7 @@
 //! The `redirect` binary: a thin CLI over the `redirect` library.
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use redirect::{
@@ -11,6 +13,11 @@ use redirect::{
 };
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`redirect status
+    // | head -3`) would fail with EPIPE and `println!` panic. Take the
+    // default action back: the process ends quietly, as other tools do.
+    // SAFETY: called first thing, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
@@ -30,12 +37,15 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Apply(args) => {
             let policy = args.policy.to_spec()?;
+            let pin_dir = args.pin.resolve(&args.cgroup)?;
             let req = ApplyRequest {
                 cgroup: args.cgroup,
                 netns: args.netns,
-                pin_dir: args.pin.pin_dir,
+                pin_dir,
                 policy,
                 max_connections: args.max_connections,
+                allow_no_proxy_exemption: args.allow_no_proxy_exemption,
+                lock_timeout: Duration::from_secs(args.lock_timeout),
             };
             if args.dry_run {
                 let plan = tokio::task::spawn_blocking(move || plan::plan(&req))
@@ -48,13 +58,15 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 return Ok(());
             }
+            let pin_dir = req.pin_dir.clone();
             let report = tokio::task::spawn_blocking(move || apply::apply(&req))
                 .await
                 .context("apply task")??;
             tracing::info!(?report, "applied");
             println!(
-                "applied generation {}{}",
+                "applied generation {} at {}{}",
                 report.generation,
+                pin_dir.display(),
                 if report.replaced.is_empty() {
                     String::new()
                 } else {
@@ -63,15 +75,22 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Remove(args) => {
-            let gens = apply::remove(&args.pin_dir)?;
+            let pin_dir = args.pod.resolve()?;
+            let timeout = Duration::from_secs(args.lock_timeout);
+            let gens = {
+                let pin_dir = pin_dir.clone();
+                tokio::task::spawn_blocking(move || apply::remove(&pin_dir, timeout))
+                    .await
+                    .context("remove task")??
+            };
             println!(
                 "removed {} generation(s) from {}",
                 gens.len(),
-                args.pin_dir.display()
+                pin_dir.display()
             );
         }
         Command::Status(args) => {
-            let st = status::status(&args.pin.pin_dir)?;
+            let st = status::status(&args.pod.resolve()?)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {

@@ -2,11 +2,13 @@
 //!
 //! [`plan`] checks the inputs as [`crate::apply::apply`] does (the policy was
 //! already parsed; the cgroup directory; the network namespace, which it also
-//! probes for its addresses, source addresses and cookie; the address counts),
-//! then reports what would be attached where and what would be written into
-//! each policy map. It neither requires nor mounts bpffs and makes no `bpf(2)`
-//! call: the pin dir is only inspected (is it on bpffs, which generations
-//! exist), so nothing of the kernel's BPF state changes.
+//! probes for its addresses, source addresses and cookie; the address counts;
+//! the proxy exemption; the pin dir, which must not be a bpffs root and must
+//! not belong to another pod), then reports what would be attached where and
+//! what would be written into each policy map. It neither requires nor
+//! mounts bpffs, takes no lock and changes nothing: the pin dir is only
+//! inspected (is it on bpffs, which generations exist, which pod its record
+//! names), so nothing of the kernel's BPF state changes.
 
 use std::{
     fmt,
@@ -19,9 +21,10 @@ use redirect_common::{Config, SET_CAPACITY, config_flags, map_names, port_flags}
 use serde::Serialize;
 
 use crate::{
-    apply::{ApplyRequest, Layout, PROGRAMS},
-    fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs},
+    apply::{ApplyRequest, Layout, PROGRAMS, check_pod},
+    fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs, refuse_bpffs_root},
     netns,
+    pod_record::PodRecord,
     policy::{Include, PolicySpec},
 };
 
@@ -117,6 +120,8 @@ pub struct PinDirPlan {
     pub bpffs: String,
     /// Generations applied there now.
     pub existing: Vec<u64>,
+    /// Those of them an interrupted apply left incomplete.
+    pub incomplete: Vec<u64>,
     /// The generation apply would create.
     pub next_generation: u64,
 }
@@ -287,15 +292,19 @@ pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPl
 /// Checks `req` as `apply` does and returns what apply would do. Touches
 /// neither bpffs nor the kernel's BPF state.
 pub fn plan(req: &ApplyRequest) -> Result<Plan> {
+    if !req.allow_no_proxy_exemption {
+        req.policy.check_proxy_exemption()?;
+    }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
-    File::open(&req.cgroup)
+    refuse_bpffs_root(&req.pin_dir)?;
+    let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
     let netns_path: PathBuf = req
         .netns
         .clone()
         .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
-    netns::open_netns(&netns_path)?;
+    let netns_file = netns::open_netns(&netns_path)?;
     for v4 in [true, false] {
         let count = facts
             .local_addrs
@@ -312,7 +321,18 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     }
 
     let layout = Layout::new(&req.pin_dir);
+    if is_bpffs(layout.root()) {
+        let pod = PodRecord::of(
+            &req.cgroup,
+            &cgroup,
+            req.netns.as_deref(),
+            &netns_file,
+            facts.netns_cookie,
+        )?;
+        check_pod(&layout, &pod)?;
+    }
     let existing = layout.generations()?;
+    let incomplete = layout.incomplete()?;
     let next_generation = existing.last().map_or(1, |g| g + 1);
 
     let netns_label = match &req.netns {
@@ -344,6 +364,7 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
             path: req.pin_dir.display().to_string(),
             bpffs: bpffs_state(&req.pin_dir),
             existing,
+            incomplete,
             next_generation,
         },
         attach,
@@ -397,11 +418,20 @@ impl fmt::Display for Plan {
             )?;
         } else {
             let old: Vec<String> = p.existing.iter().map(ToString::to_string).collect();
+            let incomplete: Vec<String> = p.incomplete.iter().map(ToString::to_string).collect();
             writeln!(
                 f,
-                "generation  {}, replacing {}",
+                "generation  {}, replacing {}{}",
                 p.next_generation,
-                old.join(",")
+                old.join(","),
+                if incomplete.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} left incomplete by an interrupted apply)",
+                        incomplete.join(",")
+                    )
+                }
             )?;
         }
         writeln!(f, "attach, in this order")?;

@@ -91,6 +91,18 @@ pub enum PolicyError {
         /// The other.
         b: &'static str,
     },
+    /// Outbound capture with nothing to tell the proxy's own connections
+    /// apart: they would be captured and loop back to the proxy.
+    #[error(
+        "this policy captures outbound connections ({capture}) but exempts no proxy: no \
+         --proxy-uid, no --proxy-gid, no --proxy-mark, no --proxy-cgroup. The proxy's own \
+         connections would be captured too and loop back to it. Give one of them, or pass \
+         --allow-no-proxy-exemption if that is really meant"
+    )]
+    NoProxyExemption {
+        /// What makes outbound capture possible.
+        capture: String,
+    },
     /// Too many entries for one list.
     #[error("{flag}: {count} entries is more than the {max} this list holds")]
     TooMany {
@@ -511,6 +523,45 @@ pub fn service_key(s: &std::net::SocketAddr) -> redirect_common::ServiceKey {
 }
 
 impl PolicySpec {
+    /// What makes outbound capture possible under this policy (include
+    /// CIDRs, include ports, services), or `None` if nothing outbound can be
+    /// captured.
+    pub fn outbound_capture(&self) -> Option<String> {
+        let mut what = Vec::new();
+        match &self.include_cidrs {
+            Include::All => what.push("--include-cidrs '*'".to_string()),
+            Include::List(l) if !l.is_empty() => what.push("--include-cidrs".to_string()),
+            Include::List(_) => {}
+        }
+        if !self.include_ports.is_empty() {
+            what.push("--include-ports".to_string());
+        }
+        if !self.services.is_empty() {
+            what.push("--service".to_string());
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+
+    /// Whether something exempts the proxy's own connections: a proxy UID
+    /// or GID, a mark or a cgroup.
+    pub fn has_proxy_exemption(&self) -> bool {
+        !self.proxy_uids.is_empty()
+            || !self.proxy_gids.is_empty()
+            || self.proxy_mark.is_some()
+            || self.proxy_cgroup.is_some()
+    }
+
+    /// Refuses a policy that captures outbound traffic with no proxy
+    /// exemption at all: the proxy's own connections would loop back to it.
+    pub fn check_proxy_exemption(&self) -> Result<(), PolicyError> {
+        match self.outbound_capture() {
+            Some(capture) if !self.has_proxy_exemption() => {
+                Err(PolicyError::NoProxyExemption { capture })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The scalar part as the kernel reads it.
     pub fn config(&self, facts: &NetnsFacts) -> Config {
         let mut flags = 0;
@@ -819,6 +870,81 @@ mod tests {
             let c = resolve_proxy_cgroup("--proxy-cgroup", &root).unwrap();
             assert_eq!((c.level, c.rel.as_str()), (0, ""));
         }
+    }
+
+    #[test]
+    fn outbound_capture_needs_a_proxy_exemption() {
+        let none = PolicySpec {
+            proxy_uids: vec![],
+            proxy_gids: vec![],
+            ..PolicySpec::default()
+        };
+        // Nothing captured outbound: nothing to exempt.
+        assert!(none.check_proxy_exemption().is_ok());
+        let inbound_only = PolicySpec {
+            inbound_ports: InboundPorts::All,
+            ..none.clone()
+        };
+        assert!(inbound_only.check_proxy_exemption().is_ok());
+        for capturing in [
+            PolicySpec {
+                include_cidrs: Include::All,
+                ..none.clone()
+            },
+            PolicySpec {
+                include_cidrs: Include::List(vec!["10.0.0.0/8".parse().unwrap()]),
+                ..none.clone()
+            },
+            PolicySpec {
+                include_ports: vec![80],
+                ..none.clone()
+            },
+            PolicySpec {
+                services: vec!["10.0.0.1:80".parse().unwrap()],
+                ..none.clone()
+            },
+        ] {
+            let e = capturing.check_proxy_exemption().unwrap_err().to_string();
+            assert!(
+                e.contains("exempts no proxy") && e.contains("--allow-no-proxy-exemption"),
+                "{e}"
+            );
+            // Any one exemption is enough.
+            for exempt in [
+                PolicySpec {
+                    proxy_uids: vec![1337],
+                    ..capturing.clone()
+                },
+                PolicySpec {
+                    proxy_gids: vec![1337],
+                    ..capturing.clone()
+                },
+                PolicySpec {
+                    proxy_mark: Some(1),
+                    ..capturing.clone()
+                },
+                PolicySpec {
+                    proxy_cgroup: Some(ProxyCgroup {
+                        path: "/sys/fs/cgroup/p".into(),
+                        rel: "p".into(),
+                        id: 9,
+                        level: 1,
+                    }),
+                    ..capturing.clone()
+                },
+            ] {
+                assert!(exempt.check_proxy_exemption().is_ok(), "{exempt:?}");
+            }
+        }
+        let e = PolicySpec {
+            include_cidrs: Include::All,
+            include_ports: vec![80],
+            ..none
+        }
+        .check_proxy_exemption()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--include-cidrs '*', --include-ports"), "{e}");
     }
 
     #[test]

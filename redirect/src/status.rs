@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::{
     apply::{Layout, PROGRAMS, open_pinned},
+    pod_record::PodRecord,
     sys,
 };
 
@@ -74,34 +75,61 @@ pub struct PolicyStatus {
     pub source_v4: Option<String>,
 }
 
+/// What `status` says of a generation that was started and not completed.
+pub const INCOMPLETE_INTERRUPTED: &str =
+    "incomplete (apply interrupted): run apply again or remove";
+/// ... of one being built while `status` looks.
+pub const INCOMPLETE_RUNNING: &str = "incomplete (an apply or remove is running on this pin dir)";
+
+/// A generation without its completion marker.
+#[derive(Clone, Debug, Serialize)]
+pub struct IncompleteGeneration {
+    /// Its number.
+    pub generation: u64,
+    /// [`INCOMPLETE_INTERRUPTED`] or [`INCOMPLETE_RUNNING`].
+    pub state: &'static str,
+    /// Hooks its pinned links attach (they are in force).
+    pub attached: Vec<&'static str>,
+    /// Hooks it has no link for.
+    pub missing: Vec<&'static str>,
+}
+
 /// Everything `status` reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     /// The pin dir.
     pub pin_dir: String,
-    /// Active generation.
+    /// The pod it belongs to, if recorded (pin dirs of older versions have
+    /// no record).
+    pub pod: Option<PodRecord>,
+    /// The generation shown: the newest complete one or, when none is
+    /// complete, the newest incomplete one.
     pub generation: u64,
-    /// Attached programs.
+    /// Whether that generation is complete.
+    pub complete: bool,
+    /// Every generation present that is not complete, oldest first.
+    pub incomplete: Vec<IncompleteGeneration>,
+    /// Attached programs of the generation shown.
     pub links: Vec<LinkStatus>,
-    /// The policy.
-    pub policy: PolicyStatus,
+    /// The policy of the generation shown; `None` only for an incomplete
+    /// generation interrupted before its policy maps were pinned.
+    pub policy: Option<PolicyStatus>,
     /// Decisions by rule (`redirected` and `passed` split).
     pub decisions: BTreeMap<String, u64>,
     /// Other counters.
     pub counters: BTreeMap<String, u64>,
 }
 
-/// Reads the status of what is applied at `pin_dir`.
-pub fn status(pin_dir: &Path) -> Result<Status> {
-    let layout = Layout::new(pin_dir);
-    let Some(generation) = layout.current()? else {
-        bail!("--pin-dir {}: nothing applied there", pin_dir.display());
-    };
-    let dir = layout.gen_dir(generation);
-
-    let mut links = Vec::new();
+/// The pinned links of the generation in `dir`: those present, and the
+/// hooks with none.
+fn links(dir: &Path) -> Result<(Vec<LinkStatus>, Vec<&'static str>)> {
+    let (mut links, mut missing) = (Vec::new(), Vec::new());
     for (_, attach, short) in PROGRAMS {
         let path = dir.join(format!("link_{short}"));
+        if !path.exists() {
+            missing.push(attach.hook());
+            continue;
+        }
         let fd = sys::obj_get(&path, 0)
             .with_context(|| format!("opening pinned link {}", path.display()))?;
         let info = sys::link_info(fd.as_fd())
@@ -113,29 +141,75 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
             target: info.target.to_string(),
         });
     }
+    Ok((links, missing))
+}
 
-    let policy = read_policy(&dir)?;
-
-    let counters_map = open_pinned(&layout.state_dir().join(map_names::COUNTERS))?;
-    let counters_map = PerCpuArray::<_, u64>::try_from(counters_map)?;
-    let read = |i: u32| -> Result<u64> {
-        Ok(counters_map
-            .get(&i, 0)
-            .with_context(|| format!("reading counter {i}"))?
-            .iter()
-            .sum())
-    };
-    let mut decisions = BTreeMap::new();
-    for rule in Rule::ALL {
-        decisions.insert(rule.name().to_string(), read(rule as u32)?);
+/// Reads the status of what is applied at `pin_dir`.
+pub fn status(pin_dir: &Path) -> Result<Status> {
+    let layout = Layout::new(pin_dir);
+    let all = layout.generations()?;
+    if all.is_empty() {
+        bail!("--pin-dir {}: nothing applied there", pin_dir.display());
     }
-    let mut counters = BTreeMap::new();
-    for c in Counter::ALL {
-        counters.insert(c.name().to_string(), read(c as u32)?);
+    let pod = PodRecord::read(pin_dir)?;
+    let busy = crate::lock::is_busy(pin_dir);
+    let mut incomplete = Vec::new();
+    for g in layout.incomplete()? {
+        let (attached, missing) = links(&layout.gen_dir(g))?;
+        incomplete.push(IncompleteGeneration {
+            generation: g,
+            state: if busy {
+                INCOMPLETE_RUNNING
+            } else {
+                INCOMPLETE_INTERRUPTED
+            },
+            attached: attached.iter().map(|l| l.hook).collect(),
+            missing,
+        });
+    }
+    let (generation, complete) = match layout.current()? {
+        Some(g) => (g, true),
+        None => (*all.last().expect("not empty"), false),
+    };
+    let dir = layout.gen_dir(generation);
+    let (links, missing) = links(&dir)?;
+    if complete && !missing.is_empty() {
+        bail!(
+            "{}: complete, yet it has no link for {} (removed by hand?): run apply again",
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+    let policy = match read_policy(&dir) {
+        Ok(p) => Some(p),
+        Err(_) if !complete => None,
+        Err(e) => return Err(e),
+    };
+
+    let (mut decisions, mut counters) = (BTreeMap::new(), BTreeMap::new());
+    let counters_path = layout.state_dir().join(map_names::COUNTERS);
+    if complete || counters_path.exists() {
+        let counters_map = PerCpuArray::<_, u64>::try_from(open_pinned(&counters_path)?)?;
+        let read = |i: u32| -> Result<u64> {
+            Ok(counters_map
+                .get(&i, 0)
+                .with_context(|| format!("reading counter {i}"))?
+                .iter()
+                .sum())
+        };
+        for rule in Rule::ALL {
+            decisions.insert(rule.name().to_string(), read(rule as u32)?);
+        }
+        for c in Counter::ALL {
+            counters.insert(c.name().to_string(), read(c as u32)?);
+        }
     }
     Ok(Status {
         pin_dir: pin_dir.display().to_string(),
+        pod,
         generation,
+        complete,
+        incomplete,
         links,
         policy,
         decisions,
@@ -279,11 +353,32 @@ fn joined<T: ToString>(v: &[T]) -> String {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "pin dir     {} (generation {})",
-            self.pin_dir, self.generation
-        )?;
+        if self.complete {
+            writeln!(
+                f,
+                "pin dir     {} (generation {})",
+                self.pin_dir, self.generation
+            )?;
+        } else {
+            writeln!(
+                f,
+                "pin dir     {} (no complete generation; showing generation {})",
+                self.pin_dir, self.generation
+            )?;
+        }
+        match &self.pod {
+            Some(pod) => writeln!(f, "pod         {pod}")?,
+            None => writeln!(f, "pod         not recorded (applied by an older redirect)")?,
+        }
+        for g in &self.incomplete {
+            writeln!(f, "generation  {} {}", g.generation, g.state)?;
+            writeln!(
+                f,
+                "            attached {}; missing {}",
+                joined(&g.attached),
+                joined(&g.missing)
+            )?;
+        }
         for l in &self.links {
             writeln!(
                 f,
@@ -291,7 +386,9 @@ impl std::fmt::Display for Status {
                 l.hook, l.link_id, l.prog_id, l.target
             )?;
         }
-        let p = &self.policy;
+        let Some(p) = &self.policy else {
+            return writeln!(f, "policy      not pinned yet (the apply stopped before)");
+        };
         writeln!(
             f,
             "ports       proxy {} inbound {} tunnel {}",

@@ -1,7 +1,9 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose the way the loader needs
 //! them: creating a cgroup link for any attach type (aya cannot turn a
 //! `cgroup/getsockopt` link into a pinnable `FdLink`), pinning and opening
-//! objects, and reading a link's info for `status`.
+//! objects, reading a link's info for `status`, creating a plain array map
+//! from user space (the pin dir's pod record), and asking which programs are
+//! attached to a cgroup or a network namespace.
 
 use std::{
     ffi::CString,
@@ -10,10 +12,13 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// Cgroup attach types used by redirect (`enum bpf_attach_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +141,38 @@ pub fn obj_get(path: &Path, flags: u32) -> io::Result<OwnedFd> {
     attr.put_u64(0, cpath.as_ptr() as u64);
     attr.put_u32(12, flags);
     bpf(BPF_OBJ_GET, &mut attr).map(fd_result)
+}
+
+/// `BPF_MAP_CREATE` of a `BPF_MAP_TYPE_ARRAY` with `u32` keys: a map made by
+/// the loader itself, not by the eBPF object. `name` is cut to the kernel's 15
+/// characters.
+pub fn array_create(name: &str, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, BPF_MAP_TYPE_ARRAY);
+    attr.put_u32(4, 4);
+    attr.put_u32(8, value_size);
+    attr.put_u32(12, max_entries);
+    // map_name[16] at offset 28, NUL-terminated.
+    for (i, b) in name.bytes().take(15).enumerate() {
+        attr.0[28 + i] = b;
+    }
+    bpf(BPF_MAP_CREATE, &mut attr).map(fd_result)
+}
+
+/// `BPF_PROG_QUERY`: ids of the programs attached directly to `target` (a
+/// cgroup directory, or a network namespace file for
+/// [`AttachType::SkLookup`]) at `attach`, links included.
+pub fn prog_query(target: impl AsFd, attach: AttachType) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr::new();
+    attr.put_u32(0, target.as_fd().as_raw_fd() as u32);
+    attr.put_u32(4, attach as u32);
+    attr.put_u64(16, ids.as_mut_ptr() as u64);
+    attr.put_u32(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = u32::from_ne_bytes(attr.0[24..28].try_into().unwrap()) as usize;
+    ids.truncate(count.min(64));
+    Ok(ids)
 }
 
 /// What a link is attached to.

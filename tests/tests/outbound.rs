@@ -116,7 +116,8 @@ fn proxy_uid_and_gid_are_exempt() {
 fn no_uids_means_proxy_is_captured_too() {
     need_root!();
     let f = Fixture::new();
-    f.apply_ok(&["-i", "*", "-u", "", "-g", ""]);
+    // Refused without the override (apply_safety.rs tests that).
+    f.apply_ok(&["-i", "*", "-u", "", "-g", "", "--allow-no-proxy-exemption"]);
     // Nothing exempts UID 1337 now, so its outbound call loops to itself:
     // exactly what iptables does with no owner rules.
     assert_eq!(f.who_answers(As::PROXY, &svc(1, 80)), "proxy");
