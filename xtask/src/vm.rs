@@ -54,7 +54,7 @@ const BOOT_MODULES: [&str; 10] = [
     "fs/9p/9p",
 ];
 /// How long the whole VM run may take.
-const TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
 /// Runs the VM tests against `package` (a Debian kernel image package;
 /// default: what `linux-image-amd64` depends on).
