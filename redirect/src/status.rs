@@ -118,6 +118,34 @@ pub struct Status {
     pub decisions: BTreeMap<String, u64>,
     /// Other counters.
     pub counters: BTreeMap<String, u64>,
+    /// Captured outbound connections open now, and the capacity.
+    pub connections: Option<Connections>,
+}
+
+/// The connection state's occupancy.
+#[derive(Clone, Debug, Serialize)]
+pub struct Connections {
+    /// Entries in `CONNS`: captured connections whose application socket is
+    /// open (or whose proxy side is still due).
+    pub open: u64,
+    /// `--max-connections`.
+    pub capacity: u32,
+}
+
+/// Reads the occupancy of the state maps in `state`, if they exist.
+fn connections(state: &Path) -> Result<Option<Connections>> {
+    let path = state.join(map_names::CONNS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let capacity = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .max_entries();
+    let conns = HashMap::<_, u64, redirect_common::Conn>::try_from(open_pinned(&path)?)?;
+    Ok(Some(Connections {
+        open: conns.keys().count() as u64,
+        capacity,
+    }))
 }
 
 /// The pinned links of the generation in `dir`: those present, and the
@@ -214,6 +242,7 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
         policy,
         decisions,
         counters,
+        connections: connections(&layout.state_dir())?,
     })
 }
 
@@ -443,6 +472,13 @@ impl std::fmt::Display for Status {
                 rule.name(),
                 n,
                 rule.number()
+            )?;
+        }
+        if let Some(c) = &self.connections {
+            writeln!(
+                f,
+                "connections {} open of {} (--max-connections)",
+                c.open, c.capacity
             )?;
         }
         writeln!(f, "counters")?;

@@ -472,6 +472,8 @@ fn at_capacity_connect_fails_and_nothing_reaches_proxy_without_destination() {
     assert_eq!(r["orig_ok"], 100, "{r}");
     let st = f.status().unwrap();
     assert_eq!(st["counters"]["capacity_full"], 50, "{st}");
+    assert_eq!(st["connections"]["open"], 100, "{st}");
+    assert_eq!(st["connections"]["capacity"], 100, "{st}");
     drop(h);
     assert_eq!(state_entries_after_close(&f), 0);
     let h = Holder::open(&f, &targets[..1], 100);
