@@ -103,7 +103,9 @@ pub fn config_head(maxconn: u32) -> String {
 ///
 /// - `outbound` on `0.0.0.0:15001` and `[::]:15001` (IPv6-only), backend
 ///   `server orig 0.0.0.0:0`: connect to the original destination, which
-///   HAProxy reads with `SO_ORIGINAL_DST`;
+///   HAProxy reads with `SO_ORIGINAL_DST`. HAProxy 2.6 asks only on IPv4
+///   sockets; on IPv6 ones it takes the socket's own address, `[::1]:15001`,
+///   and connects to itself (behind ip6tables REDIRECT too);
 /// - `inbound` on `0.0.0.0:15006` and `[::]:15006`, backend `server app
 ///   127.0.0.1 source 127.0.0.6`: to the application on localhost, on the
 ///   port the client asked for (no port on the server line), from the
@@ -403,13 +405,13 @@ fn listening_ports(pid: u32) -> Vec<u16> {
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             // local_address is "ADDR:PORT" in hex; state 0A is LISTEN.
-            if cols.len() > 3 && cols[3] == "0A" {
-                if let Some(port) = cols[1]
+            if cols.len() > 3
+                && cols[3] == "0A"
+                && let Some(port) = cols[1]
                     .rsplit_once(':')
                     .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-                {
-                    ports.push(port);
-                }
+            {
+                ports.push(port);
             }
         }
     }
