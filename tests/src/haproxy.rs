@@ -84,9 +84,13 @@ pub const LOG_FORMAT: &str =
 
 /// The `global` and `defaults` sections every test config starts with:
 /// TCP mode, the log above to stdout, `maxconn` as given, short timeouts.
+/// One thread: HAProxy drops a log line when two threads collide on the log
+/// file descriptor (it prefers dropping to blocking), and the tests need
+/// every line.
 pub fn config_head(maxconn: u32) -> String {
     format!(
         "global\n\
+         \x20   nbthread 1\n\
          \x20   maxconn {maxconn}\n\
          \x20   log stdout format raw local0 info\n\
          defaults\n\
@@ -286,7 +290,8 @@ impl Haproxy {
     /// on it on `side` of `pod` as `who` (UID, GID and cgroup), with stdout
     /// (the log) and stderr in files there. Waits until something listens on
     /// every port of `listening` in that namespace; panics with HAProxy's
-    /// stderr if it exits or takes more than 10 s.
+    /// stderr if it exits or takes more than 60 s (it can take seconds in a
+    /// VM without acceleration).
     pub fn start(
         pod: &Pod,
         side: Side,
@@ -316,7 +321,7 @@ impl Haproxy {
             .stdout(stdout)
             .stderr(stderr);
         h.child = Some(cmd.spawn().expect("starting haproxy"));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let pid = h.child.as_ref().expect("spawned").id();
             if let Some(status) = h.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -331,7 +336,7 @@ impl Haproxy {
             }
             assert!(
                 Instant::now() < deadline,
-                "haproxy {name} not listening on {listening:?} after 10 s (it listens on {open:?}):\n{}",
+                "haproxy {name} not listening on {listening:?} after 60 s (it listens on {open:?}):\n{}",
                 h.stderr()
             );
             std::thread::sleep(Duration::from_millis(20));

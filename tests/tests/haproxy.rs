@@ -285,7 +285,7 @@ fn early_close_storm(how: &str) {
     );
 
     let expected = storm.len() + requests as usize;
-    let log = h.log_settled(expected, Duration::from_secs(20));
+    let log = h.log_settled(expected, Duration::from_secs(30));
     let mut ends = std::collections::BTreeMap::<&str, usize>::new();
     for l in &log {
         *ends.entry(l.termination.as_str()).or_default() += 1;
