@@ -6,9 +6,10 @@
 
 use std::{
     fs::File,
+    io::Read,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -183,27 +184,12 @@ pub fn ab(
 ) -> AbRun {
     let bin = ab_bin().expect("ab installed (see haproxy::installed)");
     let mut cmd = pod.command(side, who, &bin).expect("ab command");
-    let mut child = cmd
-        .args(["-q", "-r", "-s", "5", "-c"])
+    cmd.args(["-q", "-r", "-s", "5", "-c"])
         .arg(concurrency.to_string())
         .arg("-n")
         .arg(requests.to_string())
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting ab");
-    let mut timed_out = false;
-    while child.try_wait().ok().flatten().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            timed_out = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("ab output");
+        .arg(url);
+    let (out, timed_out) = output_until(&mut cmd, deadline);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -231,6 +217,47 @@ pub fn ab(
         exit_failed: !out.status.success(),
         output: text,
     }
+}
+
+/// Runs `cmd` to its end, or kills it at `deadline` (then `true`), with
+/// its stdout and stderr collected (read while it runs, so a full pipe
+/// cannot stall it).
+pub fn output_until(cmd: &mut Command, deadline: Instant) -> (Output, bool) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            timed_out = true;
+            break child.wait().expect("waiting for a killed child");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    };
+    (out, timed_out)
 }
 
 /// One parsed log line.
@@ -358,16 +385,24 @@ impl Haproxy {
         read_log(&self.log_path())
     }
 
-    /// Waits until at least `n` connections are logged and the log has not
-    /// grown for 500 ms, or `timeout` passed; returns the log.
+    /// Waits until the log has not grown for 500 ms and holds at least `n`
+    /// connections, or `timeout` passed; returns the log. (A HAProxy that
+    /// loops writes without end: the log is only parsed once it rests.)
     pub fn log_settled(&self, n: usize, timeout: Duration) -> Vec<LogLine> {
         let deadline = Instant::now() + timeout;
-        let mut last = self.log();
+        let size = || std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
+        let mut last = size();
         loop {
             std::thread::sleep(Duration::from_millis(500));
-            let now = self.log();
-            if (now.len() >= n && now.len() == last.len()) || Instant::now() >= deadline {
-                return now;
+            let now = size();
+            if now == last {
+                let log = self.log();
+                if log.len() >= n {
+                    return log;
+                }
+            }
+            if Instant::now() >= deadline {
+                return self.log();
             }
             last = now;
         }

@@ -16,7 +16,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    process::Stdio,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -258,7 +257,7 @@ fn early_close_storm(how: &str) {
                     let targets: Vec<String> = (0..PER_APP)
                         .map(|n| svc(((app + n) % 9 + 1) as u8, 80).to_string())
                         .collect();
-                    send_then(f, how, &targets)
+                    send_then(f, how, &targets, deadline)
                 })
             })
             .collect();
@@ -275,13 +274,17 @@ fn early_close_storm(how: &str) {
     let failed: Vec<&ClientView> = storm.iter().filter(|v| !v.ok).collect();
     let requests: u64 = load.iter().map(|r| r.complete).sum();
     let load_failed: u64 = load.iter().map(|r| r.failed + r.non_2xx).sum();
-    let rps: Vec<String> = load.iter().map(|r| format!("{:.0}", r.rps)).collect();
+    let mut rps: Vec<f64> = load.iter().map(|r| r.rps).collect();
+    rps.sort_by(f64::total_cmp);
     eprintln!(
         "send-then {how}: {} connections from {APPS} apps, ab {requests} requests in {} runs \
-         ({load_failed} failed, requests/s {}), in {elapsed:.1?}",
+         ({load_failed} failed; requests/s per run: min {:.0}, median {:.0}, max {:.0}), \
+         in {elapsed:.1?}",
         storm.len(),
         load.len(),
-        rps.join(" ")
+        rps[0],
+        rps[rps.len() / 2],
+        rps[rps.len() - 1],
     );
 
     let expected = storm.len() + requests as usize;
@@ -333,8 +336,9 @@ fn is_upstream(a: SocketAddr) -> bool {
 }
 
 /// One app process: connects to each of `targets` in turn, sends a request
-/// and closes (`how`: `close` or `reset`).
-fn send_then(f: &Fixture, how: &str, targets: &[String]) -> Vec<ClientView> {
+/// and closes (`how`: `close` or `reset`); killed at `deadline` (its
+/// connections so far are returned, and one failed view for the rest).
+fn send_then(f: &Fixture, how: &str, targets: &[String], deadline: Instant) -> Vec<ClientView> {
     let mut cmd = f
         .pod
         .command(Side::Pod, As::APP, &redirect_bin())
@@ -343,19 +347,30 @@ fn send_then(f: &Fixture, how: &str, targets: &[String]) -> Vec<ClientView> {
     for t in targets {
         cmd.arg("--to").arg(t);
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("running sample-connect");
+    let (out, timed_out) = haproxy::output_until(&mut cmd, deadline);
     assert!(
-        out.status.success(),
+        timed_out || out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    let mut views: Vec<ClientView> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| serde_json::from_str(l).expect("client view"))
-        .collect()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if views.len() < targets.len() {
+        views.push(ClientView {
+            ok: false,
+            error: Some(format!(
+                "killed at the deadline after {} of {} connections",
+                views.len(),
+                targets.len()
+            )),
+            local: None,
+            peer: None,
+            reply: None,
+        });
+    }
+    views
 }
 
 #[test]
