@@ -24,6 +24,8 @@ use redirect::{
 
 pub use redirect::pod;
 
+pub mod haproxy;
+
 /// Whether the tests can run here. Panics under `CI=true` when they cannot.
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -77,6 +79,14 @@ impl Fixture {
     /// address, the sample proxy (UID 1337) on 15001 and 15006, and an app
     /// server (UID 1000) on [`APP_PORT`] inside the pod.
     pub fn new() -> Fixture {
+        let mut f = Fixture::without_proxy();
+        f.start_proxy();
+        f
+    }
+
+    /// [`Fixture::new`] without the sample proxy: ports 15001 and 15006 are
+    /// free for another proxy (HAProxy, in `tests/tests/haproxy.rs`).
+    pub fn without_proxy() -> Fixture {
         let pod = Pod::create("rdt", &redirect_bin()).expect("creating the test pod");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&pod.name);
         let mut f = Fixture { pod, pin_dir };
@@ -93,7 +103,6 @@ impl Fixture {
         f.pod
             .start_server(Side::Upstream, As::PROXY_LESS, "upstream", &refs)
             .expect("upstream server");
-        f.start_proxy();
         f.pod
             .start_server(
                 Side::Pod,

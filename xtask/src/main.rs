@@ -1,7 +1,8 @@
 //! `cargo xtask`: everything that is not plain cargo.
 //!
 //! - `setup`: install what the build needs and a fresh machine lacks (the
-//!   nightly `rust-src` component and `bpf-linker` 0.10.4, iproute2);
+//!   nightly `rust-src` component and `bpf-linker` 0.10.4, and through
+//!   apt-get iproute2, iptables, haproxy and apache2-utils);
 //! - `demo`: setup, build, run `redirect demo` (root);
 //! - `test`: setup, build, run every test of the workspace, including the
 //!   real-kernel integration tests (root);
@@ -189,13 +190,20 @@ fn setup() -> Result<()> {
     }
 
     // iproute2 builds the test pods; iptables is the reference the tests
-    // compare against.
+    // compare against; HAProxy is the real third-party proxy the `haproxy`
+    // tests run behind redirect, and apache2-utils' `ab` loads it.
     let mut missing = Vec::new();
     if output("ip", &["-V"]).is_none() {
         missing.push("iproute2");
     }
     if output("iptables", &["--version"]).is_none() {
         missing.push("iptables");
+    }
+    if output("haproxy", &["-v"]).is_none() {
+        missing.push("haproxy");
+    }
+    if output("ab", &["-V"]).is_none() {
+        missing.push("apache2-utils");
     }
     if !missing.is_empty() {
         apt_install(&missing)?;
