@@ -27,13 +27,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::{apt_install, env_cargo, output, root, run, target_dir};
 
 /// Test targets of `redirect-tests` that run in the VM.
-const TESTS: [&str; 6] = [
+const TESTS: [&str; 7] = [
     "inbound",
     "ipv6",
     "exemptions",
     "outbound",
     "lifetime",
     "owner",
+    "apply_safety",
 ];
 /// Tests that need iptables (skipped in the VM).
 const SKIP: [&str; 2] = [
