@@ -49,6 +49,8 @@ use crate::{
 };
 
 const AF_INET_U32: u32 = AF_INET as u32;
+/// `BPF_NOEXIST`: insert only if the key is new.
+const BPF_NOEXIST: u64 = 1;
 
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
@@ -106,12 +108,15 @@ fn on_connect(ops: *mut bpf_sock_ops) {
     let Some(key) = tuple(ops, true) else {
         return;
     };
-    reclaim_orphan(&key, cookie);
     // SAFETY: a live map value; only this socket's own connect writes it.
     unsafe { (*conn).tuple = key };
-    if TUPLES.insert(key, cookie, BPF_ANY.into()).is_err() {
-        count(Counter::TupleFailed as u32);
-        return;
+    // Usually the 4-tuple is new; only when it is not, look at who has it.
+    if TUPLES.insert(key, cookie, BPF_NOEXIST).is_err() {
+        reclaim_orphan(&key, cookie);
+        if TUPLES.insert(key, cookie, BPF_ANY.into()).is_err() {
+            count(Counter::TupleFailed as u32);
+            return;
+        }
     }
     conn_state_or(conn, conn_state::JOINED);
 }
