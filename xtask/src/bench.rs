@@ -591,12 +591,11 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
     }
     let _ = writeln!(
         w,
-        "Run on {}, Linux {}, {} CPUs ({}). **This was a shared 2-core VM**: \
-         other engineers were compiling and running tests at the same time, so \
-         absolute numbers are noisy; the methods take turns within each round \
-         (ABCD, then DCBA) so that drift hits them alike, and ratios are taken \
-         per round. {}; conntrack table: `nf_conntrack_max` {}, {} buckets; \
-         ephemeral ports {} in a new namespace.\n",
+        "Run on {}, Linux {}, {} CPUs ({}), a VM: other work on the host can \
+         move absolute numbers between runs; the methods take turns within \
+         each round (ABCD, then DCBA) so that drift hits them alike, and \
+         ratios are taken per round. {}; conntrack table: `nf_conntrack_max` \
+         {}, {} buckets; ephemeral ports {} in a new namespace.\n",
         meta["date"].as_str().unwrap_or("?"),
         meta["kernel"].as_str().unwrap_or("?"),
         meta["cpus"],
