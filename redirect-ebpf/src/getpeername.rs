@@ -15,9 +15,9 @@ use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirect_common::{AF_INET, AF_INET6, Config};
+use redirect_common::{AF_INET, Config};
 
-use crate::maps::{CONFIG, CONNS, proxy_side_of, v4_mapped};
+use crate::maps::{CONFIG, CONNS, proxy_side_of, put_ip6};
 
 /// What the socket should be shown as its peer: `(family, address words,
 /// port)`, the port in network order (`None`: keep the kernel's).
@@ -64,22 +64,12 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some((family, ip, port)) = shown_peer(sa) {
-        // An IPv6 socket carrying IPv4 sees the IPv4-mapped address.
-        let ip = if family == AF_INET {
-            v4_mapped(ip[0])
-        } else if family == AF_INET6 {
-            ip
-        } else {
-            return 1;
-        };
-        sa.user_ip6[0] = ip[0];
-        sa.user_ip6[1] = ip[1];
-        sa.user_ip6[2] = ip[2];
-        sa.user_ip6[3] = ip[3];
-        if let Some(port) = port {
-            sa.user_port = u32::from(port);
-        }
+    // An IPv6 socket carrying IPv4 sees the IPv4-mapped address.
+    if let Some((family, ip, port)) = shown_peer(sa)
+        && put_ip6(&mut sa.user_ip6, family, ip)
+        && let Some(port) = port
+    {
+        sa.user_port = u32::from(port);
     }
     1
 }

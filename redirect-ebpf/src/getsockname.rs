@@ -10,9 +10,9 @@ use aya_ebpf::{
     bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirect_common::{AF_INET, AF_INET6};
+use redirect_common::AF_INET;
 
-use crate::maps::{CONFIG, CONNS, v4_mapped};
+use crate::maps::{CONFIG, CONNS, put_ip6};
 
 /// The local address to show: `(family of the connection, address words)`.
 #[inline(always)]
@@ -49,17 +49,7 @@ pub fn redirect_getsockname4(ctx: SockAddrContext) -> i32 {
 pub fn redirect_getsockname6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some((family, ip)) = shown_local(sa) {
-        let ip = if family == AF_INET {
-            v4_mapped(ip[0])
-        } else if family == AF_INET6 {
-            ip
-        } else {
-            return 1;
-        };
-        sa.user_ip6[0] = ip[0];
-        sa.user_ip6[1] = ip[1];
-        sa.user_ip6[2] = ip[2];
-        sa.user_ip6[3] = ip[3];
+        put_ip6(&mut sa.user_ip6, family, ip);
     }
     1
 }

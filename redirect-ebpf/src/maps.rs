@@ -173,6 +173,25 @@ pub struct SockaddrIn6 {
     pub scope_id: u32,
 }
 
+/// Writes address `ip` of a connection of `family` into an IPv6 socket
+/// address (`user_ip6`): an IPv4 connection's as `::ffff:a.b.c.d`. `false`
+/// for an unknown family (nothing written).
+#[inline(always)]
+pub fn put_ip6(user_ip6: &mut [u32; 4], family: u16, ip: [u32; 4]) -> bool {
+    let ip = if family == redirect_common::AF_INET {
+        v4_mapped(ip[0])
+    } else if family == redirect_common::AF_INET6 {
+        ip
+    } else {
+        return false;
+    };
+    user_ip6[0] = ip[0];
+    user_ip6[1] = ip[1];
+    user_ip6[2] = ip[2];
+    user_ip6[3] = ip[3];
+    true
+}
+
 /// `::ffff:a.b.c.d` as network-order words, from `a.b.c.d` network order.
 #[inline(always)]
 pub fn v4_mapped(addr_be: u32) -> [u32; 4] {

@@ -127,6 +127,22 @@ impl Fixture {
             .expect("proxy server");
     }
 
+    /// Replaces the sample proxy by one on 15001 only (IPv4 and IPv6) with
+    /// more `sample-server` arguments (`extra`), e.g. to make it ask
+    /// `SO_ORIGINAL_DST` late.
+    pub fn restart_outbound_proxy_with(&mut self, extra: &[&str]) {
+        self.pod.stop_server("proxy");
+        self.pod
+            .start_server_with(
+                Side::Pod,
+                As::PROXY,
+                "proxy",
+                &["0.0.0.0:15001", "[::]:15001"],
+                extra,
+            )
+            .expect("proxy server");
+    }
+
     /// Runs `redirect <args>` and returns its output.
     pub fn redirect(&self, args: &[&str]) -> Output {
         Command::new(redirect_bin())

@@ -691,3 +691,54 @@ fn endless_list_files_are_refused() {
         );
     }
 }
+
+/// State maps pinned by another layout are refused with what to do, never
+/// reused: aya would reuse a pinned map by name whatever its key and value
+/// sizes. The layout version is checked, and each state map's sizes.
+#[test]
+fn state_maps_of_another_layout_are_refused() {
+    need_root!();
+    let f = Fixture::new();
+    f.apply_ok(&["-i", "*"]);
+    let state = f.pin_dir.join("state");
+    let layout_pin = state.join(redirect_common::map_names::LAYOUT);
+    let set_layout = |v: u64| {
+        let map = redirect::apply::open_pinned(&layout_pin).unwrap();
+        aya::maps::Array::<_, u64>::try_from(map)
+            .unwrap()
+            .set(0, v, 0)
+            .unwrap();
+    };
+
+    // An older layout version.
+    set_layout(1);
+    let out = f.apply(&["-i", "*"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layout version 1"), "{err}");
+    assert!(err.contains("redirect remove --pin-dir"), "{err}");
+    assert_eq!(f.status().unwrap()["generation"], 1);
+    assert_captured(&f, "after a refused re-apply");
+    set_layout(redirect_common::STATE_LAYOUT);
+
+    // The right version, but a state map whose values changed size.
+    let counters = state.join(redirect_common::map_names::COUNTERS);
+    let original = sys::obj_get(&counters, 0).unwrap();
+    std::fs::remove_file(&counters).unwrap();
+    let fake = sys::array_create("COUNTERS", 16, 32).unwrap();
+    sys::obj_pin(&fake, &counters).unwrap();
+    let out = f.apply(&["-i", "*"]);
+    std::fs::remove_file(&counters).unwrap();
+    sys::obj_pin(&original, &counters).unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("map COUNTERS has 4-byte keys and 16-byte values"),
+        "{err}"
+    );
+    assert_captured(&f, "after a refused re-apply");
+
+    // Back as it was: the re-apply goes through.
+    f.apply_ok(&["-i", "*"]);
+    assert_eq!(f.status().unwrap()["generation"], 2);
+}

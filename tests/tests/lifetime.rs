@@ -36,22 +36,13 @@ enum AppEnd {
 fn late_asking_proxy(f: &mut Fixture, delay_ms: u64) -> PathBuf {
     let log = std::env::temp_dir().join(format!("{}-proxy-{delay_ms}.log", f.pod.name));
     let _ = std::fs::remove_file(&log);
-    f.pod.stop_server("proxy");
-    f.pod
-        .start_server_with(
-            Side::Pod,
-            As::PROXY,
-            "proxy",
-            &["0.0.0.0:15001", "[::]:15001"],
-            &[
-                "--answer-after-eof",
-                "--answer-delay-ms",
-                &delay_ms.to_string(),
-                "--log",
-                &log.display().to_string(),
-            ],
-        )
-        .expect("starting the late-asking proxy");
+    f.restart_outbound_proxy_with(&[
+        "--answer-after-eof",
+        "--answer-delay-ms",
+        &delay_ms.to_string(),
+        "--log",
+        &log.display().to_string(),
+    ]);
     log
 }
 

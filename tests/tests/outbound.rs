@@ -441,16 +441,7 @@ fn maps_are_empty_after_connections_close() {
 fn proxy_learns_destination_after_client_half_closed() {
     need_root!();
     let mut f = Fixture::new();
-    f.pod.stop_server("proxy");
-    f.pod
-        .start_server_with(
-            Side::Pod,
-            As::PROXY,
-            "proxy",
-            &["0.0.0.0:15001", "[::]:15001"],
-            &["--answer-delay-ms", "300"],
-        )
-        .unwrap();
+    f.restart_outbound_proxy_with(&["--answer-delay-ms", "300"]);
     f.apply_ok(&["-i", "*"]);
     for to in [svc(1, 80), format!("[{}]:81", upstream_extra6(2))] {
         let v = f
