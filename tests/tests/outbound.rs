@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use redirect::pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, upstream_extra, upstream_extra6};
+use redirect::pod::{As, POD_IP, POD_IP6, UPSTREAM_IP, upstream_extra, upstream_extra6};
 use redirect_tests::{APP_PORT, Fixture, can_run, other, state_entries_after_close};
 
 fn svc(i: u8, port: u16) -> String {
