@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     noop::NoopHooks,
     peer::{ClientReport, ProxyMode},
-    world::{Method, Policy, Tools, World},
+    world::{Method, Policy, Proc, Tools, World},
 };
 
 /// Sizes and repetitions of one run.
@@ -901,7 +901,7 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
         .arg(&report)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
-        let mut child = ChildGuard(cmd.spawn().context("starting redirect-adversary proxy")?);
+        let mut child = Proc(cmd.spawn().context("starting redirect-adversary proxy")?);
         let mut line = String::new();
         std::io::BufRead::read_line(
             &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
@@ -933,7 +933,7 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
                 .arg(count.to_string())
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped());
-            let mut child = ChildGuard(cmd.spawn().context("starting redirect-adversary hold")?);
+            let mut child = Proc(cmd.spawn().context("starting redirect-adversary hold")?);
             let mut line = String::new();
             std::io::BufRead::read_line(
                 &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
@@ -985,16 +985,6 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
         proxy_storage_peak,
         proxy_sockets,
     })
-}
-
-/// A child process killed and reaped on drop.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A directory removed on drop.

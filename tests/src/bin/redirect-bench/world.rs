@@ -93,8 +93,8 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
