@@ -309,7 +309,7 @@ fn alternating_connections_never_stall_app_closing_first() {
     let scratch = Scratch::new(&f);
     let (_proxy, report) = adversary_proxy(&mut f, &scratch, &["--hold-max-ms", "1500"]);
     f.apply_ok(&["-i", "*"]);
-    alternate(&f, scaled(30_000), &["--app-closes-first"]);
+    alternate(&f, scaled(100_000), &["--app-closes-first"]);
     let r = proxy_report(&report);
     assert_eq!(r["orig_missing"], 0, "{r}");
 }
