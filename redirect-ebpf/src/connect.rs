@@ -186,18 +186,6 @@ fn record(sa: &bpf_sock_addr, orig: OrigDst, shown_src: [u32; 4]) -> bool {
     true
 }
 
-/// Sets the recorded shown source of this socket's connection (after a
-/// failed `bpf_bind`).
-#[inline(always)]
-fn set_shown_src(sa: &bpf_sock_addr, shown_src: [u32; 4]) {
-    // SAFETY: `sa` is this program's context.
-    let cookie = unsafe { bpf_get_socket_cookie((sa as *const bpf_sock_addr).cast_mut().cast()) };
-    if let Some(conn) = CONNS.get_ptr_mut(cookie) {
-        // SAFETY: a live map value of this socket, which is connecting.
-        unsafe { (*conn).shown_src = shown_src };
-    }
-}
-
 /// The IPv4 source iptables would keep: the destination itself when the
 /// namespace owns it, the route's source otherwise; none (0) for 127/8,
 /// where the kernel picks 127.0.0.1 as it would have.
@@ -252,19 +240,32 @@ unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) -> bool {
     unsafe { bind_to(sa, sin6) }
 }
 
-/// Where an IPv4 capture runs from: `bind_be` to bind the socket to (0:
-/// leave it), and the address to show as its local address when it is not
-/// bound there. A socket the application bound to an address keeps it; one
-/// bound to a wildcard address and a port cannot be bound again.
+/// Makes an IPv4 capture run from `src_be`, the source iptables would keep
+/// (0: none), and returns the address to *show* as its local address where
+/// it could not (0: the real one is right). A socket the application bound
+/// to an address keeps it; one bound to a wildcard address and a port cannot
+/// be bound again; otherwise `bpf_bind` (`mapped`: as `::ffff:a.b.c.d`, for
+/// an IPv6 socket).
 #[inline(always)]
-fn source_plan_v4(src_be: u32, bound_be: u32, bound_port: u32) -> (u32, u32) {
+unsafe fn ipv4_source(
+    sa: &mut bpf_sock_addr,
+    src_be: u32,
+    bound_be: u32,
+    bound_port: u32,
+    mapped: bool,
+) -> u32 {
     if bound_be != 0 || src_be == 0 {
-        (0, 0)
-    } else if bound_port == 0 {
-        (src_be, 0)
-    } else {
-        (0, src_be)
+        return 0;
     }
+    let bound = bound_port == 0
+        && unsafe {
+            if mapped {
+                bind6(sa, v4_mapped(src_be))
+            } else {
+                bind4(sa, src_be)
+            }
+        };
+    if bound { 0 } else { src_be }
 }
 
 #[inline(always)]
@@ -297,12 +298,9 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
         flags: 0,
     };
     let src_be = source_v4(cfg, &conn.dst, dst_be, over_lo);
-    let (bind_be, shown_be) = source_plan_v4(src_be, bound_src_be, bound_port);
+    let shown_be = unsafe { ipv4_source(sa, src_be, bound_src_be, bound_port, false) };
     if !record(sa, orig, [shown_be, 0, 0, 0]) {
         return DENY;
-    }
-    if bind_be != 0 && !unsafe { bind4(sa, bind_be) } {
-        set_shown_src(sa, [bind_be, 0, 0, 0]);
     }
     sa.user_ip4 = V4_LOCALHOST.to_be();
     sa.user_port = port.to_be() as u32;
@@ -359,12 +357,9 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
         };
         let src_be = source_v4(cfg, &conn.dst, dst[3], over_lo);
         let bound_be = if unbound { 0 } else { bound[3] };
-        let (bind_be, shown_be) = source_plan_v4(src_be, bound_be, bound_port);
+        let shown_be = unsafe { ipv4_source(sa, src_be, bound_be, bound_port, true) };
         if !record(sa, orig, [shown_be, 0, 0, 0]) {
             return DENY;
-        }
-        if bind_be != 0 && !unsafe { bind6(sa, v4_mapped(bind_be)) } {
-            set_shown_src(sa, [bind_be, 0, 0, 0]);
         }
         v4_mapped(V4_LOCALHOST.to_be())
     } else {

@@ -474,17 +474,7 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map>
 
 /// Writes the policy into the (fresh, unattached) policy maps.
 fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result<()> {
-    let mut cfg = spec.config(facts);
-    match crate::btf::owner_path() {
-        Ok(path) => {
-            cfg.owner_path = path;
-            cfg.flags |= redirect_common::config_flags::OWNER_FROM_FILE;
-        }
-        Err(e) => tracing::warn!(
-            "owners are matched by the real UID/GID of the task calling connect(), not by \
-             the credentials the socket was opened with as iptables does: {e:#}"
-        ),
-    }
+    let cfg = crate::btf::with_owner_path(spec.config(facts));
     Array::<_, Config>::try_from(map_mut(ebpf, map_names::CONFIG)?)?
         .set(0, cfg, 0)
         .context("writing CONFIG")?;

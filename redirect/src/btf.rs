@@ -170,6 +170,24 @@ impl Btf {
     }
 }
 
+/// `cfg` with the running kernel's [`owner_path`] and
+/// `OWNER_FROM_FILE` set, so the connect hooks match owners as iptables
+/// does; unchanged, with a warning, where the kernel's BTF cannot say where
+/// the credentials are. What `apply` writes and `apply --dry-run` shows.
+pub fn with_owner_path(mut cfg: redirect_common::Config) -> redirect_common::Config {
+    match owner_path() {
+        Ok(path) => {
+            cfg.owner_path = path;
+            cfg.flags |= redirect_common::config_flags::OWNER_FROM_FILE;
+        }
+        Err(e) => tracing::warn!(
+            "owners are matched by the real UID/GID of the task calling connect(), not by \
+             the credentials the socket was opened with as iptables does: {e:#}"
+        ),
+    }
+    cfg
+}
+
 /// The path from a `struct sock` to its file's credentials on the running
 /// kernel.
 pub fn owner_path() -> Result<redirect_common::OwnerPath> {

@@ -152,8 +152,9 @@ pub struct ApplyArgs {
     pub json: bool,
     /// Captured outbound connections open at once (default 131072, set when
     /// the pin dir is first applied). Beyond it, a captured connect() fails
-    /// with EPERM. Memory follows use: about 250 bytes per open connection,
-    /// plus 32 bytes per slot for the hash buckets
+    /// with EPERM. Memory follows use: about 270 bytes per open connection
+    /// in the maps (and 290 on the proxy's socket), plus 32 bytes per slot
+    /// for the hash buckets
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
     /// Apply even though outbound traffic is captured and nothing (no proxy

@@ -20,14 +20,17 @@ use crate::{
 /// Runs the demo, printing to stdout.
 pub fn run() -> Result<()> {
     let exe = std::env::current_exe().context("locating the redirect binary")?;
+    let root = crate::layout::DefaultRootCleanup::new();
     let mut pod = Pod::create("redirect-demo", &exe)?;
     // The pin dir apply picks without --pin-dir: one per pod's cgroup.
     let pins = Pins(crate::layout::default_pin_dir(&pod.cgroup)?);
     let result = demo(&mut pod, &pins.0);
-    // Pins first (detaches), then the pod; also on a panic (e.g. stdout
-    // closed), through the guards' Drop.
+    // Pins first (detaches), then the pod, then the default root if the
+    // demo made it; also on a panic (e.g. stdout closed), through the
+    // guards' Drop.
     drop(pins);
     drop(pod);
+    drop(root);
     println!("\ncleaned up: pins, pod namespaces and cgroups removed");
     result
 }

@@ -182,7 +182,7 @@ pub struct Plan {
     pub maps: MapsPlan,
 }
 
-const CONFIG_FLAGS: [(u16, &str); 13] = [
+const CONFIG_FLAGS: [(u16, &str); 14] = [
     (config_flags::HAS_UIDS, "has_uids"),
     (config_flags::HAS_GIDS, "has_gids"),
     (config_flags::INCLUDE_ALL, "include_all"),
@@ -196,6 +196,7 @@ const CONFIG_FLAGS: [(u16, &str); 13] = [
     (config_flags::LOOPBACK_INCLUDE, "loopback_include"),
     (config_flags::HAS_MARK, "has_mark"),
     (config_flags::HAS_CGROUP, "has_cgroup"),
+    (config_flags::OWNER_FROM_FILE, "owner_from_file"),
 ];
 
 const PORT_FLAGS: [(u8, &str); 4] = [
@@ -241,7 +242,7 @@ fn bpffs_state(pin_dir: &Path) -> String {
 
 /// The map contents for `spec` in a namespace with these facts.
 pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPlan {
-    let cfg: Config = spec.config(facts);
+    let cfg: Config = crate::btf::with_owner_path(spec.config(facts));
     let include: &[_] = match &spec.include_cidrs {
         Include::All => &[],
         Include::List(l) => l,
@@ -530,9 +531,16 @@ mod tests {
             ..NetnsFacts::default()
         };
         let m = maps_plan(&spec, &facts);
+        // owner_from_file: this kernel has BTF, as apply would find.
         assert_eq!(
             m.config.flags,
-            ["has_uids", "has_gids", "has_exclude_cidrs", "inbound_all"]
+            [
+                "has_uids",
+                "has_gids",
+                "has_exclude_cidrs",
+                "inbound_all",
+                "owner_from_file"
+            ]
         );
         assert_eq!(m.config.source_v4.as_deref(), Some("10.1.0.2"));
         assert_eq!(m.config.netns_cookie, 7);

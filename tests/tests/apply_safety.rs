@@ -313,6 +313,8 @@ fn pin_dir_belongs_to_one_pod() {
 #[test]
 fn default_pin_dirs_keep_pods_apart() {
     need_root!();
+    // Dropped last: removes the default root if this test made it.
+    let _root = redirect::layout::DefaultRootCleanup::new();
     let mut a = Fixture::new();
     let mut b = Fixture::new();
     for f in [&mut a, &mut b] {

@@ -595,7 +595,9 @@ fn dry_run_checks_and_touches_nothing() {
             "has_exclude_cidrs",
             "inbound_all",
             "has_services",
-            "owner_groups_include"
+            "owner_groups_include",
+            // As apply writes it: this kernel has BTF.
+            "owner_from_file"
         ]
     );
     assert_eq!(maps["OWNER_GROUPS"]["entries"], serde_json::json!([7, 8]));

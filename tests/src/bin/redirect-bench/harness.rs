@@ -899,14 +899,8 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
         ])
         .args(["--listen", "[::]:15001", "--report"])
         .arg(&report)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped());
-        let mut child = Proc(cmd.spawn().context("starting redirect-adversary proxy")?);
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
-            &mut line,
-        )?;
+        .stdin(std::process::Stdio::null());
+        let (child, line) = spawn_first_line(cmd, "redirect-adversary proxy")?;
         if line.trim() != "ready" {
             anyhow::bail!("redirect-adversary proxy did not start");
         }
@@ -931,14 +925,8 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
                 .command(Side::Pod, redirect::pod::As::APP, &adversary)?;
             cmd.args(["hold", "--to", to, "--count"])
                 .arg(count.to_string())
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped());
-            let mut child = Proc(cmd.spawn().context("starting redirect-adversary hold")?);
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
-                &mut line,
-            )?;
+                .stdin(std::process::Stdio::piped());
+            let (child, line) = spawn_first_line(cmd, "redirect-adversary hold")?;
             let r: serde_json::Value = serde_json::from_str(line.trim())
                 .with_context(|| format!("hold printed {line:?}"))?;
             if r["connected"].as_u64() != Some(count) {
@@ -985,6 +973,19 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
         proxy_storage_peak,
         proxy_sockets,
     })
+}
+
+/// Starts `cmd` and reads the first line it prints (its "ready" or its
+/// report); the process is killed when the returned guard drops.
+fn spawn_first_line(mut cmd: std::process::Command, what: &str) -> Result<(Proc, String)> {
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = Proc(cmd.spawn().with_context(|| format!("starting {what}"))?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    Ok((child, line))
 }
 
 /// A directory removed on drop.
