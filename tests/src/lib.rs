@@ -236,7 +236,7 @@ impl Drop for Fixture {
 
 /// Entries left in `CONNS` and `TUPLES` of `f`'s pin dir once the pod's
 /// connections have closed: sockets are released a moment after their
-/// processes exit, so this waits up to 3 s for the count to reach zero.
+/// processes exit, so this waits up to 15 s for the count to reach zero.
 pub fn state_entries_after_close(f: &Fixture) -> usize {
     use redirect_common::map_names;
     let state = f.pin_dir.join("state");
@@ -247,7 +247,7 @@ pub fn state_entries_after_close(f: &Fixture) -> usize {
     let conns =
         aya::maps::HashMap::<_, u64, redirect_common::Conn>::try_from(open(map_names::CONNS))
             .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let n = tuples.keys().count() + conns.keys().count();
         if n == 0 || std::time::Instant::now() >= deadline {
