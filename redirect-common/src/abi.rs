@@ -6,33 +6,55 @@
 //! `user_ip4` / `user_ip6`), so the hot path never converts them.
 
 /// Names of the maps in the eBPF object, as user space looks them up.
+///
+/// The policy maps hold the policies of any number of pods. A pod is found
+/// by its network namespace's cookie (`bpf_get_netns_cookie`) in
+/// [`CONFIGS`]; its [`super::Config::policy`] id prefixes every key of its
+/// entries in the other policy maps, so a pod's policy is replaced by
+/// writing entries under a new id and then swapping its `CONFIGS` entry.
+/// A one-shot `apply` fills a set of policy maps of its own with one pod; a
+/// node install keeps one set for every pod of the node.
 pub mod map_names {
-    /// `Array<Config>`, one entry: the scalar part of the policy.
-    pub const CONFIG: &str = "CONFIG";
-    /// `Array<u8>`, 65,536 entries indexed by port: [`super::port_flags`] bits.
+    /// `HashMap<u64, Config>` (no preallocation): each pod's scalar policy
+    /// under its network namespace's cookie. A socket of a namespace that
+    /// is not here is never touched.
+    pub const CONFIGS: &str = "CONFIGS";
+    /// `HashMap<PortKey, u8>` (no preallocation): [`super::port_flags`] bits
+    /// of the ports a pod's policy names (every other port has none).
     pub const PORTS: &str = "PORTS";
-    /// `HashMap<u32, u8>`: the proxy's UIDs.
+    /// `HashMap<IdKey, u8>`: the proxy's UIDs.
     pub const PROXY_UIDS: &str = "PROXY_UIDS";
-    /// `HashMap<u32, u8>`: the proxy's GIDs.
+    /// `HashMap<IdKey, u8>`: the proxy's GIDs.
     pub const PROXY_GIDS: &str = "PROXY_GIDS";
-    /// `LpmTrie<[u8; 4], u8>`: outbound CIDRs that are never captured.
+    /// `LpmTrie<[u8; 12], u8>`: outbound CIDRs that are never captured; the
+    /// key is the policy id (big-endian) then the address, the prefix 64
+    /// plus the CIDR's.
     pub const EXCLUDE_V4: &str = "EXCLUDE_V4";
-    /// `LpmTrie<[u8; 4], u8>`: outbound CIDRs that are captured.
+    /// `LpmTrie<[u8; 12], u8>`: outbound CIDRs that are captured.
     pub const INCLUDE_V4: &str = "INCLUDE_V4";
-    /// `HashMap<u32, u8>`: the IPv4 addresses the pod's network namespace owns
-    /// (network order), used to tell which destinations are routed over `lo`.
+    /// `HashMap<IdKey, u8>`: the IPv4 addresses the pod's network namespace
+    /// owns (network order), used to tell which destinations are routed over
+    /// `lo`.
     pub const LOCAL_V4: &str = "LOCAL_V4";
-    /// `HashMap<u32, u8>`: the owner-group filter's GIDs.
+    /// `HashMap<IdKey, u8>`: the owner-group filter's GIDs.
     pub const OWNER_GROUPS: &str = "OWNER_GROUPS";
-    /// `HashMap<ServiceKey, u8>`: explicitly listed services (`ip:port`).
+    /// `HashMap<PolicyServiceKey, u8>`: explicitly listed services
+    /// (`ip:port`).
     pub const SERVICES: &str = "SERVICES";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are never captured.
+    /// `LpmTrie<[u8; 24], u8>`: IPv6 outbound CIDRs that are never captured
+    /// (policy id, then the address).
     pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 outbound CIDRs that are captured.
+    /// `LpmTrie<[u8; 24], u8>`: IPv6 outbound CIDRs that are captured.
     pub const INCLUDE_V6: &str = "INCLUDE_V6";
-    /// `HashMap<[u32; 4], u8>`: the IPv6 addresses the namespace owns (the
+    /// `HashMap<Ip6Key, u8>`: the IPv6 addresses the namespace owns (the
     /// words of `user_ip6`, network order).
     pub const LOCAL_V6: &str = "LOCAL_V6";
+    /// `HashMap<AddrKey, u64>` (no preallocation): each pod's own addresses
+    /// (loopback left out) under which its network namespace's cookie is
+    /// found. `sk_lookup` cannot ask for the namespace it runs in (not
+    /// before Linux 6.18), so it finds the pod by the address a connection
+    /// arrives for.
+    pub const POD_ADDRS: &str = "POD_ADDRS";
     /// `SkStorage<ProxySide>`: on a proxy's accepted socket, the original
     /// destination of its connection (and, for an outbound capture, the
     /// client address to show). Written when the proxy's side of the
@@ -56,16 +78,19 @@ pub mod map_names {
     pub const LAYOUT: &str = "LAYOUT";
     /// `PerCpuArray<u64>`: counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// `SockMap`, two slots ([`super::LISTENER_V4`], [`super::LISTENER_V6`]):
-    /// the proxy's inbound capture listener. The `sock_ops` program puts it
-    /// there when the proxy calls `listen()` on the inbound port, so the
-    /// proxy needs no privilege and a restarted proxy takes over by itself;
-    /// the kernel drops the entry when the socket closes.
+    /// `SockHash<ListenerKey>`: each pod's inbound capture listener, under
+    /// its network namespace's cookie and a slot ([`super::LISTENER_V4`],
+    /// [`super::LISTENER_V6`]). The `sock_ops` program puts it there when the
+    /// proxy calls `listen()` on the inbound port, so the proxy needs no
+    /// privilege and a restarted proxy takes over by itself; the kernel
+    /// drops the entry when the socket closes.
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
 
-    /// Maps whose content is the policy: replaced as a whole on re-apply.
-    pub const POLICY: [&str; 12] = [
-        CONFIG,
+    /// Maps whose content is the policy: a one-shot apply makes a new set
+    /// each time; a node install keeps one set.
+    pub const POLICY: [&str; 13] = [
+        CONFIGS,
+        POD_ADDRS,
         PORTS,
         PROXY_UIDS,
         PROXY_GIDS,
@@ -125,7 +150,7 @@ pub mod program_names {
     ];
 }
 
-/// Bits of the per-port flag array ([`map_names::PORTS`]).
+/// Bits of a port's flags ([`map_names::PORTS`]).
 pub mod port_flags {
     /// Destination port in the exclude-outbound-ports list (rule 1).
     pub const OUT_EXCLUDE: u8 = 1 << 0;
@@ -200,7 +225,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 17;
 /// Version of the layout of the state maps ([`map_names::STATE`]): bumped
 /// whenever a key or value there changes, so that a pin of another layout is
 /// refused rather than reused.
-pub const STATE_LAYOUT: u64 = 2;
+pub const STATE_LAYOUT: u64 = 3;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -211,10 +236,11 @@ pub const BPF_F_NO_PREALLOC: u32 = 1;
 pub const LISTENER_V4: u32 = 0;
 /// Slot for an IPv6 (possibly dual-stack) listener.
 pub const LISTENER_V6: u32 = 1;
-/// Capacity of the UID, GID and local-address sets.
+/// Most UIDs, GIDs, owner groups or local addresses (of each family) one
+/// pod's policy may list.
 pub const SET_CAPACITY: u32 = 1024;
 
-/// The scalar part of a policy: `Array<Config>` with one entry.
+/// The scalar part of a pod's policy ([`map_names::CONFIGS`]).
 ///
 /// Ports are in host order.
 #[repr(C)]
@@ -259,6 +285,8 @@ pub struct Config {
     /// Where the socket's credentials are in the running kernel's structs,
     /// with [`config_flags::OWNER_FROM_FILE`].
     pub owner_path: OwnerPath,
+    /// Id of this policy's entries in the other policy maps (nonzero).
+    pub policy: u64,
 }
 
 /// Byte offsets of the fields from a `struct sock` to the credentials its
@@ -282,7 +310,13 @@ pub struct OwnerPath {
 }
 
 // The layout both sides agree on (no padding, checked by the Pod derives).
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<IdKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Ip6Key>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyServiceKey>() == 32);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Conn>() == 96);
@@ -413,6 +447,110 @@ pub struct ServiceKey {
     pub family: u16,
 }
 
+/// Key of [`map_names::PORTS`]: one port of one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PortKey {
+    /// [`Config::policy`].
+    pub policy: u64,
+    /// Port, host order.
+    pub port: u16,
+    /// Zero.
+    pub reserved: [u16; 3],
+}
+
+/// Key of the id and IPv4 address sets ([`map_names::PROXY_UIDS`],
+/// `PROXY_GIDS`, `OWNER_GROUPS`, `LOCAL_V4`): one id of one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct IdKey {
+    /// [`Config::policy`].
+    pub policy: u64,
+    /// The UID or GID, or the IPv4 address (network order).
+    pub id: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Key of [`map_names::LOCAL_V6`]: one IPv6 address of one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Ip6Key {
+    /// [`Config::policy`].
+    pub policy: u64,
+    /// Address, network-order words.
+    pub ip: [u32; 4],
+}
+
+/// Key of [`map_names::SERVICES`]: one service of one policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PolicyServiceKey {
+    /// [`Config::policy`].
+    pub policy: u64,
+    /// The service.
+    pub service: ServiceKey,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Key of [`map_names::POD_ADDRS`]: an address a pod owns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AddrKey {
+    /// Address, network-order words; IPv4 in word 0, the rest zero.
+    pub ip: [u32; 4],
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Key of [`map_names::INBOUND_LISTENER`]: one listener slot of one pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ListenerKey {
+    /// The pod's network namespace cookie.
+    pub netns: u64,
+    /// [`LISTENER_V4`] or [`LISTENER_V6`].
+    pub slot: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Key bytes of the IPv4 CIDR tries: the policy id (big-endian), then the
+/// address; its prefix length is 64 plus the CIDR's.
+pub type Cidr4Key = [u8; 12];
+/// Key bytes of the IPv6 CIDR tries, likewise.
+pub type Cidr6Key = [u8; 24];
+
+/// The trie key bytes of `addr` (network order) under policy `policy`.
+#[inline(always)]
+pub fn cidr_key<const A: usize, const K: usize>(policy: u64, addr: [u8; A]) -> [u8; K] {
+    let mut k = [0u8; K];
+    let p = policy.to_be_bytes();
+    let mut i = 0;
+    while i < 8 {
+        k[i] = p[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < A && 8 + j < K {
+        k[8 + j] = addr[j];
+        j += 1;
+    }
+    k
+}
+
+/// Bits of the policy id before the address in a CIDR trie key.
+pub const CIDR_KEY_POLICY_BITS: u32 = 64;
+
 /// Indices of the counter array beyond the per-rule ones.
 ///
 /// Counters `0 .. Rule::COUNT` count decisions by [`crate::policy::Rule`];
@@ -457,13 +595,18 @@ pub enum Counter {
     /// A captured inbound connection found no proxy listener: refused, as a
     /// REDIRECT to a closed port is.
     InboundNoListener,
+    /// An inbound connection in a registered pod's namespace arrived for an
+    /// address the pod did not have when it was registered: dropped (the
+    /// pod's policy cannot be found from it), never let through uncaptured.
+    /// Registering the pod again (`pod add --replace`) learns its addresses.
+    InboundUnknownAddr,
 }
 
 impl Counter {
     /// Number of counter slots (rules plus the extra counters).
-    pub const TOTAL: u32 = Counter::InboundNoListener as u32 + 1;
+    pub const TOTAL: u32 = Counter::InboundUnknownAddr as u32 + 1;
     /// All extra counters, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Counter::BindFailed,
         Counter::CapacityFull,
         Counter::StorageFailed,
@@ -476,6 +619,7 @@ impl Counter {
         Counter::TupleFailed,
         Counter::ListenerSet,
         Counter::InboundNoListener,
+        Counter::InboundUnknownAddr,
     ];
 
     /// Stable snake_case name, as `redirect status --json` prints it.
@@ -493,6 +637,7 @@ impl Counter {
             Counter::TupleFailed => "tuple_failed",
             Counter::ListenerSet => "listener_set",
             Counter::InboundNoListener => "inbound_no_listener",
+            Counter::InboundUnknownAddr => "inbound_unknown_addr",
         }
     }
 }
@@ -507,4 +652,10 @@ mod pod {
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ProxySide {}
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::IdKey {}
+    unsafe impl aya::Pod for super::Ip6Key {}
+    unsafe impl aya::Pod for super::PolicyServiceKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -90,6 +90,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         proxy_mark: 0,
         proxy_cgroup_level: 0,
         owner_path: Default::default(),
+        policy: 0,
     }
 }
 

@@ -28,7 +28,10 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr, sockaddr},
     helpers::{
         bpf_get_current_uid_gid, bpf_probe_read_kernel,
-        generated::{bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+        generated::{
+            bpf_bind, bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie,
+        },
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -39,7 +42,7 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, v4_mapped},
+    maps::{CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, pod_config, v4_mapped},
     policy::KernelPolicy,
 };
 
@@ -142,7 +145,7 @@ fn socket_owner(cfg: &Config, sk: *mut bpf_sock) -> (u32, u32) {
 /// over_lo)))`: capture it, to `port`.
 #[inline(always)]
 fn decide(cfg: &Config, conn: &Outbound) -> (Option<(u16, bool)>, u16) {
-    let verdict = decide_outbound(cfg, &KernelPolicy, conn);
+    let verdict = decide_outbound(cfg, &KernelPolicy { id: cfg.policy }, conn);
     count(verdict.rule as u32);
     match verdict.action {
         Action::Redirect(port) => (Some((port, verdict.over_lo)), verdict.rule as u16),
@@ -268,13 +271,22 @@ unsafe fn ipv4_source(
     if bound { 0 } else { src_be }
 }
 
+/// The policy of the pod whose network namespace the socket is in; `None`
+/// (a namespace no pod registered: the host, a pod without a sidecar) means
+/// hands off.
+#[inline(always)]
+fn sock_addr_pod(sa: &mut bpf_sock_addr) -> Option<&'static Config> {
+    // SAFETY: `sa` is this program's context.
+    pod_config(unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) })
+}
+
 #[inline(always)]
 unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
     let sa = unsafe { &mut *sa };
     if sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(cfg) = sock_addr_pod(sa) else {
         return ALLOW;
     };
     let sk = unsafe { sa.__bindgen_anon_1.sk };
@@ -313,7 +325,7 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     if sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
-    let Some(cfg) = CONFIG.get(0) else {
+    let Some(cfg) = sock_addr_pod(sa) else {
         return ALLOW;
     };
     let sk = unsafe { sa.__bindgen_anon_1.sk };

@@ -12,18 +12,22 @@
 //! Every other socket is left alone after a port comparison.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use redirect_common::{AF_INET, Config};
 
-use crate::maps::{CONFIG, CONNS, proxy_side_of, put_ip6};
+use crate::maps::{CONNS, pod_config, proxy_side_of, put_ip6};
 
 /// What the socket should be shown as its peer: `(family, address words,
 /// port)`, the port in network order (`None`: keep the kernel's).
 #[inline(always)]
 fn shown_peer(sa: &mut bpf_sock_addr) -> Option<(u16, [u32; 4], Option<u16>)> {
-    let cfg: &Config = CONFIG.get(0)?;
+    // SAFETY: `sa` is this program's context.
+    let cfg: &Config =
+        pod_config(unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) })?;
     // The kernel filled in the socket's real peer.
     if cfg.is_capture_port(u16::from_be(sa.user_port as u16)) {
         // SAFETY: `sa` is this program's context.

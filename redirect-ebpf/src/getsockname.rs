@@ -7,17 +7,20 @@
 //! comparison.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use redirect_common::AF_INET;
 
-use crate::maps::{CONFIG, CONNS, put_ip6};
+use crate::maps::{CONNS, pod_config, put_ip6};
 
 /// The local address to show: `(family of the connection, address words)`.
 #[inline(always)]
 fn shown_local(sa: &mut bpf_sock_addr) -> Option<(u16, [u32; 4])> {
-    let cfg = CONFIG.get(0)?;
+    // SAFETY: `sa` is this program's context.
+    let cfg = pod_config(unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) })?;
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // SAFETY: the kernel's socket of this call; `dst_port` is network order.
     if !cfg.is_capture_port(u16::from_be(unsafe { (*sk).dst_port } as u16)) {

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use redirect_common::{AF_INET, AF_INET6, Counter, OrigDst, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
 use crate::{
-    maps::{CONFIG, SockaddrIn, SockaddrIn6, count, proxy_side_of},
+    maps::{SockaddrIn, SockaddrIn6, count, pod_config, proxy_side_of},
     tuple,
 };
 
@@ -86,7 +86,7 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
     unsafe {
         core::ptr::write_unaligned(start.cast::<T>(), value);
         // Separate volatile stores: merged into one 8-byte store, they are
-        // rejected by the verifier (see shared/AYA-NOTES.md).
+        // rejected by the verifier.
         core::ptr::write_volatile(&mut so.optlen, len as i32);
         core::ptr::write_volatile(&mut so.retval, 0);
     }
@@ -98,9 +98,10 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
 /// cookie).
 #[inline(always)]
 fn app_side(so: *mut bpf_sockopt, sk: *mut bpf_sock) -> Option<OrigDst> {
-    let cfg = CONFIG.get(0)?;
     // SAFETY: `so` is this program's context.
-    let ends = tuple::ends_of(sk, unsafe { bpf_get_netns_cookie(so.cast()) })?;
+    let netns = unsafe { bpf_get_netns_cookie(so.cast()) };
+    let cfg = pod_config(netns)?;
+    let ends = tuple::ends_of(sk, netns)?;
     if !cfg.is_capture_port(ends.remote_port) {
         return None;
     }

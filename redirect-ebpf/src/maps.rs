@@ -6,51 +6,55 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    BPF_F_NO_PREALLOC, Config, Conn, Counter, DEFAULT_CIDR_CAPACITY, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_SERVICE_CAPACITY, PORT_COUNT, ProxySide, SET_CAPACITY, ServiceKey, TupleKey,
+    AddrKey, BPF_F_NO_PREALLOC, Cidr4Key, Cidr6Key, Config, Conn, Counter, DEFAULT_CIDR_CAPACITY,
+    DEFAULT_MAX_CONNECTIONS, IdKey, Ip6Key, ListenerKey, PolicyServiceKey, PortKey, ProxySide,
+    SET_CAPACITY, TupleKey,
 };
 
-// ---- policy (replaced as a whole on re-apply) ----
+// ---- policy: per pod, found by network namespace (the loader sizes them) ----
 
 #[map]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIGS: HashMap<u64, Config> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+pub static PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static PROXY_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+pub static PROXY_UIDS: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static PROXY_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+pub static PROXY_GIDS: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static EXCLUDE_V4: LpmTrie<Cidr4Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
-pub static INCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static INCLUDE_V4: LpmTrie<Cidr4Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
-pub static OWNER_GROUPS: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+pub static OWNER_GROUPS: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, u8> =
-    HashMap::with_max_entries(DEFAULT_SERVICE_CAPACITY, BPF_F_NO_PREALLOC);
+pub static SERVICES: HashMap<PolicyServiceKey, u8> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static LOCAL_V4: HashMap<u32, u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+pub static LOCAL_V4: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static EXCLUDE_V6: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
-pub static INCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+pub static INCLUDE_V6: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
 
 #[map]
-pub static LOCAL_V6: HashMap<[u32; 4], u8> = HashMap::with_max_entries(SET_CAPACITY, 0);
+pub static LOCAL_V6: HashMap<Ip6Key, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static POD_ADDRS: HashMap<AddrKey, u64> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 // ---- connection state and counters (kept across re-apply) ----
 
@@ -69,7 +73,8 @@ pub static TUPLES: HashMap<TupleKey, u64> =
     HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);
+pub static INBOUND_LISTENER: SockHash<ListenerKey> =
+    SockHash::with_max_entries(2 * SET_CAPACITY, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::TOTAL, 0);
@@ -80,6 +85,13 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::T
 /// a number it may follow with `bpf_probe_read_kernel`.
 #[map]
 pub static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The policy of the pod whose network namespace has cookie `netns`.
+#[inline(always)]
+pub fn pod_config(netns: u64) -> Option<&'static Config> {
+    // SAFETY: a map value, read while the program runs.
+    CONFIGS.get_ptr(netns).map(|p| unsafe { &*p })
+}
 
 /// Adds one to counter `index` (a `Rule` or a `Counter`).
 #[inline(always)]

@@ -2,64 +2,106 @@
 //! shared decision code in `redirect_common::policy` runs unchanged here.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use redirect_common::{AF_INET, AF_INET6, Addr, PolicyMaps, ServiceKey, ip6_words};
+use redirect_common::{
+    AF_INET, AF_INET6, Addr, CIDR_KEY_POLICY_BITS, Cidr4Key, Cidr6Key, IdKey, Ip6Key, PolicyMaps,
+    PolicyServiceKey, PortKey, ServiceKey, cidr_key, ip6_words,
+};
 
 use crate::maps::{
     EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
     PROXY_GIDS, PROXY_UIDS, SERVICES,
 };
 
-/// The policy as stored in this object's maps.
-pub struct KernelPolicy;
+/// One pod's policy as stored in this object's maps: its entries are those
+/// under [`redirect_common::Config::policy`].
+pub struct KernelPolicy {
+    /// The policy id.
+    pub id: u64,
+}
+
+impl KernelPolicy {
+    #[inline(always)]
+    fn id_key(&self, id: u32) -> IdKey {
+        IdKey {
+            policy: self.id,
+            id,
+            reserved: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn key4(&self, a: u32) -> Key<Cidr4Key> {
+        Key::new(
+            CIDR_KEY_POLICY_BITS + 32,
+            cidr_key(self.id, a.to_be_bytes()),
+        )
+    }
+
+    #[inline(always)]
+    fn key6(&self, b: &[u8; 16]) -> Key<Cidr6Key> {
+        Key::new(CIDR_KEY_POLICY_BITS + 128, cidr_key(self.id, *b))
+    }
+}
 
 impl PolicyMaps for KernelPolicy {
     #[inline(always)]
     fn port_flags(&self, port: u16) -> u8 {
-        PORTS.get(port as u32).copied().unwrap_or(0)
+        let key = PortKey {
+            policy: self.id,
+            port,
+            reserved: [0; 3],
+        };
+        // SAFETY: a map value, copied out.
+        PORTS.get_ptr(key).map_or(0, |p| unsafe { *p })
     }
 
     #[inline(always)]
     fn is_proxy_uid(&self, uid: u32) -> bool {
-        PROXY_UIDS.get_ptr(uid).is_some()
+        PROXY_UIDS.get_ptr(self.id_key(uid)).is_some()
     }
 
     #[inline(always)]
     fn is_proxy_gid(&self, gid: u32) -> bool {
-        PROXY_GIDS.get_ptr(gid).is_some()
+        PROXY_GIDS.get_ptr(self.id_key(gid)).is_some()
     }
 
     #[inline(always)]
     fn cidr_excluded(&self, dst: &Addr) -> bool {
         match dst {
-            Addr::V4(a) => EXCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
-            Addr::V6(b) => EXCLUDE_V6.get(Key::new(128, *b)).is_some(),
+            Addr::V4(a) => EXCLUDE_V4.get(self.key4(*a)).is_some(),
+            Addr::V6(b) => EXCLUDE_V6.get(self.key6(b)).is_some(),
         }
     }
 
     #[inline(always)]
     fn cidr_included(&self, dst: &Addr) -> bool {
         match dst {
-            Addr::V4(a) => INCLUDE_V4.get(Key::new(32, a.to_be_bytes())).is_some(),
-            Addr::V6(b) => INCLUDE_V6.get(Key::new(128, *b)).is_some(),
+            Addr::V4(a) => INCLUDE_V4.get(self.key4(*a)).is_some(),
+            Addr::V6(b) => INCLUDE_V6.get(self.key6(b)).is_some(),
         }
     }
 
     #[inline(always)]
     fn is_local_addr(&self, dst: &Addr) -> bool {
         match dst {
-            Addr::V4(a) => LOCAL_V4.get_ptr(a.to_be()).is_some(),
-            Addr::V6(b) => LOCAL_V6.get_ptr(ip6_words(b)).is_some(),
+            Addr::V4(a) => LOCAL_V4.get_ptr(self.id_key(a.to_be())).is_some(),
+            Addr::V6(b) => LOCAL_V6
+                .get_ptr(Ip6Key {
+                    policy: self.id,
+                    ip: ip6_words(b),
+                })
+                .is_some(),
         }
     }
 
     #[inline(always)]
     fn is_owner_group(&self, gid: u32) -> bool {
-        OWNER_GROUPS.get_ptr(gid).is_some()
+        OWNER_GROUPS.get_ptr(self.id_key(gid)).is_some()
     }
 
     #[inline(always)]
     fn is_service(&self, dst: &Addr, port: u16) -> bool {
-        let key = match dst {
+        let service = match dst {
             Addr::V4(a) => ServiceKey {
                 ip: [a.to_be(), 0, 0, 0],
                 port,
@@ -71,6 +113,12 @@ impl PolicyMaps for KernelPolicy {
                 family: AF_INET6,
             },
         };
-        SERVICES.get_ptr(key).is_some()
+        SERVICES
+            .get_ptr(PolicyServiceKey {
+                policy: self.id,
+                service,
+                reserved: 0,
+            })
+            .is_some()
     }
 }

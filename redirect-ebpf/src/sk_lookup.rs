@@ -1,5 +1,11 @@
-//! `sk_lookup` (attached to the pod's network namespace): inbound capture
+//! `sk_lookup` (attached to each pod's network namespace): inbound capture
 //! without NAT.
+//!
+//! The pod is found by the address the connection arrives for
+//! (`POD_ADDRS`): this hook cannot ask for its network namespace on the
+//! kernels redirect supports. An address the pod did not have when it was
+//! registered finds no pod: the connection is dropped and counted
+//! (`inbound_unknown_addr`), never delivered uncaptured.
 //!
 //! For the first packet of every TCP connection arriving in the namespace,
 //! decide with the shared inbound rules; a captured connection is handed to
@@ -12,11 +18,12 @@
 
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use redirect_common::{
-    AF_INET, AF_INET6, Action, Addr, Counter, Inbound, LISTENER_V4, LISTENER_V6, decide_inbound,
+    AF_INET, AF_INET6, Action, Addr, AddrKey, Counter, Inbound, LISTENER_V4, LISTENER_V6,
+    ListenerKey, decide_inbound,
 };
 
 use crate::{
-    maps::{CONFIG, INBOUND_LISTENER, count},
+    maps::{INBOUND_LISTENER, POD_ADDRS, count, pod_config},
     policy::KernelPolicy,
 };
 
@@ -35,44 +42,75 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     if !v6 && l.family != u32::from(AF_INET) {
         return PASS;
     }
-    let Some(cfg) = CONFIG.get(0) else {
+    let (conn, local) = if v6 {
+        let local = [
+            l.local_ip6[0],
+            l.local_ip6[1],
+            l.local_ip6[2],
+            l.local_ip6[3],
+        ];
+        (
+            Inbound {
+                src: Addr::from_ip6_words([
+                    l.remote_ip6[0],
+                    l.remote_ip6[1],
+                    l.remote_ip6[2],
+                    l.remote_ip6[3],
+                ]),
+                dst: Addr::from_ip6_words(local),
+                dport: l.local_port as u16,
+            },
+            local,
+        )
+    } else {
+        (
+            Inbound {
+                src: Addr::V4(u32::from_be(l.remote_ip4)),
+                dst: Addr::V4(u32::from_be(l.local_ip4)),
+                dport: l.local_port as u16,
+            },
+            [l.local_ip4, 0, 0, 0],
+        )
+    };
+    // Connections to a loopback address are the pod's own (they never walk
+    // PREROUTING), and loopback addresses are in every namespace.
+    if conn.dst.is_loopback_range() {
+        return PASS;
+    }
+    // This program runs only in registered pods' namespaces (it is attached
+    // to each), and the address the connection arrives for says which pod.
+    let key = AddrKey {
+        ip: local,
+        family: l.family,
+        reserved: 0,
+    };
+    let Some(netns) = POD_ADDRS.get_ptr(key) else {
+        count(Counter::InboundUnknownAddr as u32);
+        return DROP;
+    };
+    // SAFETY: a map value, copied out.
+    let netns = unsafe { *netns };
+    let Some(cfg) = pod_config(netns) else {
+        // Registered, but its policy is not in force (yet, or any more).
         return PASS;
     };
-    let conn = if v6 {
-        Inbound {
-            src: Addr::from_ip6_words([
-                l.remote_ip6[0],
-                l.remote_ip6[1],
-                l.remote_ip6[2],
-                l.remote_ip6[3],
-            ]),
-            dst: Addr::from_ip6_words([
-                l.local_ip6[0],
-                l.local_ip6[1],
-                l.local_ip6[2],
-                l.local_ip6[3],
-            ]),
-            dport: l.local_port as u16,
-        }
-    } else {
-        Inbound {
-            src: Addr::V4(u32::from_be(l.remote_ip4)),
-            dst: Addr::V4(u32::from_be(l.local_ip4)),
-            dport: l.local_port as u16,
-        }
-    };
-    let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
+    let verdict = decide_inbound(cfg, &KernelPolicy { id: cfg.policy }, &conn);
     count(verdict.rule as u32);
     if let Action::Pass = verdict.action {
         return PASS;
     }
+    let listener = |slot| ListenerKey {
+        netns,
+        slot,
+        reserved: 0,
+    };
     // IPv4: an IPv4 listener first; a dual-stack IPv6 one takes IPv4 too.
     if (!v6
         && INBOUND_LISTENER
-            .redirect_sk_lookup(&ctx, LISTENER_V4, 0)
+            .redirect_sk_lookup(&ctx, listener(LISTENER_V4), 0)
             .is_ok())
         || INBOUND_LISTENER
-            .redirect_sk_lookup(&ctx, LISTENER_V6, 0)
+            .redirect_sk_lookup(&ctx, listener(LISTENER_V6), 0)
             .is_ok()
     {
         return PASS;

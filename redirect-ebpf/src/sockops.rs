@@ -36,13 +36,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirect_common::{
-    AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6, OrigDst,
-    ProxySide, TupleKey, conn_state, decide_inbound, orig_flags,
+    AF_INET, AF_INET6, Action, Addr, Config, Counter, Inbound, LISTENER_V4, LISTENER_V6,
+    ListenerKey, OrigDst, ProxySide, TupleKey, conn_state, decide_inbound, orig_flags,
 };
 
 use crate::{
     maps::{
-        CONFIG, CONNS, INBOUND_LISTENER, TUPLES, conn_state_or, count, forget_conn, set_proxy_side,
+        CONNS, INBOUND_LISTENER, TUPLES, conn_state_or, count, forget_conn,
+        pod_config as config_of, set_proxy_side,
     },
     policy::KernelPolicy,
     tuple::{self, Ends},
@@ -168,19 +169,18 @@ fn on_passive_established(ops: *mut bpf_sock_ops) {
     }
 }
 
-/// The pod's policy, if `ops`'s socket lives in the pod's namespace.
+/// The policy of the pod whose namespace `ops`'s socket lives in, with
+/// that namespace's cookie.
 #[inline(always)]
-fn pod_config(ops: *mut bpf_sock_ops) -> Option<&'static Config> {
-    let cfg = CONFIG.get(0)?;
-    if cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ops.cast()) } != cfg.netns_cookie {
-        return None;
-    }
-    Some(cfg)
+fn pod_config(ops: *mut bpf_sock_ops) -> Option<(u64, &'static Config)> {
+    // SAFETY: `ops` is this program's context.
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    Some((netns, config_of(netns)?))
 }
 
 #[inline(always)]
 fn on_listen(ops: *mut bpf_sock_ops) {
-    let Some(cfg) = pod_config(ops) else {
+    let Some((netns, cfg)) = pod_config(ops) else {
         return;
     };
     let o = unsafe { &*ops };
@@ -194,8 +194,16 @@ fn on_listen(ops: *mut bpf_sock_ops) {
     } else {
         return;
     };
+    let key = ListenerKey {
+        netns,
+        slot,
+        reserved: 0,
+    };
     // SAFETY: `ops` is this program's context, a full TCP socket.
-    if unsafe { INBOUND_LISTENER.update(slot, ops, BPF_ANY.into()) }.is_ok() {
+    if INBOUND_LISTENER
+        .update(key, unsafe { &mut *ops }, BPF_ANY.into())
+        .is_ok()
+    {
         count(Counter::ListenerSet as u32);
     }
 }
@@ -203,7 +211,7 @@ fn on_listen(ops: *mut bpf_sock_ops) {
 /// A passive connection with no hand-over entry: captured inbound?
 #[inline(always)]
 fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
-    let Some(cfg) = pod_config(ops) else {
+    let Some((_, cfg)) = pod_config(ops) else {
         return;
     };
     let Some((family, local, remote)) = addrs(ops) else {
@@ -223,7 +231,7 @@ fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
         dst,
         dport: port,
     };
-    let verdict = decide_inbound(cfg, &KernelPolicy, &conn);
+    let verdict = decide_inbound(cfg, &KernelPolicy { id: cfg.policy }, &conn);
     if let Action::Pass = verdict.action {
         return;
     }

@@ -23,8 +23,7 @@
 
 use std::{
     fs::{self, File},
-    net::IpAddr,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,19 +31,20 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, SockMap, lpm_trie::Key},
+    maps::{Array, MapData, SockHash},
     programs::Program,
 };
-use redirect_common::{Config, map_names, program_names};
+use redirect_common::{ListenerKey, map_names, program_names};
 
 pub use crate::layout::Layout;
 use crate::{
+    entries::{PolicyEntries, PolicyMaps, new_policy_id},
     fs::{check_cgroup, create_private_dir, ensure_bpffs, is_bpffs_mount_point, refuse_bpffs_root},
     layout::{DEFAULT_PIN_ROOT, old_default_in_use},
     lock::PinDirLock,
     netns,
     pod_record::PodRecord,
-    policy::{Include, NetnsFacts, PolicySpec},
+    policy::{NetnsFacts, PolicySpec},
     sys::{self, AttachType},
 };
 
@@ -343,11 +343,14 @@ fn install(
     for (name, path) in &state_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    // Size the service map to the list: its bucket array is allocated up
-    // front even though entries are not.
-    let services =
-        u32::try_from(req.policy.services.len().max(1)).context("--service: too many services")?;
-    loader.map_max_entries(map_names::SERVICES, services);
+    let mut entries = PolicyEntries::new(&req.policy, facts, new_policy_id()?);
+    entries.config = crate::btf::with_owner_path(entries.config);
+    // Size each policy map to this one pod: a hash map's bucket array is
+    // allocated up front even though its entries are not.
+    for (name, n) in entries.counts() {
+        let n = u32::try_from(n.max(1)).with_context(|| format!("{name}: too many entries"))?;
+        loader.map_max_entries(name, n);
+    }
     loader.map_max_entries(map_names::CONNS, capacity);
     loader.map_max_entries(map_names::TUPLES, capacity);
     let mut ebpf = loader
@@ -357,14 +360,9 @@ fn install(
         .set(0, redirect_common::STATE_LAYOUT, 0)
         .context("writing LAYOUT")?;
 
-    fill_policy(&mut ebpf, &req.policy, facts)?;
-    for name in map_names::POLICY {
-        let map = ebpf
-            .map(name)
-            .with_context(|| format!("map {name} missing from the eBPF object"))?;
-        map.pin(gen_dir.join(name))
-            .with_context(|| format!("pinning map {name} in {}", gen_dir.display()))?;
-    }
+    let mut policy = PolicyMaps::take(&mut ebpf)?;
+    entries.write(&mut policy)?;
+    policy.pin(gen_dir)?;
 
     let mut links: Vec<OwnedFd> = Vec::new();
     for (name, attach, short) in PROGRAMS {
@@ -411,16 +409,17 @@ fn install(
         if attach == AttachType::SockOps {
             // From here on sock_ops registers new listeners; register one
             // that is already listening before sk_lookup starts steering.
-            register_running_listener(&mut ebpf, req)?;
+            register_running_listener(
+                &mut ebpf,
+                req.netns.as_deref(),
+                facts.netns_cookie,
+                req.policy.inbound_port,
+            )?;
         }
     }
     // Last step: the generation is complete. Any pinned object will do as
-    // the marker; the CONFIG map is at hand.
-    let marker = layout.complete_marker(generation);
-    ebpf.map(map_names::CONFIG)
-        .context("map CONFIG missing from the eBPF object")?
-        .pin(&marker)
-        .with_context(|| format!("pinning the completion marker {}", marker.display()))?;
+    // the marker; the CONFIGS map is at hand.
+    policy.pin_one(map_names::CONFIGS, &layout.complete_marker(generation))?;
     Ok(())
 }
 
@@ -443,19 +442,40 @@ fn test_hook_after_link(pinned: usize) {
 #[cfg(not(debug_assertions))]
 fn test_hook_after_link(_pinned: usize) {}
 
-/// Puts a proxy listener that was up before this apply into the listener map.
-fn register_running_listener(ebpf: &mut Ebpf, req: &ApplyRequest) -> Result<()> {
-    let port = req.policy.inbound_port;
-    let found = crate::listener::find(req.netns.as_deref(), port)
+/// Puts a proxy listener that was up before this apply into the listener
+/// map (of a loaded object).
+fn register_running_listener(
+    ebpf: &mut Ebpf,
+    netns: Option<&Path>,
+    netns_cookie: u64,
+    port: u16,
+) -> Result<()> {
+    let map = SockHash::<_, ListenerKey>::try_from(map_mut(ebpf, map_names::INBOUND_LISTENER)?)?;
+    register_listeners(map, netns, netns_cookie, port)
+}
+
+/// Puts a proxy listener of the namespace `netns` (cookie `netns_cookie`)
+/// that listens on `port` already into the listener map.
+pub fn register_listeners<T: std::borrow::BorrowMut<MapData>>(
+    mut map: SockHash<T, ListenerKey>,
+    netns: Option<&Path>,
+    netns_cookie: u64,
+    port: u16,
+) -> Result<()> {
+    let found = crate::listener::find(netns, port)
         .context("looking for a proxy already listening on the inbound port")?;
-    let mut map = SockMap::try_from(map_mut(ebpf, map_names::INBOUND_LISTENER)?)?;
     for found in found {
         let slot = if found.ipv6 {
             redirect_common::LISTENER_V6
         } else {
             redirect_common::LISTENER_V4
         };
-        map.set(slot, &found.fd, 0)
+        let key = ListenerKey {
+            netns: netns_cookie,
+            slot,
+            reserved: 0,
+        };
+        map.insert(key, found.fd.as_raw_fd(), 0)
             .context("registering the running proxy's inbound listener")?;
         tracing::info!(
             pid = found.pid,
@@ -472,96 +492,35 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map>
         .with_context(|| format!("map {name} missing from the eBPF object"))
 }
 
-/// Writes the policy into the (fresh, unattached) policy maps.
-fn fill_policy(ebpf: &mut Ebpf, spec: &PolicySpec, facts: &NetnsFacts) -> Result<()> {
-    let cfg = crate::btf::with_owner_path(spec.config(facts));
-    Array::<_, Config>::try_from(map_mut(ebpf, map_names::CONFIG)?)?
-        .set(0, cfg, 0)
-        .context("writing CONFIG")?;
-
-    let mut ports = Array::<_, u8>::try_from(map_mut(ebpf, map_names::PORTS)?)?;
-    for (port, flags) in spec.port_entries() {
-        ports
-            .set(u32::from(port), flags, 0)
-            .context("writing PORTS")?;
-    }
-
-    for (name, ids) in [
-        (map_names::PROXY_UIDS, spec.proxy_uids.as_slice()),
-        (map_names::PROXY_GIDS, spec.proxy_gids.as_slice()),
-        (map_names::OWNER_GROUPS, spec.owner_group_ids()),
-    ] {
-        let mut set = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, name)?)?;
-        for id in ids.iter() {
-            set.insert(id, 1, 0)
-                .with_context(|| format!("writing {name}"))?;
-        }
-    }
-
-    let mut services = HashMap::<_, redirect_common::ServiceKey, u8>::try_from(map_mut(
-        ebpf,
-        map_names::SERVICES,
-    )?)?;
-    for key in spec.service_keys() {
-        services.insert(key, 1, 0).context("writing SERVICES")?;
-    }
-
-    let include: &[_] = match &spec.include_cidrs {
-        Include::All => &[],
-        Include::List(l) => l,
-    };
-    for (name, list) in [
-        (map_names::EXCLUDE_V4, spec.exclude_cidrs.as_slice()),
-        (map_names::INCLUDE_V4, include),
-    ] {
-        let mut trie = LpmTrie::<_, [u8; 4], u8>::try_from(map_mut(ebpf, name)?)?;
-        for (addr, prefix) in PolicySpec::v4_cidrs(list) {
-            trie.insert(&Key::new(u32::from(prefix), addr.octets()), 1, 0)
-                .with_context(|| format!("writing {name} ({addr}/{prefix})"))?;
-        }
-    }
-
-    for (name, list) in [
-        (map_names::EXCLUDE_V6, spec.exclude_cidrs.as_slice()),
-        (map_names::INCLUDE_V6, include),
-    ] {
-        let mut trie = LpmTrie::<_, [u8; 16], u8>::try_from(map_mut(ebpf, name)?)?;
-        for (addr, prefix) in PolicySpec::v6_cidrs(list) {
-            trie.insert(&Key::new(u32::from(prefix), addr.octets()), 1, 0)
-                .with_context(|| format!("writing {name} ({addr}/{prefix})"))?;
-        }
-    }
-
-    let mut local = HashMap::<_, u32, u8>::try_from(map_mut(ebpf, map_names::LOCAL_V4)?)?;
-    for addr in &facts.local_addrs {
-        if let IpAddr::V4(a) = addr {
-            local
-                .insert(u32::from_ne_bytes(a.octets()), 1, 0)
-                .context("writing LOCAL_V4")?;
-        }
-    }
-    let mut local6 = HashMap::<_, [u32; 4], u8>::try_from(map_mut(ebpf, map_names::LOCAL_V6)?)?;
-    for addr in &facts.local_addrs {
-        if let IpAddr::V6(a) = addr {
-            local6
-                .insert(redirect_common::ip6_words(&a.octets()), 1, 0)
-                .context("writing LOCAL_V6")?;
-        }
-    }
-    Ok(())
-}
-
 /// Detaches one generation: its connect and sk_lookup links first, so that
 /// no connection is redirected once the hand-over and getsockopt programs
-/// start going, then everything else.
+/// start going, then everything else. Each link is detached before it is
+/// unpinned (unpinning alone detaches it only when the kernel frees it, a
+/// moment later): when this returns, none of its programs runs any more.
 fn retire(dir: &Path) -> Result<()> {
-    for first in ["link_connect4", "link_connect6", "link_sk_lookup"] {
-        let link = dir.join(first);
+    let shorts = PROGRAMS.iter().map(|(_, _, short)| *short);
+    let (first, rest): (Vec<&str>, Vec<&str>) =
+        shorts.partition(|s| ["connect4", "connect6", "sk_lookup"].contains(s));
+    for short in first.into_iter().chain(rest) {
+        let link = dir.join(format!("link_{short}"));
         if link.exists() {
+            detach_pinned_link(&link)?;
             fs::remove_file(&link).with_context(|| format!("unpinning {}", link.display()))?;
         }
     }
     fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Detaches the link pinned at `path` (see [`retire`]). A link whose cgroup
+/// or namespace is gone is already detached.
+pub fn detach_pinned_link(path: &Path) -> Result<()> {
+    let fd = sys::obj_get(path, 0).with_context(|| format!("opening {}", path.display()))?;
+    match sys::link_detach(&fd) {
+        Ok(()) => Ok(()),
+        // ENOLINK: already detached (its target is gone).
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("detaching {}", path.display())),
+    }
 }
 
 /// Detaches and unpins everything applied at `pin_dir`, complete

@@ -26,6 +26,8 @@ pub mod cli;
 #[cfg(feature = "loader")]
 pub mod demo;
 #[cfg(feature = "loader")]
+pub mod entries;
+#[cfg(feature = "loader")]
 pub mod explain;
 #[cfg(feature = "loader")]
 pub mod fs;

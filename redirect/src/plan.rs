@@ -22,10 +22,11 @@ use serde::Serialize;
 
 use crate::{
     apply::{ApplyRequest, Layout, PROGRAMS, check_pod},
+    entries::PolicyEntries,
     fs::{DEFAULT_BPFFS, check_cgroup, is_bpffs, refuse_bpffs_root},
     netns,
     pod_record::PodRecord,
-    policy::{Include, PolicySpec},
+    policy::PolicySpec,
 };
 
 /// How many entries of a long map are listed.
@@ -82,7 +83,7 @@ pub struct Attachment {
     pub target: String,
 }
 
-/// The `CONFIG` entry that would be written.
+/// The `CONFIGS` entry that would be written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ConfigPlan {
     /// Outbound capture port.
@@ -129,8 +130,8 @@ pub struct PinDirPlan {
 /// What the policy maps would hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MapsPlan {
-    /// `CONFIG[0]`.
-    #[serde(rename = "CONFIG")]
+    /// `CONFIGS[netns cookie]`.
+    #[serde(rename = "CONFIGS")]
     pub config: ConfigPlan,
     /// `PORTS`: the ports with a flag set (every other port stays 0).
     #[serde(rename = "PORTS")]
@@ -165,6 +166,9 @@ pub struct MapsPlan {
     /// `LOCAL_V6`: the namespace's IPv6 addresses.
     #[serde(rename = "LOCAL_V6")]
     pub local_v6: Summary<String>,
+    /// `POD_ADDRS`: the addresses `sk_lookup` finds the pod by.
+    #[serde(rename = "POD_ADDRS")]
+    pub pod_addrs: Summary<String>,
 }
 
 /// Everything `apply` would do.
@@ -242,22 +246,28 @@ fn bpffs_state(pin_dir: &Path) -> String {
 
 /// The map contents for `spec` in a namespace with these facts.
 pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPlan {
-    let cfg: Config = crate::btf::with_owner_path(spec.config(facts));
-    let include: &[_] = match &spec.include_cidrs {
-        Include::All => &[],
-        Include::List(l) => l,
+    let mut e = PolicyEntries::new(spec, facts, 0);
+    e.config = crate::btf::with_owner_path(e.config);
+    maps_plan_of(&e, facts)
+}
+
+/// The map contents of `e` (made for a namespace with these facts).
+pub fn maps_plan_of(e: &PolicyEntries, facts: &crate::policy::NetnsFacts) -> MapsPlan {
+    let cfg: &Config = &e.config;
+    let cidrs = |list: &[(std::net::Ipv4Addr, u8)]| {
+        Summary::new(list.iter().map(|(a, p)| format!("{a}/{p}")))
     };
-    let cidrs = |list| Summary::new(PolicySpec::v4_cidrs(list).map(|(a, p)| format!("{a}/{p}")));
-    let cidrs6 = |list| Summary::new(PolicySpec::v6_cidrs(list).map(|(a, p)| format!("{a}/{p}")));
-    let local = |v4: bool| {
-        Summary::new(
-            facts
-                .local_addrs
-                .iter()
-                .filter(move |a| a.is_ipv4() == v4)
-                .map(ToString::to_string),
-        )
+    let cidrs6 = |list: &[(std::net::Ipv6Addr, u8)]| {
+        Summary::new(list.iter().map(|(a, p)| format!("{a}/{p}")))
     };
+    let services = e.services.iter().map(|k| {
+        let ip = if k.family == redirect_common::AF_INET {
+            std::net::IpAddr::from(k.ip[0].to_ne_bytes())
+        } else {
+            std::net::IpAddr::from(redirect_common::ip6_bytes(k.ip))
+        };
+        std::net::SocketAddr::new(ip, k.port).to_string()
+    });
     MapsPlan {
         config: ConfigPlan {
             proxy_port: cfg.proxy_port,
@@ -273,20 +283,21 @@ pub fn maps_plan(spec: &PolicySpec, facts: &crate::policy::NetnsFacts) -> MapsPl
             proxy_cgroup_id: cfg.proxy_cgroup_id,
             proxy_cgroup_level: cfg.proxy_cgroup_level,
         },
-        ports: Summary::new(spec.port_entries().into_iter().map(|(port, f)| PortEntry {
-            port,
-            flags: port_flag_names(f),
+        ports: Summary::new(e.ports.iter().map(|(port, f)| PortEntry {
+            port: *port,
+            flags: port_flag_names(*f),
         })),
-        proxy_uids: Summary::new(spec.proxy_uids.iter().copied()),
-        proxy_gids: Summary::new(spec.proxy_gids.iter().copied()),
-        owner_groups: Summary::new(spec.owner_group_ids().iter().copied()),
-        services: Summary::new(spec.services.iter().map(ToString::to_string)),
-        exclude_v4: cidrs(&spec.exclude_cidrs),
-        include_v4: cidrs(include),
-        local_v4: local(true),
-        exclude_v6: cidrs6(&spec.exclude_cidrs),
-        include_v6: cidrs6(include),
-        local_v6: local(false),
+        proxy_uids: Summary::new(e.proxy_uids.iter().copied()),
+        proxy_gids: Summary::new(e.proxy_gids.iter().copied()),
+        owner_groups: Summary::new(e.owner_groups.iter().copied()),
+        services: Summary::new(services),
+        exclude_v4: cidrs(&e.exclude_v4),
+        include_v4: cidrs(&e.include_v4),
+        local_v4: Summary::new(e.local_v4.iter().map(ToString::to_string)),
+        exclude_v6: cidrs6(&e.exclude_v6),
+        include_v6: cidrs6(&e.include_v6),
+        local_v6: Summary::new(e.local_v6.iter().map(ToString::to_string)),
+        pod_addrs: Summary::new(e.pod_addrs().map(|a| a.to_string())),
     }
 }
 
@@ -445,7 +456,7 @@ impl fmt::Display for Plan {
         writeln!(
             f,
             "  {:<11} proxy_port {} inbound_port {} tunnel_port {}",
-            map_names::CONFIG,
+            map_names::CONFIGS,
             c.proxy_port,
             c.inbound_port,
             c.tunnel_port
@@ -505,6 +516,7 @@ impl fmt::Display for Plan {
         write_summary(f, map_names::EXCLUDE_V6, &m.exclude_v6, "")?;
         write_summary(f, map_names::INCLUDE_V6, &m.include_v6, include_note)?;
         write_summary(f, map_names::LOCAL_V6, &m.local_v6, "")?;
+        write_summary(f, map_names::POD_ADDRS, &m.pod_addrs, "")?;
         Ok(())
     }
 }

@@ -624,6 +624,7 @@ impl PolicySpec {
             proxy_mark: self.proxy_mark.unwrap_or(0),
             proxy_cgroup_level: self.proxy_cgroup.as_ref().map_or(0, |c| c.level),
             owner_path: Default::default(),
+            policy: 0,
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, MapInfo};
 use redirect_common::{
-    Conn, DEFAULT_MAX_CONNECTIONS, ProxySide, STATE_LAYOUT, TupleKey, map_names,
+    Conn, DEFAULT_MAX_CONNECTIONS, ListenerKey, ProxySide, STATE_LAYOUT, TupleKey, map_names,
 };
 
 /// Key and value size of every state map, as this build's programs use them.
@@ -19,7 +19,11 @@ pub const SIZES: [(&str, u32, u32); 6] = [
     (map_names::CONNS, 8, size_of::<Conn>() as u32),
     (map_names::TUPLES, size_of::<TupleKey>() as u32, 8),
     (map_names::COUNTERS, 4, 8),
-    (map_names::INBOUND_LISTENER, 4, 4),
+    (
+        map_names::INBOUND_LISTENER,
+        size_of::<ListenerKey>() as u32,
+        4,
+    ),
 ];
 
 /// Largest `--max-connections`: the hash buckets alone (16 bytes a slot,

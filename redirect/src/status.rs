@@ -9,14 +9,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray};
-use redirect_common::{
-    Config, Counter, Rule, ServiceKey, config_flags, ip6_bytes, map_names, port_flags,
-};
+use aya::maps::{HashMap, PerCpuArray};
+use redirect_common::{Counter, Rule, config_flags, ip6_bytes, map_names, port_flags};
 use serde::Serialize;
 
 use crate::{
     apply::{Layout, PROGRAMS, open_pinned},
+    entries::{PolicyEntries, PolicyMaps},
     pod_record::PodRecord,
     sys,
 };
@@ -133,7 +132,7 @@ pub struct Connections {
 }
 
 /// Reads the occupancy of the state maps in `state`, if they exist.
-fn connections(state: &Path) -> Result<Option<Connections>> {
+pub fn connections(state: &Path) -> Result<Option<Connections>> {
     let path = state.join(map_names::CONNS);
     if !path.exists() {
         return Ok(None);
@@ -146,6 +145,28 @@ fn connections(state: &Path) -> Result<Option<Connections>> {
         open: conns.keys().count() as u64,
         capacity,
     }))
+}
+
+/// Every counter in the state maps at `state` (decisions by rule, then the
+/// others), summed over CPUs.
+pub fn counters(state: &Path) -> Result<BTreeMap<String, u64>> {
+    let path = state.join(map_names::COUNTERS);
+    let map = PerCpuArray::<_, u64>::try_from(open_pinned(&path)?)?;
+    let read = |i: u32| -> Result<u64> {
+        Ok(map
+            .get(&i, 0)
+            .with_context(|| format!("reading counter {i}"))?
+            .iter()
+            .sum())
+    };
+    let mut out = BTreeMap::new();
+    for rule in Rule::ALL {
+        out.insert(rule.name().to_string(), read(rule as u32)?);
+    }
+    for c in Counter::ALL {
+        out.insert(c.name().to_string(), read(c as u32)?);
+    }
+    Ok(out)
 }
 
 /// The pinned links of the generation in `dir`: those present, and the
@@ -246,126 +267,111 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
     })
 }
 
-fn ids(dir: &Path, name: &str, first: Option<u32>) -> Result<Vec<u32>> {
-    let set = HashMap::<_, u32, u8>::try_from(open_pinned(&dir.join(name))?)?;
-    let mut all: Vec<u32> = set.keys().collect::<Result<_, _>>()?;
-    all.sort_unstable();
-    if let Some(first) = first {
-        all.retain(|x| *x != first);
-        all.insert(0, first);
-    }
-    Ok(all)
-}
-
-/// The CIDRs of an IPv4 trie and its IPv6 twin, IPv4 first.
-fn cidrs(dir: &Path, v4: &str, v6: &str) -> Result<Vec<String>> {
-    let trie = LpmTrie::<_, [u8; 4], u8>::try_from(open_pinned(&dir.join(v4))?)?;
-    let mut out: Vec<(IpAddr, u32)> = trie
-        .keys()
-        .map(|k| k.map(|k| (IpAddr::from(k.data()), k.prefix_len())))
-        .collect::<Result<_, _>>()?;
-    let trie6 = LpmTrie::<_, [u8; 16], u8>::try_from(open_pinned(&dir.join(v6))?)?;
-    for k in trie6.keys() {
-        let k = k?;
-        out.push((IpAddr::from(k.data()), k.prefix_len()));
-    }
-    out.sort();
-    Ok(out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect())
-}
-
 fn read_policy(dir: &Path) -> Result<PolicyStatus> {
-    let config = Array::<_, Config>::try_from(open_pinned(&dir.join(map_names::CONFIG))?)?;
-    let cfg = config.get(&0, 0).context("reading CONFIG")?;
-    let ports = Array::<_, u8>::try_from(open_pinned(&dir.join(map_names::PORTS))?)?;
-    let (mut include_ports, mut exclude_ports) = (Vec::new(), Vec::new());
-    let (mut inbound_ports, mut exclude_inbound_ports) = (Vec::new(), Vec::new());
-    if cfg.has(config_flags::INBOUND_ALL) {
-        inbound_ports.push("*".to_string());
-    }
-    for (port, flags) in ports.iter().enumerate() {
-        let flags = flags?;
-        if flags & port_flags::IN_INCLUDE != 0 {
-            inbound_ports.push(port.to_string());
-        }
-        if flags & port_flags::IN_EXCLUDE != 0 {
-            exclude_inbound_ports.push(port as u16);
-        }
-        if flags & port_flags::OUT_INCLUDE != 0 {
-            include_ports.push(port as u16);
-        }
-        if flags & port_flags::OUT_EXCLUDE != 0 {
-            exclude_ports.push(port as u16);
-        }
-    }
-    let include_cidrs = if cfg.has(config_flags::INCLUDE_ALL) {
-        vec!["*".to_string()]
-    } else {
-        cidrs(dir, map_names::INCLUDE_V4, map_names::INCLUDE_V6)?
+    let mut maps = PolicyMaps::open(dir)?;
+    let configs = maps.configs()?;
+    let [(netns, _)] = configs.as_slice() else {
+        bail!(
+            "{}: CONFIGS holds {} pods, a one-shot apply holds one",
+            dir.display(),
+            configs.len()
+        );
     };
-    let local = HashMap::<_, u32, u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V4))?)?;
-    let mut local_addrs: Vec<IpAddr> = local
-        .keys()
-        .map(|k| k.map(|k| IpAddr::from(k.to_ne_bytes())))
-        .collect::<Result<_, _>>()?;
-    let local6 =
-        HashMap::<_, [u32; 4], u8>::try_from(open_pinned(&dir.join(map_names::LOCAL_V6))?)?;
-    for k in local6.keys() {
-        local_addrs.push(IpAddr::from(ip6_bytes(k?)));
-    }
-    local_addrs.sort();
-    let groups = ids(dir, map_names::OWNER_GROUPS, None)?;
-    let (owner_groups_include, owner_groups_exclude) =
-        if cfg.has(config_flags::OWNER_GROUPS_INCLUDE) {
-            (groups, Vec::new())
-        } else if cfg.has(config_flags::OWNER_GROUPS_EXCLUDE) {
-            (Vec::new(), groups)
-        } else {
-            (Vec::new(), Vec::new())
+    let entries = PolicyEntries::read(&mut maps, *netns)?
+        .with_context(|| format!("{}: the pod's policy vanished", dir.display()))?;
+    Ok(PolicyStatus::of(&entries))
+}
+
+impl PolicyStatus {
+    /// What a pod's policy entries say, as `status` shows it.
+    pub fn of(e: &PolicyEntries) -> PolicyStatus {
+        let cfg = &e.config;
+        let (mut include_ports, mut exclude_ports) = (Vec::new(), Vec::new());
+        let (mut inbound_ports, mut exclude_inbound_ports) = (Vec::new(), Vec::new());
+        if cfg.has(config_flags::INBOUND_ALL) {
+            inbound_ports.push("*".to_string());
+        }
+        for (port, flags) in &e.ports {
+            if flags & port_flags::IN_INCLUDE != 0 {
+                inbound_ports.push(port.to_string());
+            }
+            if flags & port_flags::IN_EXCLUDE != 0 {
+                exclude_inbound_ports.push(*port);
+            }
+            if flags & port_flags::OUT_INCLUDE != 0 {
+                include_ports.push(*port);
+            }
+            if flags & port_flags::OUT_EXCLUDE != 0 {
+                exclude_ports.push(*port);
+            }
+        }
+        let cidrs = |v4: &[(Ipv4Addr, u8)], v6: &[(std::net::Ipv6Addr, u8)]| -> Vec<String> {
+            let mut out: Vec<(IpAddr, u8)> = v4
+                .iter()
+                .map(|(a, p)| (IpAddr::V4(*a), *p))
+                .chain(v6.iter().map(|(a, p)| (IpAddr::V6(*a), *p)))
+                .collect();
+            out.sort();
+            out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect()
         };
-    let svc_map =
-        HashMap::<_, ServiceKey, u8>::try_from(open_pinned(&dir.join(map_names::SERVICES))?)?;
-    let mut services: Vec<std::net::SocketAddr> = Vec::new();
-    for k in svc_map.keys() {
-        let k = k?;
-        let ip = if k.family == redirect_common::AF_INET {
-            IpAddr::from(k.ip[0].to_ne_bytes())
+        let include_cidrs = if cfg.has(config_flags::INCLUDE_ALL) {
+            vec!["*".to_string()]
         } else {
-            IpAddr::from(ip6_bytes(k.ip))
+            cidrs(&e.include_v4, &e.include_v6)
         };
-        services.push(std::net::SocketAddr::new(ip, k.port));
+        let mut local_addrs: Vec<IpAddr> = e
+            .local_v4
+            .iter()
+            .map(|a| IpAddr::V4(*a))
+            .chain(e.local_v6.iter().map(|a| IpAddr::V6(*a)))
+            .collect();
+        local_addrs.sort();
+        let groups = e.owner_groups.clone();
+        let (owner_groups_include, owner_groups_exclude) =
+            if cfg.has(config_flags::OWNER_GROUPS_INCLUDE) {
+                (groups, Vec::new())
+            } else if cfg.has(config_flags::OWNER_GROUPS_EXCLUDE) {
+                (Vec::new(), groups)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+        let mut services: Vec<std::net::SocketAddr> = e
+            .services
+            .iter()
+            .map(|k| {
+                let ip = if k.family == redirect_common::AF_INET {
+                    IpAddr::from(k.ip[0].to_ne_bytes())
+                } else {
+                    IpAddr::from(ip6_bytes(k.ip))
+                };
+                std::net::SocketAddr::new(ip, k.port)
+            })
+            .collect();
+        services.sort();
+        PolicyStatus {
+            proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
+            proxy_cgroup_id: cfg
+                .has(config_flags::HAS_CGROUP)
+                .then_some(cfg.proxy_cgroup_id),
+            owner_groups_include,
+            owner_groups_exclude,
+            services: services.iter().map(ToString::to_string).collect(),
+            proxy_port: cfg.proxy_port,
+            inbound_port: cfg.inbound_port,
+            tunnel_port: cfg.tunnel_port,
+            proxy_uids: e.proxy_uids.clone(),
+            proxy_gids: e.proxy_gids.clone(),
+            include_cidrs,
+            exclude_cidrs: cidrs(&e.exclude_v4, &e.exclude_v6),
+            include_ports,
+            exclude_ports,
+            inbound_ports,
+            exclude_inbound_ports,
+            local_addrs: local_addrs.iter().map(ToString::to_string).collect(),
+            source_v4: (cfg.source_v4 != 0)
+                .then(|| Ipv4Addr::from(cfg.source_v4.to_ne_bytes()).to_string()),
+        }
     }
-    services.sort();
-    Ok(PolicyStatus {
-        proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
-        proxy_cgroup_id: cfg
-            .has(config_flags::HAS_CGROUP)
-            .then_some(cfg.proxy_cgroup_id),
-        owner_groups_include,
-        owner_groups_exclude,
-        services: services.iter().map(ToString::to_string).collect(),
-        proxy_port: cfg.proxy_port,
-        inbound_port: cfg.inbound_port,
-        tunnel_port: cfg.tunnel_port,
-        proxy_uids: ids(
-            dir,
-            map_names::PROXY_UIDS,
-            cfg.has(config_flags::HAS_UIDS).then_some(cfg.first_uid),
-        )?,
-        proxy_gids: ids(
-            dir,
-            map_names::PROXY_GIDS,
-            cfg.has(config_flags::HAS_GIDS).then_some(cfg.first_gid),
-        )?,
-        include_cidrs,
-        exclude_cidrs: cidrs(dir, map_names::EXCLUDE_V4, map_names::EXCLUDE_V6)?,
-        include_ports,
-        exclude_ports,
-        inbound_ports,
-        exclude_inbound_ports,
-        local_addrs: local_addrs.iter().map(ToString::to_string).collect(),
-        source_v4: (cfg.source_v4 != 0)
-            .then(|| Ipv4Addr::from(cfg.source_v4.to_ne_bytes()).to_string()),
-    })
 }
 
 /// `a,b,c`, or `-` for an empty list.

@@ -13,11 +13,15 @@ use std::{
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 
 /// Cgroup attach types used by redirect (`enum bpf_attach_type`).
@@ -123,6 +127,43 @@ pub fn link_create(prog: impl AsFd, target: impl AsFd, attach: AttachType) -> io
     attr.put_u32(4, target.as_fd().as_raw_fd() as u32);
     attr.put_u32(8, attach as u32);
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
+}
+
+/// `BPF_LINK_DETACH`: detach `link` now (5.9+). A link detached this way
+/// stays a valid object (and pin) attached to nothing. Unpinning alone
+/// detaches only once the kernel frees the link, a moment later.
+pub fn link_detach(link: impl AsFd) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_fd().as_raw_fd() as u32);
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// `BPF_LINK_UPDATE`: make `link` run `prog` instead of its program, in one
+/// step (nothing is ever unattached in between).
+pub fn link_update(link: impl AsFd, prog: impl AsFd) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_fd().as_raw_fd() as u32);
+    attr.put_u32(4, prog.as_fd().as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// `BPF_MAP_UPDATE_ELEM`: `map[key] = value` (both exactly the map's sizes).
+pub fn map_update(map: impl AsFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_fd().as_raw_fd() as u32);
+    attr.put_u64(8, key.as_ptr() as u64);
+    attr.put_u64(16, value.as_ptr() as u64);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// `BPF_MAP_LOOKUP_ELEM`: `value = map[key]` (`value` exactly the map's
+/// value size).
+pub fn map_lookup(map: impl AsFd, key: &[u8], value: &mut [u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_fd().as_raw_fd() as u32);
+    attr.put_u64(8, key.as_ptr() as u64);
+    attr.put_u64(16, value.as_mut_ptr() as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(|_| ())
 }
 
 /// `BPF_OBJ_PIN`: pin a program, map or link at `path` on a bpffs.

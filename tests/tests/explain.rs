@@ -580,7 +580,7 @@ fn dry_run_checks_and_touches_nothing() {
     assert_eq!(maps["EXCLUDE_V4"]["entries"].as_array().unwrap().len(), 20);
     assert_eq!(maps["EXCLUDE_V4"]["truncated"], true);
     assert_eq!(maps["INCLUDE_V4"]["count"], 0);
-    let flags: Vec<&str> = maps["CONFIG"]["flags"]
+    let flags: Vec<&str> = maps["CONFIGS"]["flags"]
         .as_array()
         .unwrap()
         .iter()
@@ -605,7 +605,7 @@ fn dry_run_checks_and_touches_nothing() {
         maps["SERVICES"]["entries"],
         serde_json::json!(["10.0.0.1:80"])
     );
-    assert_eq!(maps["CONFIG"]["first_uid"], 1337);
+    assert_eq!(maps["CONFIGS"]["first_uid"], 1337);
     let hooks: Vec<&str> = v["attach"]
         .as_array()
         .unwrap()
@@ -786,7 +786,7 @@ fn explain_matches_the_kernel_on_a_pod() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert!(local.contains(&POD_IP.to_string().as_str()), "{local:?}");
-    assert_eq!(plan["maps"]["CONFIG"]["source_v4"], POD_IP.to_string());
+    assert_eq!(plan["maps"]["CONFIGS"]["source_v4"], POD_IP.to_string());
     let after = f.status().expect("status");
     assert_eq!(before["generation"], after["generation"]);
     assert_eq!(before["policy"], after["policy"]);
