@@ -43,6 +43,17 @@ pub enum Command {
     /// Print the nat table istio-iptables would install for the same policy
     /// flags, as iptables-restore input.
     Iptables(Box<IptablesArgs>),
+    /// Node mode: the programs loaded and attached once for the node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Node mode: register, replace, remove and list pods (each a network
+    /// namespace with its own policy).
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Remove what dead pods left: node-mode pods whose network namespace is
+    /// gone, and one-shot pin dirs (under /sys/fs/bpf/redirect) whose cgroup
+    /// and namespace are gone.
+    Gc(GcArgs),
     /// Make a throwaway pod, capture an app's connection to a sample proxy,
     /// show what each side sees, clean up.
     Demo,
@@ -53,6 +64,121 @@ pub enum Command {
     /// A sample client: connects, prints what it saw as JSON.
     #[command(hide = true)]
     SampleConnect(crate::peer::ConnectArgs),
+}
+
+/// `node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Load the programs and attach them to a cgroup every pod is below
+    /// (the kubepods cgroup, or the cgroup v2 root). Running it again, or
+    /// with a new binary, replaces the programs with no gap and keeps every
+    /// pod and open connection.
+    Install(NodeInstallArgs),
+    /// Detach and remove the node install and every pod registered in it.
+    Uninstall(NodePinArgs),
+    /// Show the node install: cgroup, pods, connections, counters.
+    Status(NodeStatusArgs),
+}
+
+/// The node pin dir.
+#[derive(Debug, Args)]
+pub struct NodePinArgs {
+    /// bpffs directory of the node install.
+    #[arg(long, default_value = crate::node::DEFAULT_NODE_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Seconds to wait for another node or pod operation.
+    #[arg(long, value_name = "SECONDS", default_value = "120")]
+    pub lock_timeout: u64,
+}
+
+/// `node install` arguments.
+#[derive(Debug, Args)]
+pub struct NodeInstallArgs {
+    /// The cgroup v2 directory every pod's processes are below.
+    #[arg(long)]
+    pub cgroup: PathBuf,
+    /// Where to pin.
+    #[command(flatten)]
+    pub node: NodePinArgs,
+    /// Captured outbound connections open at once on the node (default
+    /// 131072; set at the first install).
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u32>,
+    /// Pods the node's policy maps are sized for (default 1024; set at the
+    /// first install).
+    #[arg(long, value_name = "N")]
+    pub max_pods: Option<u32>,
+}
+
+/// `node status` arguments.
+#[derive(Debug, Args)]
+pub struct NodeStatusArgs {
+    /// bpffs directory of the node install.
+    #[arg(long, default_value = crate::node::DEFAULT_NODE_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pod` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PodCommand {
+    /// Register a pod (its network namespace) with its policy: every policy
+    /// flag `apply` takes.
+    Add(Box<PodAddArgs>),
+    /// Unregister a pod.
+    Remove(PodRemoveArgs),
+    /// List the registered pods and their policies.
+    List(NodeStatusArgs),
+}
+
+/// `pod add` arguments.
+#[derive(Debug, Args)]
+pub struct PodAddArgs {
+    /// The pod's network namespace file (/proc/PID/ns/net, /run/netns/NAME,
+    /// the path a CNI plugin is given).
+    #[arg(long)]
+    pub netns: PathBuf,
+    /// Replace the policy of a pod already registered (atomically: each
+    /// connection is decided by the old policy or the new one).
+    #[arg(long)]
+    pub replace: bool,
+    /// As for `apply`.
+    #[arg(long)]
+    pub allow_no_proxy_exemption: bool,
+    /// The node install.
+    #[command(flatten)]
+    pub node: NodePinArgs,
+    /// The policy.
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+/// `pod remove` arguments.
+#[derive(Debug, Args)]
+pub struct PodRemoveArgs {
+    /// The pod's network namespace file.
+    #[arg(long, required_unless_present = "cookie")]
+    pub netns: Option<PathBuf>,
+    /// The pod's network namespace cookie (as `pod list` shows it), for a
+    /// pod whose namespace is gone.
+    #[arg(long, conflicts_with = "netns")]
+    pub cookie: Option<u64>,
+    /// The node install.
+    #[command(flatten)]
+    pub node: NodePinArgs,
+}
+
+/// `gc` arguments.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The node install.
+    #[command(flatten)]
+    pub node: NodePinArgs,
+    /// Where one-shot applies made their default pin dirs.
+    #[arg(long, default_value = crate::layout::DEFAULT_PIN_ROOT)]
+    pub pin_root: PathBuf,
 }
 
 /// `apply --pin-dir`.

@@ -20,6 +20,8 @@ pub use orig_dst::original_dst;
 #[cfg(feature = "loader")]
 pub mod apply;
 #[cfg(feature = "loader")]
+pub mod blob;
+#[cfg(feature = "loader")]
 pub mod btf;
 #[cfg(feature = "loader")]
 pub mod cli;
@@ -40,6 +42,8 @@ pub mod lock;
 #[cfg(feature = "loader")]
 pub mod netns;
 #[cfg(feature = "loader")]
+pub mod node;
+#[cfg(feature = "loader")]
 pub mod peer;
 #[cfg(feature = "loader")]
 pub mod plan;
@@ -47,6 +51,8 @@ pub mod plan;
 pub mod pod;
 #[cfg(feature = "loader")]
 pub mod pod_record;
+#[cfg(feature = "loader")]
+pub mod pods;
 #[cfg(feature = "loader")]
 pub mod policy;
 #[cfg(feature = "loader")]

@@ -6,8 +6,8 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
-    cli::{Cli, Command, FamilyArg},
-    demo, explain, peer, plan,
+    cli::{Cli, Command, FamilyArg, NodeCommand, PodCommand},
+    demo, explain, node, peer, plan, pods,
     render::{self, Family},
     status,
 };
@@ -30,6 +30,102 @@ fn main() {
         eprintln!("redirect: error: {err:#}");
         std::process::exit(1);
     }
+}
+
+fn run_node(cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::Install(args) => {
+            let req = node::InstallRequest {
+                cgroup: args.cgroup,
+                pin_dir: args.node.pin_dir.clone(),
+                max_connections: args.max_connections,
+                max_pods: args.max_pods,
+                lock_timeout: Duration::from_secs(args.node.lock_timeout),
+            };
+            let r = node::install(&req)?;
+            println!(
+                "installed generation {} at {} ({} pod(s) kept{})",
+                r.generation,
+                args.node.pin_dir.display(),
+                r.pods,
+                if r.replaced.is_empty() {
+                    String::new()
+                } else {
+                    format!(", replaced {:?}", r.replaced)
+                }
+            );
+        }
+        NodeCommand::Uninstall(args) => {
+            let n = node::uninstall(&args.pin_dir, Duration::from_secs(args.lock_timeout))?;
+            println!(
+                "uninstalled {} ({n} pod(s) removed)",
+                args.pin_dir.display()
+            );
+        }
+        NodeCommand::Status(args) => {
+            let st = node::status(&args.pin_dir)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{st}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_pod(cmd: PodCommand) -> Result<()> {
+    match cmd {
+        PodCommand::Add(args) => {
+            let req = pods::AddRequest {
+                netns: args.netns.clone(),
+                pin_dir: args.node.pin_dir,
+                policy: args.policy.to_spec()?,
+                replace: args.replace,
+                allow_no_proxy_exemption: args.allow_no_proxy_exemption,
+                lock_timeout: Duration::from_secs(args.node.lock_timeout),
+            };
+            let r = pods::add(&req)?;
+            println!(
+                "{} pod {} (netns cookie {})",
+                if r.replaced {
+                    "replaced the policy of"
+                } else {
+                    "added"
+                },
+                args.netns.display(),
+                r.netns_cookie
+            );
+        }
+        PodCommand::Remove(args) => {
+            let cookie = pods::remove(
+                &args.node.pin_dir,
+                args.netns.as_deref(),
+                args.cookie,
+                Duration::from_secs(args.node.lock_timeout),
+            )?;
+            println!("removed pod with netns cookie {cookie}");
+        }
+        PodCommand::List(args) => {
+            let list = pods::list(&args.pin_dir)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for p in &list {
+                    println!(
+                        "{:<20} {} (inode {}){}  in {} out {}",
+                        p.netns_cookie,
+                        p.netns,
+                        p.netns_inode,
+                        if p.alive { "" } else { " [namespace gone]" },
+                        p.policy.inbound_ports.join(","),
+                        p.policy.include_cidrs.join(","),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -114,6 +210,21 @@ async fn run(cli: Cli) -> Result<()> {
                     FamilyArg::V6 => render::render(&spec, Family::V6),
                     FamilyArg::Both => render::render_both(&spec),
                 }
+            );
+        }
+        Command::Node(cmd) => run_node(cmd)?,
+        Command::Pod(cmd) => run_pod(cmd)?,
+        Command::Gc(args) => {
+            let r = pods::gc(
+                &args.node.pin_dir,
+                &args.pin_root,
+                Duration::from_secs(args.node.lock_timeout),
+            )?;
+            println!(
+                "removed {} pod(s) whose network namespace is gone, {} one-shot pin dir(s) \
+                 whose cgroup and namespace are gone",
+                r.pods.len(),
+                r.pin_dirs.len()
             );
         }
         Command::Demo => tokio::task::spawn_blocking(demo::run).await??,
