@@ -3,7 +3,7 @@
 //! [`decide_outbound`] walks the rules of istio-iptables' `nat OUTPUT` chain in
 //! order (first match wins) and returns what iptables would do with the first
 //! packet of a TCP connection: pass it, or REDIRECT it to a port. Rule numbers
-//! are those of `shared/SEMANTICS.md` and `docs/semantics.md`.
+//! are those of `docs/iptables-rules.md` and `docs/semantics.md`.
 //!
 //! The policy is reached through the [`PolicyMaps`] trait so the same code runs
 //! in the kernel (backed by BPF maps) and in user space (backed by ordinary
@@ -156,9 +156,11 @@ pub trait PolicyMaps {
 /// An outbound TCP connect, as the connect hook sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outbound {
-    /// UID of the task calling `connect()`.
+    /// UID of the socket's owner: the file system UID the socket's file
+    /// was opened with ([`config_flags::OWNER_FROM_FILE`]), else the UID of
+    /// the task calling `connect()`.
     pub uid: u32,
-    /// Primary GID of that task.
+    /// GID of the socket's owner, likewise.
     pub gid: u32,
     /// The socket's mark (`SO_MARK`), 0 if none.
     pub mark: u32,
@@ -263,7 +265,8 @@ impl Rule {
         self as u32 >= Rule::InboundLocalSource as u32
     }
 
-    /// The rule's number in `shared/SEMANTICS.md` (outbound section).
+    /// The rule's number in `docs/iptables-rules.md` (as `status` and
+    /// `explain` print it).
     pub const fn number(self) -> &'static str {
         match self {
             Rule::LoopbackSourceOffLo => "0",

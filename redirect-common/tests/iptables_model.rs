@@ -1,23 +1,23 @@
 //! An independent model of the istio-iptables `nat` rule walk, and property
 //! tests that the decision code (`decide_outbound`, `decide_inbound`) agrees
-//! with it (issue 4).
+//! with it.
 //!
-//! The model is written from `SEMANTICS.md` and istio's own golden rule sets
-//! (`tools/istio-iptables/pkg/capture/testdata/*.golden` and `run.go` at
-//! istio commit 86c9f01, the reference in `/work/shared/reference/`), never
-//! from the decision code. For a policy it emits, as data, the rules istio-iptables
-//! appends to the `nat` table (same chains, same order, same match fields),
-//! and decides a connection by walking them the way netfilter does: rules in
-//! order, first match wins; `-j CHAIN` descends into a chain; `RETURN`, or
-//! the end of a user chain, goes back to the caller; the end of a built-in
-//! chain is its policy (ACCEPT: the connection passes untouched); `REDIRECT`
-//! ends the walk.
+//! The model is written from the rule order in `docs/iptables-rules.md` and
+//! istio's own golden rule sets (`tools/istio-iptables/pkg/capture/testdata/
+//! *.golden` and `run.go` at istio commit 86c9f01; see the end of
+//! `docs/iptables-rules.md`), never from the decision code. For a policy it
+//! emits, as data, the rules istio-iptables appends to the `nat` table (same
+//! chains, same order, same match fields), and decides a connection by
+//! walking them the way netfilter does: rules in order, first match wins;
+//! `-j CHAIN` descends into a chain; `RETURN`, or the end of a user chain,
+//! goes back to the caller; the end of a built-in chain is its policy
+//! (ACCEPT: the connection passes untouched); `REDIRECT` ends the walk.
 //!
 //! What the model leaves out: IPv6, UDP, DNS capture, the owner-group filter,
 //! virtual interfaces and TPROXY (no rules for them are emitted), and
 //! destinations the kernel rewrites before netfilter sees them (0.0.0.0).
 //!
-//! One istio behaviour is not in `SEMANTICS.md`: when an include-outbound CIDR
+//! One istio behaviour is easy to miss: when an include-outbound CIDR
 //! starts in 127.0.0.0/8 (`HasLoopBackIP`), istio leaves out every
 //! `-o lo -m owner ! --uid-owner/--gid-owner X -j RETURN` rule (golden
 //! `loopback-outbound-iprange`). The model has it; the tests that depend on
@@ -601,7 +601,7 @@ fn nat_table(p: &Policy) -> Nat {
     nat.append(ISTIO_REDIRECT, rule(Redirect(p.proxy_port)).tcp());
     nat.append(ISTIO_IN_REDIRECT, rule(Redirect(p.inbound_port)).tcp());
 
-    // Inbound (SEMANTICS.md inbound 1-4).
+    // Inbound (docs/iptables-rules.md, in-1 to in-end).
     match &p.inbound_ports {
         InboundPorts::List(ports) if ports.is_empty() => {}
         InboundPorts::All => {
@@ -622,7 +622,7 @@ fn nat_table(p: &Policy) -> Nat {
         }
     }
 
-    // Outbound (SEMANTICS.md outbound 1-9, without 4 and 5).
+    // Outbound (docs/iptables-rules.md, 1 to 9, without 4 and 5).
     nat.append(OUTPUT, rule(Jump(ISTIO_OUTPUT)));
     for &port in &p.exclude_out_ports {
         for proto in [Proto::Tcp, Proto::Udp] {
@@ -922,9 +922,11 @@ fn assert_matches_golden(name: &str, p: &Policy, golden: &str) {
     }
 }
 
-/// The IPv4 `nat` sections of istio's goldens (`/work/shared/reference/
-/// istio-goldens/*.golden`; upstream `tools/istio-iptables/pkg/capture/
-/// testdata/`), verbatim.
+/// The IPv4 `nat` sections of istio's goldens, verbatim: Istio's test data
+/// (`tools/istio-iptables/pkg/capture/testdata/*.golden` in istio/istio at
+/// commit 86c9f01fd735fb01d8192f5bcaf0d424afb7f14c; Apache License 2.0,
+/// Copyright Istio Authors). `docs/iptables-rules.md` lists the settings
+/// behind each.
 const GOLDEN_EMPTY: &str = "\
 * nat
 -N ISTIO_INBOUND

@@ -86,7 +86,7 @@ fn write<T>(so: &mut bpf_sockopt, value: T) -> bool {
     unsafe {
         core::ptr::write_unaligned(start.cast::<T>(), value);
         // Separate volatile stores: merged into one 8-byte store, they are
-        // rejected by the verifier.
+        // rejected by the verifier (see docs/aya-notes.md).
         core::ptr::write_volatile(&mut so.optlen, len as i32);
         core::ptr::write_volatile(&mut so.retval, 0);
     }

@@ -178,6 +178,89 @@ impl Layout {
     }
 }
 
+/// The pin tree of one pod, as `docs/design.md` shows it (between its
+/// `pin-layout` markers; `cargo xtask docs` rewrites that block from this,
+/// and `redirect/tests/design_doc.rs` fails when the two differ). Built from
+/// the code's own lists: the state and policy maps of
+/// [`redirect_common::map_names`], the programs of [`PROGRAMS`] in attach
+/// order, and the names [`Layout`] gives its entries.
+pub fn render_tree() -> String {
+    use redirect_common::map_names;
+    let names = Layout::new(Path::new(""));
+    let file = |p: PathBuf| {
+        p.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into())
+    };
+    // `gen-<N>`: a generation's directory, its number left open.
+    let generation = file(names.gen_dir(0));
+    let generation = format!("{}<N>", generation.strip_suffix('0').unwrap_or(&generation));
+    let programs: Vec<&str> = PROGRAMS.iter().map(|(_, _, short)| *short).collect();
+    let mut rows: Vec<(String, &str)> = vec![
+        (
+            format!("{DEFAULT_PIN_ROOT}/"),
+            "default root (0700), one pin dir per pod below it",
+        ),
+        // Named as `default_pin_dir` names it.
+        (
+            "  cgroup-<cgroup id>/".into(),
+            "a pod's default pin dir; --pin-dir picks another",
+        ),
+        (
+            format!("    {}", file(names.pod_record())),
+            "the pod it belongs to",
+        ),
+        (
+            format!("    {}/", file(names.state_dir())),
+            "state maps, kept across re-apply",
+        ),
+    ];
+    rows.extend(wrap("      ", &map_names::STATE));
+    rows.push((format!("    {generation}/"), "one per apply"));
+    rows.extend(wrap("      ", &map_names::POLICY));
+    rows.push((
+        "      prog_<name> link_<name>".into(),
+        "for each program, in attach order:",
+    ));
+    rows.extend(wrap("        ", &programs));
+    rows.push((
+        format!("      {}", file(names.complete_marker(0))),
+        "pinned last; the newest complete generation is in force",
+    ));
+    let width = rows
+        .iter()
+        .filter(|(_, note)| !note.is_empty())
+        .map(|(row, _)| row.len())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let mut out = String::new();
+    for (row, note) in rows {
+        let line = format!("{row:width$}{note}");
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `words` in rows of at most 72 characters, each starting with `indent`.
+fn wrap(indent: &str, words: &[&str]) -> Vec<(String, &'static str)> {
+    let mut rows = Vec::new();
+    let mut row = String::from(indent);
+    for word in words {
+        if row.len() > indent.len() && row.len() + 1 + word.len() > 72 {
+            rows.push((std::mem::replace(&mut row, indent.into()), ""));
+        }
+        if row.len() > indent.len() {
+            row.push(' ');
+        }
+        row.push_str(word);
+    }
+    if row.len() > indent.len() {
+        rows.push((row, ""));
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,12 +11,12 @@
 //!
 //! Three settings of redirect have no istio-iptables flag: the proxy's socket
 //! mark (`--proxy-mark`), its cgroup (`--proxy-cgroup`) and explicit services
-//! (`--service`). They are rendered in the iptables forms the project's
-//! reference gives for them, where redirect's decision places them: the mark
-//! and the cgroup as one more owner each, with the same three rules as a
-//! proxy UID (`-m mark --mark M`, `-m cgroup --path P`), after the GIDs; each
-//! service as `-d IP -p tcp --dport P -j ISTIO_REDIRECT` between the included
-//! ports and the included CIDRs.
+//! (`--service`). They are rendered in the iptables forms
+//! `docs/iptables-rules.md` gives for them, where redirect's decision places
+//! them: the mark and the cgroup as one more owner each, with the same three
+//! rules as a proxy UID (`-m mark --mark M`, `-m cgroup --path P`), after
+//! the GIDs; each service as `-d IP -p tcp --dport P -j ISTIO_REDIRECT`
+//! between the included ports and the included CIDRs.
 //!
 //! Differences from the files istio prints, none of which changes a decision:
 //!

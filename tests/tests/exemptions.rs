@@ -1,6 +1,6 @@
-//! Every exemption method the seed weighs, on a real kernel: the proxy's
-//! socket mark, the proxy's cgroup (whatever its UID), the owner-group
-//! filter, and explicit per-service capture (100,000 entries).
+//! Every exemption method of `docs/iptables-rules.md`, on a real kernel: the
+//! proxy's socket mark, the proxy's cgroup (whatever its UID), the
+//! owner-group filter, and explicit per-service capture (100,000 entries).
 
 use std::io::Write as _;
 

@@ -9,7 +9,9 @@
 //! - `bench`: build in release mode, run the benchmarks, write
 //!   `docs/benchmarks.md` and `docs/bench/` (root; `--quick` for CI);
 //! - `vm-test`: the real-kernel tests again in a VM booting another kernel
-//!   (root; Debian's `linux-image-amd64`, 6.1 on bookworm, by default).
+//!   (root; Debian's `linux-image-amd64`, 6.1 on bookworm, by default);
+//! - `docs`: regenerate what the docs show from the code (the pin layout in
+//!   `docs/design.md`); a test of the `redirect` crate fails until it is run.
 
 mod bench;
 mod vm;
@@ -64,6 +66,8 @@ enum Cmd {
         #[arg(long)]
         kernel_package: Option<String>,
     },
+    /// Regenerate the pin layout in docs/design.md from the code.
+    Docs,
 }
 
 fn main() -> Result<()> {
@@ -98,7 +102,36 @@ fn main() -> Result<()> {
             require_root("the VM tests")?;
             vm::run_tests(kernel_package)
         }
+        Cmd::Docs => docs(),
     }
+}
+
+/// Rewrites the generated blocks of the docs: the test that checks them
+/// rewrites them instead when `REDIRECT_UPDATE_DOCS` is set.
+fn docs() -> Result<()> {
+    let design = root().join("docs/design.md");
+    let before = std::fs::read_to_string(&design)?;
+    run(Command::new(env_cargo())
+        .current_dir(root())
+        .args([
+            "test",
+            "--quiet",
+            "--package",
+            "redirect",
+            "--test",
+            "design_doc",
+        ])
+        .env("REDIRECT_UPDATE_DOCS", "1"))?;
+    let after = std::fs::read_to_string(&design)?;
+    eprintln!(
+        "xtask: docs/design.md {}",
+        if before == after {
+            "was up to date"
+        } else {
+            "rewritten"
+        }
+    );
+    Ok(())
 }
 
 fn root() -> PathBuf {
