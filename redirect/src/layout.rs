@@ -226,6 +226,51 @@ pub fn render_tree() -> String {
         format!("      {}", file(names.complete_marker(0))),
         "pinned last; the newest complete generation is in force",
     ));
+    // The node install (`redirect node install`), by default beside them.
+    let node = crate::node::NodeLayout::new(Path::new(""));
+    let node_dir = Path::new(crate::node::DEFAULT_NODE_PIN_DIR)
+        .strip_prefix(DEFAULT_PIN_ROOT)
+        .map_or_else(
+            |_| crate::node::DEFAULT_NODE_PIN_DIR.into(),
+            |p| p.display().to_string(),
+        );
+    let node_programs: Vec<String> = PROGRAMS
+        .iter()
+        .filter(|(_, attach, _)| !attach.on_netns())
+        .map(|(_, _, short)| format!("link_{short}"))
+        .collect();
+    let node_programs: Vec<&str> = node_programs.iter().map(String::as_str).collect();
+    rows.push((
+        format!("  {node_dir}/"),
+        "the node install; --pin-dir picks another",
+    ));
+    rows.push((
+        format!("    {}", file(node.record())),
+        "the node record: cgroup, capacities",
+    ));
+    rows.push((
+        format!("    {}/", file(names.state_dir())),
+        "state maps, as above, for every pod",
+    ));
+    rows.push((
+        format!("    {}/", file(node.policy_dir())),
+        "the policy maps above, one set for every pod",
+    ));
+    rows.push((format!("    {generation}/"), "one per install"));
+    rows.push(("      prog_<name>".into(), "every program, as above"));
+    rows.extend(wrap("      ", &node_programs));
+    rows.push((
+        format!("      {}", file(names.complete_marker(0))),
+        "pinned last",
+    ));
+    rows.push((
+        format!("    {}/<netns cookie>/", file(node.pods_dir())),
+        "one per registered pod",
+    ));
+    rows.push((
+        format!("      {} link_sk_lookup", crate::pods::RECORD),
+        "its record (namespace, policy entries); sk_lookup on its namespace",
+    ));
     let width = rows
         .iter()
         .filter(|(_, note)| !note.is_empty())

@@ -83,7 +83,7 @@ impl PodEntry {
 }
 
 /// Name of a pod's record in its directory.
-const RECORD: &str = "POD";
+pub const RECORD: &str = "POD";
 /// A replacement record, pinned before the swap and renamed over
 /// [`RECORD`] after it; found by a later operation only if one was
 /// interrupted in between.

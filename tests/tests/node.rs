@@ -452,3 +452,73 @@ fn gc_removes_pods_whose_namespace_is_gone() {
     // The live pod is still captured.
     assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
 }
+
+/// `sk_lookup` finds the pod by the address a connection arrives for: an
+/// address the pod got after it was registered finds no pod, and the
+/// connection is dropped (counted), never delivered uncaptured, until the
+/// pod is registered again.
+#[test]
+fn inbound_to_an_address_added_later_is_dropped_until_registered_again() {
+    need_root!();
+    let n = Node::new();
+    n.add_ok(&["-i", "*", "-b", "*"]);
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &n.f.pod.netns_name(Side::Pod),
+            "addr",
+            "add",
+            "10.200.0.3/24",
+            "dev",
+            "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let late = format!("10.200.0.3:{APP_PORT}");
+    let v = n.f.connect_in(&late);
+    assert!(v.reply.is_none(), "delivered: {v:?}");
+    assert!(
+        n.status()["counters"]["inbound_unknown_addr"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{}",
+        n.status()
+    );
+    n.add_ok(&["--replace", "-i", "*", "-b", "*"]);
+    let r = n.f.connect_in(&late).reply.expect("captured");
+    assert_eq!(r.server, "proxy");
+    assert_eq!(r.orig_dst.as_deref(), Some(late.as_str()));
+}
+
+/// The policy follows the namespace: a process of the pod's cgroup in
+/// another network namespace is not the pod's, as iptables in the pod's
+/// namespace would not see it either.
+#[test]
+fn pod_cgroup_process_in_another_namespace_is_not_captured() {
+    need_root!();
+    let n = Node::new();
+    n.add_ok(&["-i", "*", "-b", "*"]);
+    assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
+    // From the upstream namespace, in the pod's app cgroup.
+    let v =
+        n.f.pod
+            .connect_from(Side::Upstream, As::APP, &svc(80), None)
+            .unwrap();
+    assert_eq!(v.reply.expect("reply").server, "upstream");
+}
+
+/// The same with a one-shot apply, attached to the pod's cgroup.
+#[test]
+fn one_shot_pod_cgroup_process_in_another_namespace_is_not_captured() {
+    need_root!();
+    let f = Fixture::new();
+    f.apply_ok(&["-i", "*"]);
+    assert_eq!(f.who_answers(As::APP, &svc(80)), "proxy");
+    let v = f
+        .pod
+        .connect_from(Side::Upstream, As::APP, &svc(80), None)
+        .unwrap();
+    assert_eq!(v.reply.expect("reply").server, "upstream");
+}
