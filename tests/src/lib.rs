@@ -24,6 +24,7 @@ use redirect::{
 
 pub use redirect::pod;
 
+pub mod fleet;
 pub mod haproxy;
 
 /// Whether the tests can run here. Panics under `CI=true` when they cannot.

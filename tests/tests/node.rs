@@ -405,6 +405,13 @@ fn gc_removes_pods_whose_namespace_is_gone() {
         assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
     };
     ok(&["netns", "add", &name]);
+    struct DelNetns(String);
+    impl Drop for DelNetns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let guard = DelNetns(name.clone());
     ok(&["-n", &name, "link", "set", "lo", "up"]);
     ok(&[
         "-n", &name, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
@@ -413,7 +420,7 @@ fn gc_removes_pods_whose_namespace_is_gone() {
     let path = format!("/run/netns/{name}");
     let out = n.add_netns(&path, &["-i", "*"]);
     let added = out.status.success();
-    ok(&["netns", "del", &name]);
+    drop(guard);
     assert!(added, "{}", stderr(&out));
     assert_eq!(n.list().as_array().unwrap().len(), 2);
     // The namespace goes once its last reference does.
