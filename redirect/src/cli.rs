@@ -147,6 +147,13 @@ pub struct PodAddArgs {
     /// As for `apply`.
     #[arg(long)]
     pub allow_no_proxy_exemption: bool,
+    /// Check every input and print the entries that would be written;
+    /// change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: print JSON.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
     /// The node install.
     #[command(flatten)]
     pub node: NodePinArgs,
@@ -250,6 +257,13 @@ pub struct StatusArgs {
     /// Which pod.
     #[command(flatten)]
     pub pod: WhichPod,
+    /// Show the node install at this pin dir and its pods instead (no
+    /// value: /sys/fs/bpf/redirect/node). Without --pin-dir or --cgroup,
+    /// status shows the node install at that default when there is one.
+    #[arg(long, value_name = "PIN_DIR", num_args = 0..=1,
+          default_missing_value = crate::node::DEFAULT_NODE_PIN_DIR,
+          conflicts_with_all = ["pin_dir", "cgroup"])]
+    pub node: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -336,6 +350,13 @@ pub struct ExplainArgs {
     /// maps, with the pod addresses recorded there) instead of policy flags.
     #[arg(long, conflicts_with_all = POLICY_ARG_IDS)]
     pub pin_dir: Option<PathBuf>,
+    /// Take the policy in force for the pod registered (node mode) for
+    /// --netns, read back from the node's maps, instead of policy flags.
+    #[arg(long, requires = "netns", conflicts_with_all = POLICY_ARG_IDS, conflicts_with = "pin_dir")]
+    pub registered: bool,
+    /// With --registered: the node install.
+    #[arg(long, default_value = crate::node::DEFAULT_NODE_PIN_DIR)]
+    pub node_pin_dir: PathBuf,
     /// Outbound (a connect() from the pod) or inbound (arriving at the pod).
     #[arg(long, value_enum, default_value = "out")]
     pub direction: DirectionArg,

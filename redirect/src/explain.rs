@@ -360,13 +360,24 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
         }
     }
     conn.mark = args.mark.unwrap_or(0);
-    let (spec, pinned_facts, policy_from) = match &args.pin_dir {
-        Some(dir) => {
+    let (spec, pinned_facts, policy_from) = match (&args.pin_dir, &args.netns) {
+        (Some(dir), _) => {
             let (spec, facts, generation) = pinned_policy(dir)?;
             let from = format!("pinned at {} (generation {generation})", dir.display());
             (spec, Some(facts), from)
         }
-        None => (args.policy.to_spec()?, None, "policy flags".to_string()),
+        (None, Some(netns)) if args.registered => {
+            let entries = crate::pods::policy_in_force(&args.node_pin_dir, netns)?;
+            let status = crate::status::PolicyStatus::of(&entries);
+            let (spec, facts) = spec_of(&status, &args.node_pin_dir)?;
+            let from = format!(
+                "registered for {} in the node install at {}",
+                netns.display(),
+                args.node_pin_dir.display()
+            );
+            (spec, Some(facts), from)
+        }
+        _ => (args.policy.to_spec()?, None, "policy flags".to_string()),
     };
     if let Some(task_cgroup) = &args.cgroup {
         crate::fs::check_cgroup(task_cgroup)?;
@@ -429,7 +440,14 @@ pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
             crate::status::INCOMPLETE_INTERRUPTED
         );
     };
-    let ctx = || format!("--pin-dir {}: reading the pinned policy", pin_dir.display());
+    let (spec, facts) = spec_of(p, pin_dir)?;
+    Ok((spec, facts, st.generation))
+}
+
+/// The policy and facts a policy as `status` shows it says, read from the
+/// maps at `pin_dir`.
+fn spec_of(p: &crate::status::PolicyStatus, pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts)> {
+    let ctx = || format!("{}: reading the pinned policy", pin_dir.display());
     let include_cidrs = parse_include("pinned INCLUDE_V4", &p.include_cidrs.join(","))
         .map_err(anyhow::Error::from)
         .with_context(ctx)?;
@@ -493,7 +511,7 @@ pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
         source_v4: p.source_v4.as_deref().and_then(|s| s.parse().ok()),
         ..NetnsFacts::default()
     };
-    Ok((spec, facts, st.generation))
+    Ok((spec, facts))
 }
 
 #[cfg(test)]

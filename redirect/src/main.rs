@@ -74,6 +74,31 @@ fn run_node(cmd: NodeCommand) -> Result<()> {
     Ok(())
 }
 
+fn print_pods(list: &[pods::PodInfo]) {
+    println!("{:<20} {:<40} inbound / outbound", "netns cookie", "netns");
+    for p in list {
+        let join = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        println!(
+            "{:<20} {:<40} {} / {}{}",
+            p.netns_cookie,
+            format!("{} (inode {})", p.netns, p.netns_inode),
+            join(&p.policy.inbound_ports),
+            join(&p.policy.include_cidrs),
+            if p.alive {
+                ""
+            } else {
+                "  [namespace gone: gc]"
+            },
+        );
+    }
+}
+
 fn run_pod(cmd: PodCommand) -> Result<()> {
     match cmd {
         PodCommand::Add(args) => {
@@ -85,6 +110,15 @@ fn run_pod(cmd: PodCommand) -> Result<()> {
                 allow_no_proxy_exemption: args.allow_no_proxy_exemption,
                 lock_timeout: Duration::from_secs(args.node.lock_timeout),
             };
+            if args.dry_run {
+                let plan = pods::plan(&req)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&plan)?);
+                } else {
+                    print!("{plan}");
+                }
+                return Ok(());
+            }
             let r = pods::add(&req)?;
             println!(
                 "{} pod {} (netns cookie {})",
@@ -111,17 +145,7 @@ fn run_pod(cmd: PodCommand) -> Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                for p in &list {
-                    println!(
-                        "{:<20} {} (inode {}){}  in {} out {}",
-                        p.netns_cookie,
-                        p.netns,
-                        p.netns_inode,
-                        if p.alive { "" } else { " [namespace gone]" },
-                        p.policy.inbound_ports.join(","),
-                        p.policy.include_cidrs.join(","),
-                    );
-                }
+                print_pods(&list);
             }
         }
     }
@@ -186,6 +210,29 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Status(args) => {
+            let default_node = std::path::Path::new(node::DEFAULT_NODE_PIN_DIR);
+            let node_dir = match &args.node {
+                Some(p) => Some(p.clone()),
+                None if args.pod.pin_dir.is_none()
+                    && args.pod.cgroup.is_none()
+                    && default_node.exists() =>
+                {
+                    Some(default_node.to_path_buf())
+                }
+                None => None,
+            };
+            if let Some(dir) = node_dir {
+                let st = node::status(&dir)?;
+                let pods = pods::list(&dir)?;
+                if args.json {
+                    let v = serde_json::json!({ "node": st, "pods": pods });
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{st}");
+                    print_pods(&pods);
+                }
+                return Ok(());
+            }
             let st = status::status(&args.pod.resolve()?)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&st)?);

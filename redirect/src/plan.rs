@@ -450,9 +450,15 @@ impl fmt::Display for Plan {
         for a in &self.attach {
             writeln!(f, "  {:<20} -> {} {}", a.hook, a.target_kind, a.target)?;
         }
-        let m = &self.maps;
-        let c = &m.config;
         writeln!(f, "maps")?;
+        write!(f, "{}", self.maps)
+    }
+}
+
+impl fmt::Display for MapsPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self;
+        let c = &m.config;
         writeln!(
             f,
             "  {:<11} proxy_port {} inbound_port {} tunnel_port {}",

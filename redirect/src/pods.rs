@@ -142,8 +142,75 @@ fn pod_netns(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Registers one pod with its policy.
-pub fn add(req: &AddRequest) -> Result<AddReport> {
+/// What `pod add --dry-run` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct AddPlan {
+    /// The namespace file (checked and probed).
+    pub netns: String,
+    /// Its cookie.
+    pub netns_cookie: u64,
+    /// The node install.
+    pub pin_dir: String,
+    /// Whether the pod is registered already (then `--replace` is needed).
+    pub registered: bool,
+    /// What its entries would be.
+    pub maps: crate::plan::MapsPlan,
+}
+
+impl std::fmt::Display for AddPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "dry run: inputs checked; nothing written or attached")?;
+        writeln!(
+            f,
+            "netns       {} (cookie {})",
+            self.netns, self.netns_cookie
+        )?;
+        writeln!(
+            f,
+            "node        {}{}",
+            self.pin_dir,
+            if self.registered {
+                " (registered already: --replace would replace its policy)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(f, "entries")?;
+        write!(f, "{}", self.maps)
+    }
+}
+
+/// Checks `req` as [`add`] does (but for the lock) and says what it would
+/// write.
+pub fn plan(req: &AddRequest) -> Result<AddPlan> {
+    let (_, facts) = check_pod_input(req)?;
+    let (node, record, _) = installed(&req.pin_dir)?;
+    let mut maps = PolicyMaps::open(&node.policy_dir())?;
+    let entries = entries_for(req, &facts, &record)?;
+    check_addrs(&node, &mut maps, &entries, &req.netns)?;
+    let registered = node.pod_dir(facts.netns_cookie).exists();
+    if registered && !req.replace {
+        bail!(already(&req.netns, facts.netns_cookie));
+    }
+    Ok(AddPlan {
+        netns: req.netns.display().to_string(),
+        netns_cookie: facts.netns_cookie,
+        pin_dir: req.pin_dir.display().to_string(),
+        registered,
+        maps: crate::plan::maps_plan_of(&entries, &facts),
+    })
+}
+
+fn already(netns: &Path, cookie: u64) -> String {
+    format!(
+        "--netns {}: this pod is already registered (netns cookie {cookie}); give \
+         --replace to replace its policy, or `redirect pod remove` it first",
+        netns.display()
+    )
+}
+
+/// The checks of the inputs alone: exemption, namespace, address counts.
+fn check_pod_input(req: &AddRequest) -> Result<(File, crate::policy::NetnsFacts)> {
     if !req.allow_no_proxy_exemption {
         req.policy.check_proxy_exemption()?;
     }
@@ -164,6 +231,64 @@ pub fn add(req: &AddRequest) -> Result<AddReport> {
             );
         }
     }
+    Ok((netns_file, facts))
+}
+
+/// The pod's entries under a new policy id, with the node's owner path.
+fn entries_for(
+    req: &AddRequest,
+    facts: &crate::policy::NetnsFacts,
+    record: &crate::node::NodeRecord,
+) -> Result<PolicyEntries> {
+    let mut entries = PolicyEntries::new(&req.policy, facts, new_policy_id()?);
+    if let Some(path) = record.owner_path {
+        entries.config.owner_path = path;
+        entries.config.flags |= config_flags::OWNER_FROM_FILE;
+    }
+    Ok(entries)
+}
+
+/// Refuses addresses another registered pod has.
+fn check_addrs(
+    node: &NodeLayout,
+    maps: &mut PolicyMaps,
+    entries: &PolicyEntries,
+    netns: &Path,
+) -> Result<()> {
+    for a in entries.pod_addrs() {
+        if let Some(other) = maps.pod_of_addr(a)?
+            && other != entries.netns()
+        {
+            bail!(
+                "--netns {}: address {a} belongs to another registered pod ({}); two pods \
+                 of a node cannot share an address",
+                netns.display(),
+                describe(node, other)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The policy in force for the pod registered for namespace `netns`, read
+/// back from the node's maps.
+pub fn policy_in_force(pin_dir: &Path, netns: &Path) -> Result<PolicyEntries> {
+    let (node, _, _) = installed(pin_dir)?;
+    pod_netns(netns)?;
+    let cookie = netns::probe(Some(netns))?.netns_cookie;
+    let mut maps = PolicyMaps::open(&node.policy_dir())?;
+    PolicyEntries::read(&mut maps, cookie)?.with_context(|| {
+        format!(
+            "--netns {}: no pod registered for it in the node install at {}",
+            netns.display(),
+            pin_dir.display()
+        )
+    })
+}
+
+/// Registers one pod with its policy.
+pub fn add(req: &AddRequest) -> Result<AddReport> {
+    let (netns_file, facts) = check_pod_input(req)?;
     installed(&req.pin_dir)?;
     let lock = PinDirLock::acquire(&req.pin_dir, false, req.lock_timeout)?
         .context("the node pin dir vanished")?;
@@ -173,34 +298,15 @@ pub fn add(req: &AddRequest) -> Result<AddReport> {
     let pod_dir = node.pod_dir(cookie);
     let old = if pod_dir.exists() {
         if !req.replace {
-            bail!(
-                "--netns {}: this pod is already registered (netns cookie {cookie}); give \
-                 --replace to replace its policy, or `redirect pod remove` it first",
-                req.netns.display()
-            );
+            bail!(already(&req.netns, cookie));
         }
         Some(current_record(&pod_dir)?)
     } else {
         None
     };
     let mut maps = PolicyMaps::open(&node.policy_dir())?;
-    let mut entries = PolicyEntries::new(&req.policy, &facts, new_policy_id()?);
-    if let Some(path) = record.owner_path {
-        entries.config.owner_path = path;
-        entries.config.flags |= config_flags::OWNER_FROM_FILE;
-    }
-    for a in entries.pod_addrs() {
-        if let Some(other) = maps.pod_of_addr(a)?
-            && other != cookie
-        {
-            bail!(
-                "--netns {}: address {a} belongs to another registered pod ({}); two pods \
-                 of a node cannot share an address",
-                req.netns.display(),
-                describe(&node, other)
-            );
-        }
-    }
+    let entries = entries_for(req, &facts, &record)?;
+    check_addrs(&node, &mut maps, &entries, &req.netns)?;
     let pod = PodEntry {
         netns_inode: netns_file.metadata()?.ino(),
         netns: req.netns.display().to_string(),

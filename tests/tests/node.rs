@@ -163,6 +163,11 @@ fn registered_pod_is_captured_both_ways_and_removal_restores() {
     assert_eq!(list[0]["alive"], true);
     assert_eq!(list[0]["policy"]["inbound_ports"][0], "*");
     assert_eq!(n.status()["pods"], 1);
+    let out = n.run(&["status", "--json", "--node", &n.pin()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["node"]["pods"], 1, "{st:#}");
+    assert_eq!(st["pods"][0]["netns"], n.netns(), "{st:#}");
 
     let out = n.remove();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -528,4 +533,70 @@ fn one_shot_pod_cgroup_process_in_another_namespace_is_not_captured() {
         .connect_from(Side::Upstream, As::APP, &svc(80), None)
         .unwrap();
     assert_eq!(v.reply.expect("reply").server, "upstream");
+}
+
+/// `pod add --dry-run` checks as `pod add` does and shows the entries,
+/// changing nothing; `explain --registered` decides with the policy in
+/// force for a registered pod, read back from the node's maps.
+#[test]
+fn dry_run_and_explain_take_a_registered_pod() {
+    need_root!();
+    let n = Node::new();
+    let out = n.add(&[
+        "--dry-run",
+        "--json",
+        "-i",
+        "*",
+        "-b",
+        "*",
+        "--exclude-ports",
+        "81",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["registered"], false);
+    assert_eq!(plan["maps"]["PORTS"]["entries"][0]["port"], 81, "{plan:#}");
+    assert!(
+        plan["maps"]["POD_ADDRS"]["entries"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(POD_IP.to_string())),
+        "{plan:#}"
+    );
+    assert_eq!(n.list().as_array().unwrap().len(), 0);
+    assert_eq!(count_any("CONFIGS", &n.pin), 0);
+    assert_eq!(n.f.who_answers(As::APP, &svc(80)), "upstream");
+
+    n.add_ok(&["-i", "*", "-b", "*", "--exclude-ports", "81"]);
+    let out = n.add(&["--dry-run", "-i", "*"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already registered"),
+        "{}",
+        stderr(&out)
+    );
+    let explain = |uid: &str, dst: &str| -> serde_json::Value {
+        let (netns, pin) = (n.netns(), n.pin());
+        let out = n.run(&[
+            "explain",
+            "--registered",
+            "--netns",
+            &netns,
+            "--node-pin-dir",
+            &pin,
+            "--uid",
+            uid,
+            "--dst",
+            dst,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(explain("1000", &svc(80))["action"], "redirect");
+    assert_eq!(explain("1000", &svc(81))["action"], "pass");
+    assert_eq!(explain("1337", &svc(80))["action"], "pass");
+    // And the kernel agrees.
+    assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
+    assert_eq!(n.f.who_answers(As::APP, &svc(81)), "upstream");
 }
