@@ -212,7 +212,7 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
         if let Some(pin) = claim_for_pod(&layout, &pod)? {
             made.push(Made::Pin(pin));
         }
-        let capacity = crate::state::check(&layout.state_dir(), req.max_connections)?;
+        let capacity = crate::state::check(&layout.state_dir(), req.max_connections, false)?;
         let old = layout.generations()?;
         let generation = old.last().map_or(1, |g| g + 1);
         let state = layout.state_dir();

@@ -269,7 +269,8 @@ pub fn install(req: &InstallRequest) -> Result<InstallReport> {
                 .ok(),
         },
     };
-    let capacity = crate::state::check(&node.layout.state_dir(), req.max_connections)?;
+    let capacity = crate::state::check(&node.layout.state_dir(), req.max_connections, true)?;
+    crate::state::check_sizes(&node.policy_dir(), &crate::state::POLICY_SIZES, true)?;
     let old = node.layout.generations()?;
     let generation = old.last().map_or(1, |g| g + 1);
     let mut made: Vec<PathBuf> = Vec::new();

@@ -286,6 +286,13 @@ pub fn policy_in_force(pin_dir: &Path, netns: &Path) -> Result<PolicyEntries> {
     })
 }
 
+/// The policy entries recorded for the pod with namespace cookie `cookie`
+/// (what `pod remove` deletes).
+pub fn recorded(pin_dir: &Path, cookie: u64) -> Result<PolicyEntries> {
+    let node = NodeLayout::new(pin_dir);
+    Ok(read_record(&node.pod_dir(cookie).join(RECORD))?.entries)
+}
+
 /// Registers one pod with its policy.
 pub fn add(req: &AddRequest) -> Result<AddReport> {
     let (netns_file, facts) = check_pod_input(req)?;
@@ -294,6 +301,7 @@ pub fn add(req: &AddRequest) -> Result<AddReport> {
         .context("the node pin dir vanished")?;
     // Read under the lock: an install or uninstall may have run meanwhile.
     let (node, record, gen_dir) = installed(&req.pin_dir)?;
+    crate::state::check_version(&node.layout.state_dir(), true)?;
     let cookie = facts.netns_cookie;
     let pod_dir = node.pod_dir(cookie);
     let old = if pod_dir.exists() {

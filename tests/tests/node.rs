@@ -600,3 +600,95 @@ fn dry_run_and_explain_take_a_registered_pod() {
     assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
     assert_eq!(n.f.who_answers(As::APP, &svc(81)), "upstream");
 }
+
+/// What `pod add` writes is what the maps give back: the entries read back
+/// from the kernel's maps equal the ones recorded, for a policy using every
+/// map.
+#[test]
+fn entries_written_are_the_entries_read_back() {
+    need_root!();
+    let n = Node::new();
+    n.add_ok(&[
+        "-i",
+        "10.0.0.0/8,fd00::/8",
+        "-x",
+        "10.9.0.0/16,192.168.0.0/24,fd00:9::/32",
+        "-o",
+        "22,2222",
+        "-q",
+        "80,443",
+        "-b",
+        "8080,9090",
+        "-u",
+        "1337,1400",
+        "-g",
+        "1337",
+        "--owner-groups-exclude",
+        "5,6",
+        "--service",
+        "10.1.2.3:80,[fd00::3]:443",
+    ]);
+    let cookie = n.list()[0]["netns_cookie"].as_u64().unwrap();
+    let recorded = redirect::pods::recorded(&n.pin, cookie).unwrap().sorted();
+    let mut maps = redirect::entries::PolicyMaps::open(&n.pin.join("policy")).unwrap();
+    let read = redirect::entries::PolicyEntries::read(&mut maps, cookie)
+        .unwrap()
+        .expect("the pod's policy");
+    assert_eq!(read, recorded);
+    assert_eq!(read.exclude_v4.len(), 2);
+    assert_eq!(read.services.len(), 2);
+    assert_eq!(read.proxy_uids, [1337, 1400]);
+}
+
+/// Pinned maps of another layout are refused, never reused: by `node
+/// install` (its version, or a map's sizes) and by `pod add`.
+#[test]
+fn node_maps_of_another_layout_are_refused() {
+    need_root!();
+    let n = Node::new();
+    n.add_ok(&["-i", "*"]);
+    let layout_pin = n.pin.join("state").join(redirect_common::map_names::LAYOUT);
+    let set_layout = |v: u64| {
+        let map = redirect::apply::open_pinned(&layout_pin).unwrap();
+        aya::maps::Array::<_, u64>::try_from(map)
+            .unwrap()
+            .set(0, v, 0)
+            .unwrap();
+    };
+    set_layout(2);
+    let out = n.install();
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("layout version 2") && e.contains("node uninstall"),
+        "{e}"
+    );
+    let out = n.add(&["--replace", "-i", "*"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("layout version 2"),
+        "{}",
+        stderr(&out)
+    );
+    set_layout(redirect_common::STATE_LAYOUT);
+    assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
+
+    // A policy map whose keys changed size.
+    let ports = n.pin.join("policy").join(redirect_common::map_names::PORTS);
+    let original = redirect::sys::obj_get(&ports, 0).unwrap();
+    std::fs::remove_file(&ports).unwrap();
+    let fake = redirect::sys::array_create("PORTS", 1, 4).unwrap();
+    redirect::sys::obj_pin(&fake, &ports).unwrap();
+    let out = n.install();
+    std::fs::remove_file(&ports).unwrap();
+    redirect::sys::obj_pin(&original, &ports).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("map PORTS has 4-byte keys and 1-byte values"),
+        "{}",
+        stderr(&out)
+    );
+    let out = n.install();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
+}
