@@ -59,6 +59,29 @@ pub const PER_POD: [(&str, u32); 9] = [
     (map_names::LOCAL_V6, 8),
 ];
 
+/// Least entries of the node's `SERVICES` map, whatever `--max-pods`: as
+/// many services as a one-shot apply takes by default (one pod may list
+/// 100,000).
+pub const MIN_SERVICES: u32 = redirect_common::DEFAULT_SERVICE_CAPACITY;
+
+/// The node's policy maps and their sizes for `max_pods` pods.
+pub fn pool_sizes(max_pods: u32) -> Vec<(&'static str, u32)> {
+    PER_POD
+        .iter()
+        .map(|(name, per_pod)| {
+            let n = max_pods.saturating_mul(*per_pod);
+            (
+                *name,
+                if *name == map_names::SERVICES {
+                    n.max(MIN_SERVICES)
+                } else {
+                    n
+                },
+            )
+        })
+        .collect()
+}
+
 /// The node's pin layout.
 #[derive(Clone, Debug)]
 pub struct NodeLayout {
@@ -344,8 +367,8 @@ fn load_and_attach(
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    for (name, per_pod) in PER_POD {
-        loader.map_max_entries(name, record.max_pods.saturating_mul(per_pod));
+    for (name, n) in pool_sizes(record.max_pods) {
+        loader.map_max_entries(name, n);
     }
     loader.map_max_entries(map_names::INBOUND_LISTENER, 2 * record.max_pods);
     loader.map_max_entries(map_names::CONNS, capacity);
@@ -491,7 +514,9 @@ pub struct NodeStatus {
     pub pods: usize,
     /// Captured outbound connections open now, and the capacity.
     pub connections: Option<crate::status::Connections>,
-    /// Counters, summed over CPUs.
+    /// Decisions by rule, summed over CPUs.
+    pub decisions: std::collections::BTreeMap<String, u64>,
+    /// Other counters, summed over CPUs.
     pub counters: std::collections::BTreeMap<String, u64>,
 }
 
@@ -511,13 +536,15 @@ pub fn status(pin_dir: &Path) -> Result<NodeStatus> {
             .parse::<u64>()
             .ok()
     });
+    let (decisions, counters) = crate::status::counters(&node.layout.state_dir())?;
     Ok(NodeStatus {
         pin_dir: pin_dir.display().to_string(),
         node: record,
         generation,
         pods: node.pods()?.len(),
         connections: crate::status::connections(&node.layout.state_dir())?,
-        counters: crate::status::counters(&node.layout.state_dir())?,
+        decisions,
+        counters,
     })
 }
 
@@ -537,7 +564,7 @@ impl std::fmt::Display for NodeStatus {
         if let Some(c) = &self.connections {
             writeln!(f, "connections   {} open of {}", c.open, c.capacity)?;
         }
-        for (k, v) in &self.counters {
+        for (k, v) in self.decisions.iter().chain(&self.counters) {
             if *v != 0 {
                 writeln!(f, "  {k:<24} {v}")?;
             }

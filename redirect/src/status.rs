@@ -147,9 +147,9 @@ pub fn connections(state: &Path) -> Result<Option<Connections>> {
     }))
 }
 
-/// Every counter in the state maps at `state` (decisions by rule, then the
-/// others), summed over CPUs.
-pub fn counters(state: &Path) -> Result<BTreeMap<String, u64>> {
+/// The counters in the state maps at `state`, summed over CPUs: decisions
+/// by rule, and the others.
+pub fn counters(state: &Path) -> Result<(BTreeMap<String, u64>, BTreeMap<String, u64>)> {
     let path = state.join(map_names::COUNTERS);
     let map = PerCpuArray::<_, u64>::try_from(open_pinned(&path)?)?;
     let read = |i: u32| -> Result<u64> {
@@ -159,14 +159,14 @@ pub fn counters(state: &Path) -> Result<BTreeMap<String, u64>> {
             .iter()
             .sum())
     };
-    let mut out = BTreeMap::new();
+    let (mut decisions, mut counters) = (BTreeMap::new(), BTreeMap::new());
     for rule in Rule::ALL {
-        out.insert(rule.name().to_string(), read(rule as u32)?);
+        decisions.insert(rule.name().to_string(), read(rule as u32)?);
     }
     for c in Counter::ALL {
-        out.insert(c.name().to_string(), read(c as u32)?);
+        counters.insert(c.name().to_string(), read(c as u32)?);
     }
-    Ok(out)
+    Ok((decisions, counters))
 }
 
 /// The pinned links of the generation in `dir`: those present, and the

@@ -41,6 +41,14 @@ pub fn can_run() -> bool {
     false
 }
 
+/// Whether the suites run in node mode (`REDIRECT_TEST_MODE=node`, set by
+/// `cargo xtask test` for its second pass): [`Fixture::apply`] then installs
+/// a node on the pod's cgroup and registers the pod with `pod add`, and
+/// [`Fixture::status`] reads the node's status.
+pub fn node_mode() -> bool {
+    std::env::var("REDIRECT_TEST_MODE").is_ok_and(|m| m == "node")
+}
+
 /// The `redirect` binary under test: `$REDIRECT_BIN` (set by `cargo xtask
 /// test`), else `target/debug/redirect` next to the test executable.
 pub fn redirect_bin() -> PathBuf {
@@ -152,8 +160,13 @@ impl Fixture {
             .expect("running redirect")
     }
 
-    /// `redirect apply` on this pod with `policy` flags.
+    /// `redirect apply` on this pod with `policy` flags; in node mode
+    /// ([`node_mode`]), `node install` on the pod's cgroup (once, or again
+    /// with `--max-connections`) and `pod add --replace`, at the same pin dir.
     pub fn apply(&self, policy: &[&str]) -> Output {
+        if node_mode() {
+            return self.apply_node(policy);
+        }
         let cgroup = self.pod.cgroup.display().to_string();
         let netns = self.pod.netns_path(Side::Pod).display().to_string();
         let pin = self.pin_dir.display().to_string();
@@ -168,6 +181,53 @@ impl Fixture {
         ];
         args.extend_from_slice(policy);
         self.redirect(&args)
+    }
+
+    fn apply_node(&self, policy: &[&str]) -> Output {
+        let cgroup = self.pod.cgroup.display().to_string();
+        let netns = self.pod.netns_path(Side::Pod).display().to_string();
+        let pin = self.pin_dir.display().to_string();
+        let mut install = vec!["node", "install", "--cgroup", &cgroup, "--pin-dir", &pin];
+        let mut add = vec![
+            "pod",
+            "add",
+            "--replace",
+            "--netns",
+            &netns,
+            "--pin-dir",
+            &pin,
+        ];
+        let mut args = policy.iter();
+        while let Some(a) = args.next() {
+            if *a == "--max-connections" {
+                install.push(a);
+                install.extend(args.next());
+            } else {
+                add.push(a);
+            }
+        }
+        if install.len() > 6 || !self.pin_dir.join("NODE").exists() {
+            let out = self.redirect(&install);
+            if !out.status.success() {
+                return out;
+            }
+        }
+        self.redirect(&add)
+    }
+
+    /// Undoes [`Fixture::apply`]: `remove`, or in node mode `pod remove`
+    /// and `node uninstall`.
+    pub fn remove(&self) -> Output {
+        let pin = self.pin_dir.display().to_string();
+        if node_mode() {
+            let netns = self.pod.netns_path(Side::Pod).display().to_string();
+            let out = self.redirect(&["pod", "remove", "--netns", &netns, "--pin-dir", &pin]);
+            if !out.status.success() {
+                return out;
+            }
+            return self.redirect(&["node", "uninstall", "--pin-dir", &pin]);
+        }
+        self.redirect(&["remove", "--pin-dir", &pin])
     }
 
     /// `apply` that must succeed.
@@ -213,8 +273,30 @@ impl Fixture {
         }
     }
 
-    /// `status --json` parsed, or `None` when it fails.
+    /// `status --json` parsed, or `None` when it fails. In node mode, the
+    /// node's status in the same shape: the pod's policy, the node's
+    /// decisions, counters and connections.
     pub fn status(&self) -> Option<serde_json::Value> {
+        if node_mode() {
+            let out = self.redirect(&[
+                "status",
+                "--json",
+                "--node",
+                &self.pin_dir.display().to_string(),
+            ]);
+            if !out.status.success() {
+                return None;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+            let node = &v["node"];
+            return Some(serde_json::json!({
+                "generation": node["generation"],
+                "policy": v["pods"][0]["policy"],
+                "decisions": node["decisions"],
+                "counters": node["counters"],
+                "connections": node["connections"],
+            }));
+        }
         let out = self.redirect(&[
             "status",
             "--json",
@@ -229,6 +311,10 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        if node_mode() && self.pin_dir.join("NODE").exists() {
+            let pin = self.pin_dir.display().to_string();
+            let _ = self.redirect(&["node", "uninstall", "--pin-dir", &pin]);
+        }
         if self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }

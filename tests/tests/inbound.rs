@@ -198,7 +198,7 @@ fn reapply_changes_inbound_policy_and_remove_restores() {
     f.apply_ok(&["-b", "*", "-d", &APP_PORT.to_string()]);
     assert_eq!(f.who_answers_in(&pod(APP_PORT)), "app");
     assert_eq!(f.who_answers_in(&pod(OTHER)), "proxy");
-    let out = f.redirect(&["remove", "--pin-dir", f.pin_dir.to_str().unwrap()]);
+    let out = f.remove();
     assert!(out.status.success());
     // Nothing steers any more: the app answers on its own ports.
     assert_eq!(f.who_answers_in(&pod(OTHER)), "app2");

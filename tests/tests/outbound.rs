@@ -270,7 +270,7 @@ fn state_persists_after_loader_exits_and_remove_restores() {
     );
     assert!(st["decisions"]["include_all"].as_u64().unwrap() >= 1);
 
-    let out = f.redirect(&["remove", "--pin-dir", &f.pin_dir.display().to_string()]);
+    let out = f.remove();
     assert!(
         out.status.success(),
         "{}",
