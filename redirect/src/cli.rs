@@ -54,16 +54,6 @@ pub enum Command {
     /// gone, and one-shot pin dirs (under /sys/fs/bpf/redirect) whose cgroup
     /// and namespace are gone.
     Gc(GcArgs),
-    /// Make a throwaway pod, capture an app's connection to a sample proxy,
-    /// show what each side sees, clean up.
-    Demo,
-    /// A sample transparent proxy: accepts, asks SO_ORIGINAL_DST, answers one
-    /// line saying what it saw (used by the demo and the tests).
-    #[command(hide = true)]
-    SampleServer(crate::peer::ServerArgs),
-    /// A sample client: connects, prints what it saw as JSON.
-    #[command(hide = true)]
-    SampleConnect(crate::peer::ConnectArgs),
 }
 
 /// `node` subcommands.

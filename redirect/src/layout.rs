@@ -46,39 +46,6 @@ pub fn default_pin_dir(cgroup: &Path) -> Result<PathBuf> {
     Ok(Path::new(DEFAULT_PIN_ROOT).join(format!("cgroup-{id}")))
 }
 
-/// Removes [`DEFAULT_PIN_ROOT`] when dropped if it did not exist when the
-/// guard was made and is empty by then: for the demo and the tests, which
-/// apply with default pin dirs and must leave nothing behind. (`apply` and
-/// `remove` leave the root in place: another pod may be creating its pin
-/// dir in it.)
-pub struct DefaultRootCleanup {
-    created_here: bool,
-}
-
-impl DefaultRootCleanup {
-    /// Notes whether the root exists now.
-    pub fn new() -> DefaultRootCleanup {
-        DefaultRootCleanup {
-            created_here: !Path::new(DEFAULT_PIN_ROOT).exists(),
-        }
-    }
-}
-
-impl Default for DefaultRootCleanup {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for DefaultRootCleanup {
-    fn drop(&mut self) {
-        if self.created_here {
-            // Fails, harmlessly, if anything is left in it.
-            let _ = fs::remove_dir(DEFAULT_PIN_ROOT);
-        }
-    }
-}
-
 /// Whether [`DEFAULT_PIN_ROOT`] itself holds an apply: the default pin dir
 /// of versions of redirect before per-pod pin dirs. Pods applied there and
 /// in a per-pod pin dir below it would have two sets of programs attached.

@@ -11,8 +11,7 @@
 //! [`lock`] (one apply at a time per pin dir), [`pod_record`] (which pod a
 //! pin dir belongs to), [`status`], [`explain`] (one connection's
 //! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
-//! (`apply --dry-run`), and the helpers the demo and the
-//! integration tests use to build throwaway pods ([`pod`], [`peer`]).
+//! (`apply --dry-run`).
 
 mod orig_dst;
 pub use orig_dst::original_dst;
@@ -25,8 +24,6 @@ pub mod blob;
 pub mod btf;
 #[cfg(feature = "loader")]
 pub mod cli;
-#[cfg(feature = "loader")]
-pub mod demo;
 #[cfg(feature = "loader")]
 pub mod entries;
 #[cfg(feature = "loader")]
@@ -44,11 +41,7 @@ pub mod netns;
 #[cfg(feature = "loader")]
 pub mod node;
 #[cfg(feature = "loader")]
-pub mod peer;
-#[cfg(feature = "loader")]
 pub mod plan;
-#[cfg(feature = "loader")]
-pub mod pod;
 #[cfg(feature = "loader")]
 pub mod pod_record;
 #[cfg(feature = "loader")]

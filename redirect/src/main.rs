@@ -7,7 +7,7 @@ use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
     cli::{Cli, Command, FamilyArg, NodeCommand, PodCommand},
-    demo, explain, node, peer, plan, pods,
+    explain, node, plan, pods,
     render::{self, Family},
     status,
 };
@@ -274,9 +274,6 @@ async fn run(cli: Cli) -> Result<()> {
                 r.pin_dirs.len()
             );
         }
-        Command::Demo => tokio::task::spawn_blocking(demo::run).await??,
-        Command::SampleServer(args) => peer::run_server(&args)?,
-        Command::SampleConnect(args) => peer::print_connects(&args)?,
     }
     Ok(())
 }

@@ -15,8 +15,8 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
+use crate::peer::ClientView;
 use anyhow::{Context as _, Result, bail};
-use redirect::peer::ClientView;
 
 /// The hub's address: the pods' gateway, where upstream services listen.
 pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 64, 0, 1);
@@ -68,9 +68,8 @@ fn run(cmd: &str, args: &[&str], input: Option<&str>) -> Result<()> {
 
 impl Fleet {
     /// A hub with an upstream server (`upstream`, as root, on
-    /// [`HUB_PORTS`]) and `n` pods. `exe` is the binary with the
-    /// `sample-server` and `sample-connect` subcommands.
-    pub fn create(n: usize, exe: &Path) -> Result<Fleet> {
+    /// [`HUB_PORTS`]) and `n` pods.
+    pub fn create(n: usize) -> Result<Fleet> {
         let name = format!(
             "rdt-f{}-{}",
             std::process::id(),
@@ -80,7 +79,7 @@ impl Fleet {
         let mut fleet = Fleet {
             cgroup: cg2.join(&name),
             name,
-            exe: exe.to_path_buf(),
+            exe: crate::pod::sample_bin()?,
             alive: Vec::new(),
             children: Vec::new(),
         };
@@ -211,7 +210,7 @@ impl Fleet {
     }
 
     /// Starts a sample server named `name` as `uid` in pod `pod` (`None`:
-    /// the hub) on `listen`, with more `sample-server` arguments; waits
+    /// the hub) on `listen`, with more `redirect-sample server` arguments; waits
     /// until it listens.
     pub fn start(
         &mut self,
@@ -222,7 +221,7 @@ impl Fleet {
         extra: &[&str],
     ) -> Result<()> {
         let mut cmd = self.command(pod, uid, &self.exe)?;
-        cmd.arg("sample-server").arg("--name").arg(name);
+        cmd.arg("server").arg("--name").arg(name);
         for l in listen {
             cmd.arg("--listen").arg(l);
         }
@@ -252,7 +251,7 @@ impl Fleet {
     /// of `targets`.
     pub fn connect(&self, i: usize, uid: u32, targets: &[String]) -> Result<Vec<ClientView>> {
         let mut cmd = self.command(Some(i), uid, &self.exe)?;
-        cmd.arg("sample-connect");
+        cmd.arg("connect");
         for t in targets {
             cmd.arg("--to").arg(t);
         }

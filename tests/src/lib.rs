@@ -1,4 +1,8 @@
-//! Harness for the real-kernel integration tests in `tests/tests/`.
+//! Harness for the real-kernel integration tests in `tests/tests/`, and the
+//! test fixtures the demo (`redirect-demo`) and the benchmarks
+//! (`redirect-bench`) share with them: throwaway pods ([`pod`]) and the
+//! sample peers ([`peer`], run as the `redirect-sample` binary). None of
+//! this is in the `redirect` crate, which ships.
 //!
 //! Each test builds its own [`Fixture`]: a throwaway pod (netns + veth to an
 //! upstream netns, its own cgroup), a sample proxy running as UID 1337 on
@@ -11,21 +15,24 @@
 //! skipped and pass.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
-use redirect::{
+use anyhow::Context as _;
+use redirect::layout::DEFAULT_PIN_ROOT;
+
+use crate::{
     peer::ClientView,
     pod::{
         As, Pod, Side, UPSTREAM_EXTRA, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6,
     },
 };
 
-pub use redirect::pod;
-
 pub mod fleet;
 pub mod haproxy;
+pub mod peer;
+pub mod pod;
 
 /// Whether the tests can run here. Panics under `CI=true` when they cannot.
 pub fn can_run() -> bool {
@@ -55,18 +62,49 @@ pub fn redirect_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("REDIRECT_BIN") {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|d| d.join("redirect"))
-        .expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} not built: run the tests with `cargo xtask test`",
-        bin.display()
-    );
-    bin
+    built_bin("redirect").unwrap_or_else(|e| panic!("{e:#}: run the tests with `cargo xtask test`"))
+}
+
+/// The workspace binary `name` of the running build: next to the running
+/// executable (a binary, `target/<profile>/`) or one directory up (a test
+/// executable, `target/<profile>/deps/`).
+pub fn built_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("own executable path")?;
+    let dir = exe.parent().context("own executable's directory")?;
+    [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} not built (looked next to {})", exe.display()))
+}
+
+/// Removes [`DEFAULT_PIN_ROOT`] when dropped if it did not exist when the
+/// guard was made and is empty by then: for the demo and the tests, which
+/// apply with default pin dirs and must leave nothing behind. (`apply` and
+/// `remove` leave the root in place: another pod may be creating its pin
+/// dir in it.)
+pub struct DefaultRootCleanup {
+    created_here: bool,
+}
+
+#[allow(clippy::new_without_default)] // notes the state of the machine now
+impl DefaultRootCleanup {
+    /// Notes whether the root exists now.
+    pub fn new() -> DefaultRootCleanup {
+        DefaultRootCleanup {
+            created_here: !Path::new(DEFAULT_PIN_ROOT).exists(),
+        }
+    }
+}
+
+impl Drop for DefaultRootCleanup {
+    fn drop(&mut self) {
+        if self.created_here {
+            // Fails, harmlessly, if anything is left in it.
+            let _ = std::fs::remove_dir(DEFAULT_PIN_ROOT);
+        }
+    }
 }
 
 /// Service ports upstream listens on (on every upstream address).
@@ -96,7 +134,7 @@ impl Fixture {
     /// [`Fixture::new`] without the sample proxy: ports 15001 and 15006 are
     /// free for another proxy (HAProxy, in `tests/tests/haproxy.rs`).
     pub fn without_proxy() -> Fixture {
-        let pod = Pod::create("rdt", &redirect_bin()).expect("creating the test pod");
+        let pod = Pod::create("rdt").expect("creating the test pod");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(&pod.name);
         let mut f = Fixture { pod, pin_dir };
         let mut upstream: Vec<String> = Vec::new();
@@ -137,7 +175,7 @@ impl Fixture {
     }
 
     /// Replaces the sample proxy by one on 15001 only (IPv4 and IPv6) with
-    /// more `sample-server` arguments (`extra`), e.g. to make it ask
+    /// more `redirect-sample server` arguments (`extra`), e.g. to make it ask
     /// `SO_ORIGINAL_DST` late.
     pub fn restart_outbound_proxy_with(&mut self, extra: &[&str]) {
         self.pod.stop_server("proxy");

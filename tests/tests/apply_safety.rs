@@ -13,13 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect::{
-    apply::PROGRAMS,
+use redirect::{apply::PROGRAMS, status::INCOMPLETE_INTERRUPTED, sys};
+use redirect_tests::{
+    APP_PORT, DefaultRootCleanup, Fixture, can_run,
     pod::{As, Side, upstream_extra, upstream_extra6},
-    status::INCOMPLETE_INTERRUPTED,
-    sys,
+    redirect_bin,
 };
-use redirect_tests::{APP_PORT, Fixture, can_run, redirect_bin};
 
 macro_rules! need_root {
     () => {
@@ -39,7 +38,7 @@ fn v6() -> String {
 
 /// The app's port at the pod's address, from outside.
 fn inbound() -> String {
-    format!("{}:{APP_PORT}", redirect::pod::POD_IP)
+    format!("{}:{APP_PORT}", redirect_tests::pod::POD_IP)
 }
 
 fn text(out: &Output) -> String {
@@ -314,7 +313,7 @@ fn pin_dir_belongs_to_one_pod() {
 fn default_pin_dirs_keep_pods_apart() {
     need_root!();
     // Dropped last: removes the default root if this test made it.
-    let _root = redirect::layout::DefaultRootCleanup::new();
+    let _root = DefaultRootCleanup::new();
     let mut a = Fixture::new();
     let mut b = Fixture::new();
     for f in [&mut a, &mut b] {

@@ -14,11 +14,12 @@ use std::{
     process::{Command, Stdio},
 };
 
-use redirect::{
+use redirect_tests::{
+    APP_PORT, Fixture, can_run, other,
     peer::ClientView,
     pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6},
+    redirect_bin,
 };
-use redirect_tests::{APP_PORT, Fixture, can_run, other, redirect_bin};
 
 /// The policies, as `apply` / `iptables` flags. `{proxy_cgroup}` stands for
 /// each pod's own `proxy/` cgroup.

@@ -4,8 +4,10 @@
 
 use std::io::Write as _;
 
-use redirect::pod::{As, POD_IP, upstream_extra, upstream_extra6};
-use redirect_tests::{APP_PORT, Fixture, can_run, other};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run, other,
+    pod::{As, POD_IP, upstream_extra, upstream_extra6},
+};
 
 macro_rules! need_root {
     () => {

@@ -5,12 +5,12 @@
 
 use std::{path::PathBuf, process::Command};
 
-use redirect::{
-    apply::PROGRAMS,
-    fs::cgroup2_mount,
+use redirect::{apply::PROGRAMS, fs::cgroup2_mount};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run, other,
     pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6},
+    redirect_bin,
 };
-use redirect_tests::{APP_PORT, Fixture, can_run, other, redirect_bin};
 use serde_json::Value;
 
 struct Run {

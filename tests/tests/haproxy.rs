@@ -20,14 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect::{
-    peer::ClientView,
-    pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra},
-};
 use redirect_tests::{
     APP_PORT, Fixture, can_run,
     haproxy::{self, AbRun, Haproxy, LogLine},
-    redirect_bin,
+    peer::ClientView,
+    pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, sample_bin, upstream_extra},
 };
 
 macro_rules! need_haproxy {
@@ -341,9 +338,9 @@ fn is_upstream(a: SocketAddr) -> bool {
 fn send_then(f: &Fixture, how: &str, targets: &[String], deadline: Instant) -> Vec<ClientView> {
     let mut cmd = f
         .pod
-        .command(Side::Pod, As::APP, &redirect_bin())
+        .command(Side::Pod, As::APP, &sample_bin().expect("redirect-sample"))
         .expect("sample client command");
-    cmd.args(["sample-connect", "--send-then", how]);
+    cmd.args(["connect", "--send-then", how]);
     for t in targets {
         cmd.arg("--to").arg(t);
     }

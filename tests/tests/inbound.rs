@@ -3,8 +3,10 @@
 //! keep their real local address; the proxy registers its listener just by
 //! calling `listen()` as an unprivileged user.
 
-use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP};
-use redirect_tests::{APP_PORT, Fixture, can_run};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run,
+    pod::{As, POD_IP, Side, UPSTREAM_IP},
+};
 
 macro_rules! need_root {
     () => {

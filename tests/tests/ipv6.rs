@@ -3,8 +3,10 @@
 //! socket connecting to an IPv4-mapped address, which must be decided as
 //! IPv4 (no bypass).
 
-use redirect::pod::{As, POD_IP6, Side, upstream_extra6};
-use redirect_tests::{APP_PORT, Fixture, can_run, other};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run, other,
+    pod::{As, POD_IP6, Side, upstream_extra6},
+};
 
 macro_rules! need_root {
     () => {

@@ -5,11 +5,12 @@
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
-use redirect::{
+use redirect_tests::{
+    Fixture, can_run,
     peer::ServerView,
     pod::{As, Side, upstream_extra, upstream_extra6},
+    state_entries_after_close,
 };
-use redirect_tests::{Fixture, can_run, state_entries_after_close};
 
 macro_rules! need_root {
     () => {

@@ -9,8 +9,11 @@ use std::{
     process::{Command, Output},
 };
 
-use redirect::pod::{As, POD_IP, Side, UPSTREAM_IP};
-use redirect_tests::{APP_PORT, Fixture, can_run, redirect_bin};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run,
+    pod::{As, POD_IP, Side, UPSTREAM_IP},
+    redirect_bin,
+};
 
 macro_rules! need_root {
     () => {

@@ -12,10 +12,11 @@ use std::{
     },
 };
 
-use redirect::peer::ClientView;
 use redirect_tests::{
     can_run,
     fleet::{Fleet, HUB_IP},
+    peer::ClientView,
+    pod::sample_bin,
     redirect_bin,
 };
 
@@ -129,8 +130,8 @@ fn check(fleet: &Fleet, i: usize, what: &str) {
     }
     // Inbound, from the hub to the pod's port 8080.
     let to = format!("{}:8080", Fleet::addr(i));
-    let mut cmd = fleet.command(None, 0, &redirect_bin()).unwrap();
-    let out = cmd.args(["sample-connect", "--to", &to]).output().unwrap();
+    let mut cmd = fleet.command(None, 0, &sample_bin().unwrap()).unwrap();
+    let out = cmd.args(["connect", "--to", &to]).output().unwrap();
     let v: ClientView = serde_json::from_slice(&out.stdout).unwrap();
     match i % 4 {
         0 | 3 => {
@@ -154,7 +155,7 @@ fn thousand_pods_keep_their_own_policies_while_pods_come_and_go() {
         return;
     }
     let n = pods();
-    let mut fleet = Fleet::create(n, &redirect_bin()).expect("fleet");
+    let mut fleet = Fleet::create(n).expect("fleet");
     let node = Node {
         pin: PathBuf::from("/sys/fs/bpf").join(format!("{}-node", fleet.name)),
     };
@@ -207,9 +208,11 @@ fn thousand_pods_keep_their_own_policies_while_pods_come_and_go() {
     // A client loop in pod 0 while a tenth of the pods go and new ones come.
     let stop = Arc::new(AtomicBool::new(false));
     let (done, wrong) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut client = fleet.command(Some(0), 1000, &redirect_bin()).unwrap();
+    let mut client = fleet
+        .command(Some(0), 1000, &sample_bin().unwrap())
+        .unwrap();
     let to = format!("{HUB_IP}:80");
-    client.args(["sample-connect", "--to", &to]);
+    client.args(["connect", "--to", &to]);
     let looper = {
         let (stop, done, wrong, to) = (stop.clone(), done.clone(), wrong.clone(), to.clone());
         std::thread::spawn(move || {

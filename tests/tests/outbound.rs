@@ -9,8 +9,11 @@ use std::{
     },
 };
 
-use redirect::pod::{As, POD_IP, POD_IP6, UPSTREAM_IP, upstream_extra, upstream_extra6};
-use redirect_tests::{APP_PORT, Fixture, can_run, other, state_entries_after_close};
+use redirect_tests::{
+    APP_PORT, Fixture, can_run, other,
+    pod::{As, POD_IP, POD_IP6, UPSTREAM_IP, upstream_extra, upstream_extra6},
+    state_entries_after_close,
+};
 
 fn svc(i: u8, port: u16) -> String {
     format!("{}:{port}", upstream_extra(i))
@@ -487,7 +490,7 @@ fn unredirected_getsockopt_is_untouched() {
 fn same_view_as_iptables_redirect() {
     need_root!();
     let f = Fixture::new();
-    let ns = f.pod.netns_name(redirect::pod::Side::Pod);
+    let ns = f.pod.netns_name(redirect_tests::pod::Side::Pod);
     let ipt = |args: &[&str]| {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &ns, "iptables"])

@@ -8,8 +8,11 @@ use std::{
     process::{Command, Stdio},
 };
 
-use redirect::pod::{As, Side, upstream_extra};
-use redirect_tests::{Fixture, can_run, redirect_bin};
+use redirect_tests::{
+    Fixture, can_run,
+    pod::{As, Side, upstream_extra},
+    redirect_bin,
+};
 
 const ADVERSARY: &str = env!("CARGO_BIN_EXE_redirect-adversary");
 

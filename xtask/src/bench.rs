@@ -685,7 +685,7 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
         w,
         "Each measurement runs the same bench client against the same bench proxy \
          (`tests/src/bin/redirect-bench/`) in a throwaway pod per method \
-         (`redirect::pod`: a network namespace with a veth to an upstream \
+         (`redirect_tests::pod`: a network namespace with a veth to an upstream \
          namespace, a cgroup with `app/` and `proxy/`). The client runs as UID \
          1000 in `app/`, the proxy as UID 1337 in `proxy/`, single-threaded \
          accept loop on `0.0.0.0:15001`. Every pod is new for each policy size. \

@@ -3,7 +3,8 @@
 //! - `setup`: install what the build needs and a fresh machine lacks (the
 //!   nightly `rust-src` component and `bpf-linker` 0.10.4, and through
 //!   apt-get iproute2, iptables, haproxy and apache2-utils);
-//! - `demo`: setup, build, run `redirect demo` (root);
+//! - `demo`: setup, build `redirect` and the demo, run the demo
+//!   (`tests/src/bin/redirect-demo.rs`, root);
 //! - `test`: setup, build, run every test of the workspace, including the
 //!   real-kernel integration tests (root);
 //! - `bench`: build in release mode, run the benchmarks, write
@@ -76,8 +77,22 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             require_root("the demo")?;
-            cargo(&["build", "--package", "redirect", "--bin", "redirect"])?;
-            run(Command::new(target_dir().join("debug/redirect")).arg("demo"))
+            // The demo drives the real `redirect` binary and runs the sample
+            // peers (`redirect-sample`) in its pod: all three side by side.
+            cargo(&[
+                "build",
+                "--package",
+                "redirect",
+                "--bin",
+                "redirect",
+                "--package",
+                "redirect-tests",
+                "--bin",
+                "redirect-demo",
+                "--bin",
+                "redirect-sample",
+            ])?;
+            run(&mut Command::new(target_dir().join("debug/redirect-demo")))
         }
         Cmd::Test { args } => {
             setup()?;

@@ -12,8 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use redirect::pod::Side;
 use redirect_common::map_names;
+use redirect_tests::pod::Side;
 use serde::Serialize;
 
 use crate::{
@@ -889,7 +889,7 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
         let report = report_dir.join(format!("proxy-{i}.json"));
         let mut cmd = w
             .pod
-            .command(Side::Pod, redirect::pod::As::PROXY, &adversary)?;
+            .command(Side::Pod, redirect_tests::pod::As::PROXY, &adversary)?;
         cmd.args([
             "proxy",
             "--keep",
@@ -922,7 +922,7 @@ fn peak(plan: &Plan, tools: &Tools) -> Result<Peak> {
             };
             let mut cmd = w
                 .pod
-                .command(Side::Pod, redirect::pod::As::APP, &adversary)?;
+                .command(Side::Pod, redirect_tests::pod::As::APP, &adversary)?;
             cmd.args(["hold", "--to", to, "--count"])
                 .arg(count.to_string())
                 .stdin(std::process::Stdio::piped());

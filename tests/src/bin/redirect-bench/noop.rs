@@ -14,9 +14,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use redirect::{
     apply::PROGRAMS,
-    pod::Side,
     sys::{AttachType, link_create, obj_pin},
 };
+use redirect_tests::pod::Side;
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 
@@ -78,7 +78,7 @@ pub struct NoopHooks {
 
 impl NoopHooks {
     /// Attaches a no-op program at each of redirect's hooks of `pod`.
-    pub fn attach(pod: &redirect::pod::Pod) -> Result<NoopHooks> {
+    pub fn attach(pod: &redirect_tests::pod::Pod) -> Result<NoopHooks> {
         let cgroup =
             File::open(&pod.cgroup).with_context(|| format!("opening {}", pod.cgroup.display()))?;
         let netns_path = pod.netns_path(Side::Pod);

@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use redirect::pod::{As, Pod, Side, upstream_extra};
+use redirect_tests::pod::{As, Pod, Side, upstream_extra};
 use serde::Serialize;
 
 use crate::peer::{ClientReport, ProxyMode, schedstat_ns};
@@ -366,7 +366,7 @@ impl World {
         port_range: Option<(u16, u16)>,
     ) -> Result<World> {
         check_interrupted()?;
-        let pod = Pod::create("rbench", &tools.redirect)?;
+        let pod = Pod::create("rbench")?;
         let mut w = World {
             proxy: None,
             pins: None,

@@ -1,4 +1,5 @@
-//! A throwaway "pod" for the demo and the integration tests: its own network
+//! A throwaway "pod" for the demo, the integration tests and the benchmarks:
+//! its own network
 //! namespace wired by a veth to a second namespace acting as the upstream
 //! host, its own cgroup v2 subtree (`app/` and `proxy/` below it), and
 //! helpers to start processes inside it as a given user. Everything is
@@ -24,7 +25,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{fs::cgroup2_mount, peer::ClientView};
+use redirect::fs::cgroup2_mount;
+
+use crate::{built_bin, peer::ClientView};
 
 /// The pod's address.
 pub const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
@@ -45,6 +48,12 @@ pub fn upstream_extra6(i: u8) -> Ipv6Addr {
 }
 /// Number of extra upstream addresses.
 pub const UPSTREAM_EXTRA: u8 = 9;
+
+/// The sample peers' binary (`tests/src/bin/redirect-sample.rs`), which
+/// [`Pod::start_server`] and [`Pod::connect`] run inside the pod.
+pub fn sample_bin() -> Result<PathBuf> {
+    built_bin("redirect-sample")
+}
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -99,7 +108,6 @@ pub struct Pod {
     /// The pod's cgroup v2 directory (attach here).
     pub cgroup: PathBuf,
     children: Vec<(String, Child)>,
-    exe: PathBuf,
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<()> {
@@ -118,9 +126,8 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
 }
 
 impl Pod {
-    /// Creates a pod named `<prefix>-<pid>-<n>`. `exe` is the `redirect`
-    /// binary used to start the sample peers.
-    pub fn create(prefix: &str, exe: &Path) -> Result<Pod> {
+    /// Creates a pod named `<prefix>-<pid>-<n>`.
+    pub fn create(prefix: &str) -> Result<Pod> {
         let name = format!(
             "{prefix}-{}-{}",
             std::process::id(),
@@ -131,7 +138,6 @@ impl Pod {
             cgroup: cg2.join(&name),
             name,
             children: Vec::new(),
-            exe: exe.to_path_buf(),
         };
         // From here on, Drop cleans whatever was created.
         pod.setup()?;
@@ -294,7 +300,8 @@ impl Pod {
         self.start_server_with(side, who, name, listen, &[])
     }
 
-    /// [`Pod::start_server`] with more `sample-server` arguments (`extra`).
+    /// [`Pod::start_server`] with more `redirect-sample server` arguments
+    /// (`extra`).
     pub fn start_server_with(
         &mut self,
         side: Side,
@@ -303,8 +310,8 @@ impl Pod {
         listen: &[&str],
         extra: &[&str],
     ) -> Result<()> {
-        let mut cmd = self.command(side, who, &self.exe)?;
-        cmd.arg("sample-server").arg("--name").arg(name);
+        let mut cmd = self.command(side, who, &sample_bin()?)?;
+        cmd.arg("server").arg("--name").arg(name);
         for l in listen {
             cmd.arg("--listen").arg(l);
         }
@@ -408,7 +415,7 @@ impl Pod {
     }
 
     /// Runs the sample client in the pod as `who`, connecting to `to`, with
-    /// more `sample-connect` arguments (`extra`).
+    /// more `redirect-sample connect` arguments (`extra`).
     pub fn connect_with(&self, who: As, to: &str, extra: &[&str]) -> Result<ClientView> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut v = self.run_client(Side::Pod, who, &[to], &extra)?;
@@ -422,8 +429,8 @@ impl Pod {
         targets: &[&str],
         extra: &[String],
     ) -> Result<Vec<ClientView>> {
-        let mut cmd = self.command(side, who, &self.exe)?;
-        cmd.arg("sample-connect");
+        let mut cmd = self.command(side, who, &sample_bin()?)?;
+        cmd.arg("connect");
         for to in targets {
             cmd.arg("--to").arg(to);
         }

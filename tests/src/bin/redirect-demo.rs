@@ -1,30 +1,41 @@
-//! `redirect demo`: the whole path in one command, on a throwaway pod.
+//! `redirect-demo`: the whole path in one command, on a throwaway pod
+//! (`cargo xtask demo` builds and runs it, as root).
 //!
 //! It builds a pod (netns + cgroup) wired to an upstream host, starts a
 //! sample proxy (UID 1337) and an upstream service, applies redirection with
-//! `-i '*'`, lets an application (UID 1000) connect to the service, prints
-//! what the application and the proxy saw, shows `status`, and removes it all.
+//! `redirect apply -i '*' -b '*'` (the real `redirect` binary, next to this
+//! one), lets an application (UID 1000) connect to the service, prints what
+//! the application and the proxy saw, shows `redirect status`, and removes
+//! it all.
 
-use std::path::PathBuf;
-
-use anyhow::{Context as _, Result};
-
-use crate::{
-    apply::{self, ApplyRequest},
-    peer::ServerView,
-    pod::{As, POD_IP, Pod, Side, UPSTREAM_IP, upstream_extra},
-    policy::{InboundPorts, Include, PolicySpec},
-    status,
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
 };
 
+use anyhow::{Context as _, Result, bail};
+use redirect_tests::{
+    DefaultRootCleanup, built_bin,
+    peer::ServerView,
+    pod::{As, POD_IP, Pod, Side, UPSTREAM_IP, upstream_extra},
+};
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("redirect-demo: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
 /// Runs the demo, printing to stdout.
-pub fn run() -> Result<()> {
-    let exe = std::env::current_exe().context("locating the redirect binary")?;
-    let root = crate::layout::DefaultRootCleanup::new();
-    let mut pod = Pod::create("redirect-demo", &exe)?;
+fn run() -> Result<()> {
+    let redirect = built_bin("redirect")
+        .context("the redirect binary (cargo build --package redirect --bin redirect)")?;
+    let root = DefaultRootCleanup::new();
+    let mut pod = Pod::create("redirect-demo")?;
     // The pin dir apply picks without --pin-dir: one per pod's cgroup.
-    let pins = Pins(crate::layout::default_pin_dir(&pod.cgroup)?);
-    let result = demo(&mut pod, &pins.0);
+    let pins = Pins(redirect::layout::default_pin_dir(&pod.cgroup)?);
+    let result = demo(&redirect, &mut pod, &pins.0);
     // Pins first (detaches), then the pod, then the default root if the
     // demo made it; also on a panic (e.g. stdout closed), through the
     // guards' Drop.
@@ -46,6 +57,20 @@ impl Drop for Pins {
     }
 }
 
+/// Runs `redirect args` and returns what it printed; its stderr (warnings,
+/// `REDIRECT_LOG`) goes to ours.
+fn redirect(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("redirect {} failed: {}", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn print_orig_dst(reply: &ServerView) {
     println!(
         "  {} getsockopt(SO_ORIGINAL_DST) = {}",
@@ -57,7 +82,7 @@ fn print_orig_dst(reply: &ServerView) {
     );
 }
 
-fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
+fn demo(bin: &Path, pod: &mut Pod, pin_dir: &Path) -> Result<()> {
     let service = format!("{}:80", upstream_extra(1));
     println!(
         "pod {} : netns {}, cgroup {}",
@@ -89,30 +114,22 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
             .map_or("nobody", |r| r.server.as_str())
     );
 
-    let policy = PolicySpec {
-        include_cidrs: Include::All,
-        inbound_ports: InboundPorts::All,
-        ..PolicySpec::default()
-    };
-    let report = apply::apply(&ApplyRequest {
-        cgroup: pod.cgroup.clone(),
-        netns: Some(pod.netns_path(Side::Pod)),
-        pin_dir: pin_dir.to_path_buf(),
-        policy,
-        max_connections: None,
-        allow_no_proxy_exemption: false,
-        lock_timeout: crate::lock::DEFAULT_TIMEOUT,
-    })?;
+    let cgroup = pod.cgroup.display().to_string();
+    let netns = pod.netns_path(Side::Pod).display().to_string();
+    println!("\n$ redirect apply --cgroup {cgroup} --netns {netns} -i '*' -b '*'");
+    let applied = redirect(
+        bin,
+        &[
+            "apply", "--cgroup", &cgroup, "--netns", &netns, "-i", "*", "-b", "*",
+        ],
+    )?;
     println!(
-        "\n$ redirect apply --cgroup {} --netns {} -i '*' -b '*'",
-        pod.cgroup.display(),
-        pod.netns_path(Side::Pod).display(),
+        "{}; the loader is done, the pins keep it attached",
+        applied.trim_end()
     );
-    println!(
-        "applied generation {} at {}; the loader is done, the pins keep it attached",
-        report.generation,
-        pin_dir.display()
-    );
+    if !pin_dir.exists() {
+        bail!("apply did not pin at {}", pin_dir.display());
+    }
 
     let after = pod.connect(As::APP, &service, None)?;
     let reply = after
@@ -152,9 +169,9 @@ fn demo(pod: &mut Pod, pin_dir: &std::path::Path) -> Result<()> {
             .map_or("nobody", |r| r.server.as_str())
     );
 
-    println!("\n$ redirect status --cgroup {}", pod.cgroup.display());
-    print!("{}", status::status(pin_dir)?);
-    apply::remove(pin_dir, crate::lock::DEFAULT_TIMEOUT)?;
-    println!("\n$ redirect remove --cgroup {}", pod.cgroup.display());
+    println!("\n$ redirect status --cgroup {cgroup}");
+    print!("{}", redirect(bin, &["status", "--cgroup", &cgroup])?);
+    println!("\n$ redirect remove --cgroup {cgroup}");
+    print!("{}", redirect(bin, &["remove", "--cgroup", &cgroup])?);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Sample peers for the demo and the tests: a server that behaves like a
 //! transparent proxy (accept, `SO_ORIGINAL_DST`, answer one line), and a
 //! client that connects and reports what it saw. Both speak one JSON line.
+//! The `redirect-sample` binary (`server`, `connect`) runs them in a pod.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -12,7 +13,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-/// `sample-server` arguments.
+/// `redirect-sample server` arguments.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Name put in every answer (which listener got the connection).
@@ -37,7 +38,7 @@ pub struct ServerArgs {
     pub log: Option<std::path::PathBuf>,
 }
 
-/// `sample-connect` arguments.
+/// `redirect-sample connect` arguments.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
     /// Where to connect (repeatable: one connection each, in order, one JSON
@@ -169,7 +170,7 @@ fn answer(
     mut stream: TcpStream,
     log: Option<&std::sync::Mutex<std::fs::File>>,
 ) -> Result<()> {
-    let (orig_dst, orig_dst_error) = match crate::original_dst(&stream) {
+    let (orig_dst, orig_dst_error) = match redirect::original_dst(&stream) {
         Ok(a) => (Some(a.to_string()), None),
         Err(e) => (None, Some(e.to_string())),
     };
