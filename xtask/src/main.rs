@@ -104,7 +104,27 @@ fn main() -> Result<()> {
                 .args(["test", "--workspace"])
                 .args(&args)
                 .env("REDIRECT_BIN", &bin);
-            run(&mut cmd)
+            run(&mut cmd)?;
+            if !args.is_empty() {
+                // A chosen test: run once, in one-shot mode.
+                return Ok(());
+            }
+            // The real-kernel suites again, every pod registered in a node
+            // install (`pod add`) instead of applied one-shot.
+            eprintln!("xtask: the real-kernel suites again in node mode");
+            let mut node = Command::new(env_cargo());
+            node.current_dir(root())
+                .args(["test", "-p", "redirect-tests"]);
+            for t in NODE_MODE_SUITES {
+                node.args(["--test", t]);
+            }
+            node.arg("--");
+            for t in ONE_SHOT_ONLY {
+                node.args(["--skip", t]);
+            }
+            run(node
+                .env("REDIRECT_BIN", &bin)
+                .env("REDIRECT_TEST_MODE", "node"))
         }
         Cmd::Bench {
             quick,
@@ -120,6 +140,27 @@ fn main() -> Result<()> {
         Cmd::Docs => docs(),
     }
 }
+
+/// Suites `cargo xtask test` runs a second time in node mode.
+const NODE_MODE_SUITES: [&str; 8] = [
+    "inbound",
+    "outbound",
+    "ipv6",
+    "exemptions",
+    "owner",
+    "lifetime",
+    "differential",
+    "haproxy",
+];
+
+/// Tests of those suites about one-shot `apply` itself (its flags, its
+/// generations, its links, its pin dir), which node mode has not: node
+/// mode's own are in `tests/tests/node.rs`.
+const ONE_SHOT_ONLY: [&str; 3] = [
+    "bad_input_fails_and_attaches_nothing",
+    "reapply_replaces_without_gap",
+    "state_persists_after_loader_exits_and_remove_restores",
+];
 
 /// Rewrites the generated blocks of the docs: the test that checks them
 /// rewrites them instead when `REDIRECT_UPDATE_DOCS` is set.
