@@ -695,3 +695,52 @@ fn node_maps_of_another_layout_are_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(n.f.who_answers(As::APP, &svc(80)), "proxy");
 }
+
+/// An upgrade (`node install` again) while connections are being made and
+/// while one waits for its proxy to ask: no connection escapes capture and
+/// none loses its original destination.
+#[test]
+fn reinstall_under_traffic_has_no_gap_and_keeps_destinations() {
+    need_root!();
+    let mut n = Node::new();
+    n.f.restart_outbound_proxy_with(&["--answer-delay-ms", "1500"]);
+    n.add_ok(&["-i", "*"]);
+    let slow_to = svc(81);
+    std::thread::scope(|s| {
+        let f = &n.f;
+        let slow = s.spawn(|| f.connect(As::APP, &slow_to));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        for _ in 0..2 {
+            let out = n.install();
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        let v = slow.join().unwrap();
+        let r = v.reply.unwrap_or_else(|| panic!("{:?}", v.error));
+        assert_eq!(r.server, "proxy");
+        assert_eq!(r.orig_dst.as_deref(), Some(slow_to.as_str()));
+    });
+    n.f.restart_outbound_proxy_with(&[]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let f = &n.f;
+        let stop = &stop;
+        let looper = s.spawn(move || {
+            let mut seen = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let to = svc(80);
+                let v = f.connect(As::APP, &to);
+                let r = v.reply.unwrap_or_else(|| panic!("{:?}", v.error));
+                assert_eq!(r.server, "proxy", "escaped capture during an install");
+                assert_eq!(r.orig_dst.as_deref(), Some(to.as_str()));
+                seen += 1;
+            }
+            seen
+        });
+        for _ in 0..3 {
+            let out = n.install();
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(looper.join().unwrap() > 0);
+    });
+}
