@@ -366,25 +366,7 @@ fn install(
 
     let mut links: Vec<OwnedFd> = Vec::new();
     for (name, attach, short) in PROGRAMS {
-        let prog = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?;
-        let loaded = match prog {
-            Program::SockOps(p) => p.load(),
-            Program::CgroupSock(p) => p.load(),
-            Program::CgroupSockopt(p) => p.load(),
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::SkLookup(p) => p.load(),
-            _ => bail!("program {name} has an unexpected type"),
-        };
-        loaded.with_context(|| {
-            format!(
-                "the kernel refused to load the {} program (does this kernel support the hook?)",
-                attach.hook()
-            )
-        })?;
-        prog.pin(gen_dir.join(format!("prog_{short}")))
-            .with_context(|| format!("pinning program {name}"))?;
+        let prog = load_and_pin(&mut ebpf, name, attach, gen_dir, short)?;
         let fd = prog.fd().context("program fd")?;
         let link = if attach.on_netns() {
             sys::link_create(fd, netns_file, attach).with_context(|| {
@@ -421,6 +403,37 @@ fn install(
     // the marker; the CONFIGS map is at hand.
     policy.pin_one(map_names::CONFIGS, &layout.complete_marker(generation))?;
     Ok(())
+}
+
+/// Loads program `name` of `ebpf` (for hook `attach`) into the kernel and
+/// pins it as `<gen_dir>/prog_<short>`.
+pub fn load_and_pin<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    attach: AttachType,
+    gen_dir: &Path,
+    short: &str,
+) -> Result<&'a mut Program> {
+    let prog = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    let loaded = match prog {
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
+        _ => bail!("program {name} has an unexpected type"),
+    };
+    loaded.with_context(|| {
+        format!(
+            "the kernel refused to load the {} program (does this kernel support the hook?)",
+            attach.hook()
+        )
+    })?;
+    prog.pin(gen_dir.join(format!("prog_{short}")))
+        .with_context(|| format!("pinning program {name}"))?;
+    Ok(prog)
 }
 
 /// Test hook, in debug builds only (the integration tests run a debug

@@ -25,12 +25,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::{EbpfLoader, maps::Array, programs::Program};
+use aya::{EbpfLoader, maps::Array};
 use redirect_common::{OwnerPath, STATE_LAYOUT, map_names};
 use serde::Serialize;
 
 use crate::{
-    apply::{EBPF_OBJECT, Layout, PROGRAMS, detach_pinned_link, open_pinned},
+    apply::{EBPF_OBJECT, Layout, PROGRAMS, detach_pinned_link, load_and_pin, open_pinned},
     blob,
     fs::{check_cgroup, create_private_dir, ensure_bpffs, refuse_bpffs_root},
     lock::PinDirLock,
@@ -384,26 +384,7 @@ fn load_and_attach(
     .context("writing LAYOUT")?;
     let mut moved = 0;
     for (name, attach, short) in PROGRAMS {
-        let prog = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?;
-        let loaded = match prog {
-            Program::SockOps(p) => p.load(),
-            Program::CgroupSock(p) => p.load(),
-            Program::CgroupSockopt(p) => p.load(),
-            Program::CgroupSockAddr(p) => p.load(),
-            Program::SkLookup(p) => p.load(),
-            _ => bail!("program {name} has an unexpected type"),
-        };
-        loaded.with_context(|| {
-            format!(
-                "the kernel refused to load the {} program (does this kernel support the hook?)",
-                attach.hook()
-            )
-        })?;
-        let prog_pin = gen_dir.join(format!("prog_{short}"));
-        prog.pin(&prog_pin)
-            .with_context(|| format!("pinning program {name}"))?;
+        let prog = load_and_pin(&mut ebpf, name, attach, gen_dir, short)?;
         if attach == AttachType::SkLookup {
             // Attached per pod, to its namespace: move the pods there now.
             moved = relink_pods(node, gen_dir)?;

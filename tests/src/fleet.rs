@@ -9,7 +9,7 @@ use std::{
     ffi::CString,
     io::{BufRead as _, BufReader, Write as _},
     net::Ipv4Addr,
-    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -179,33 +179,7 @@ impl Fleet {
         let netns = CString::new(PathBuf::from("/run/netns").join(ns).as_os_str().as_bytes())?;
         let procs = CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
         let mut cmd = Command::new(program);
-        // SAFETY: only async-signal-safe libc calls on data prepared above.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fail = || Err(std::io::Error::last_os_error());
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return fail();
-                }
-                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                libc::close(fd);
-                if !ok {
-                    return fail();
-                }
-                let fd = libc::open(netns.as_ptr(), libc::O_RDONLY);
-                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return fail();
-                }
-                libc::close(fd);
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return fail();
-                }
-                Ok(())
-            });
-        }
+        crate::pod::enter(&mut cmd, Some(procs), netns, uid, uid);
         Ok(cmd)
     }
 

@@ -260,37 +260,7 @@ impl Pod {
             None => None,
         };
         let mut cmd = Command::new(program);
-        let (uid, gid) = (who.uid, who.gid);
-        // SAFETY: only async-signal-safe libc calls on data prepared above.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fail = || Err(std::io::Error::last_os_error());
-                if let Some(procs) = &procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return fail();
-                    }
-                    // "0" moves the writing process itself.
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if !ok {
-                        return fail();
-                    }
-                }
-                let fd = libc::open(netns.as_ptr(), libc::O_RDONLY);
-                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return fail();
-                }
-                libc::close(fd);
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return fail();
-                }
-                Ok(())
-            });
-        }
+        enter(&mut cmd, procs, netns, who.uid, who.gid);
         Ok(cmd)
     }
 
@@ -460,6 +430,43 @@ impl Pod {
             );
         }
         Ok(views)
+    }
+}
+
+/// Makes `cmd` join the cgroup whose `cgroup.procs` file is `procs` (if
+/// any), then the network namespace file `netns`, then drop to `uid` and
+/// `gid`, before it runs its program. (Not `ip netns exec`: it would remount
+/// /sys and hide bpffs and cgroupfs.)
+pub fn enter(cmd: &mut Command, procs: Option<CString>, netns: CString, uid: u32, gid: u32) {
+    // SAFETY: only async-signal-safe libc calls on data prepared above.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return fail();
+                }
+                // "0" moves the writing process itself.
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return fail();
+                }
+            }
+            let fd = libc::open(netns.as_ptr(), libc::O_RDONLY);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return fail();
+            }
+            libc::close(fd);
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
     }
 }
 
