@@ -9,8 +9,9 @@
 //!   real-kernel integration tests (root);
 //! - `bench`: build in release mode, run the benchmarks, write
 //!   `docs/benchmarks.md` and `docs/bench/` (root; `--quick` for CI);
-//! - `vm-test`: the real-kernel tests again in a VM booting another kernel
-//!   (root; Debian's `linux-image-amd64`, 6.1 on bookworm, by default);
+//! - `vm-test`: the real-kernel tests again in a VM booting other kernels
+//!   (root; Debian's `linux-image-amd64`, 6.1 on bookworm, by default;
+//!   `--kernel-package` picks others, such as `linux-image-6.12-amd64`);
 //! - `docs`: regenerate what the docs show from the code (the pin layout in
 //!   `docs/design.md`); a test of the `redirect` crate fails until it is run.
 
@@ -62,10 +63,11 @@ enum Cmd {
     },
     /// Run the real-kernel tests in a VM booting another kernel (needs root).
     VmTest {
-        /// Debian kernel image package to boot (default: the one
-        /// `linux-image-amd64` depends on).
+        /// Debian kernel package to boot; repeat it to test several kernels,
+        /// one after the other. A meta-package (`linux-image-6.12-amd64`)
+        /// stands for the image it depends on. Default: `linux-image-amd64`.
         #[arg(long)]
-        kernel_package: Option<String>,
+        kernel_package: Vec<String>,
     },
     /// Regenerate the pin layout in docs/design.md from the code.
     Docs,

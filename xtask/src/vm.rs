@@ -1,14 +1,14 @@
 //! `cargo xtask vm-test`: the real-kernel integration tests again, inside a
 //! VM booting another kernel (by default the one Debian's `linux-image-amd64`
-//! points at: 6.1 on bookworm).
+//! points at: 6.1 on bookworm; `--kernel-package`, repeatable, picks others).
 //!
 //! No disk image: the VM's root is this machine's `/`, shared read-only over
 //! 9p, so the test binaries built here run unchanged. A tiny initramfs
-//! (busybox and the 9p/virtio modules of the kernel under test) mounts it,
-//! gives it writable `/tmp` and `/run`, bpffs and a cgroup v2 hierarchy, and
-//! runs the tests in a chroot. QEMU runs under software emulation (TCG): KVM
-//! is not usable inside this VM (nested MSR errors), and TCG is fast enough
-//! for the suite (about 3 minutes).
+//! (busybox, and the kernel's 9p, virtio and veth modules, uncompressed,
+//! unless it builds them in) mounts it, gives it writable `/tmp` and `/run`,
+//! bpffs and a cgroup v2 hierarchy, and runs the tests in a chroot. QEMU runs
+//! under software emulation (TCG): KVM is not usable inside this VM (nested
+//! MSR errors); the suite takes about 17 minutes there on 6.1.
 //!
 //! The tests that load iptables rules are skipped in the VM: its kernel's
 //! netfilter modules are not loaded there. The VM sets `REDIRECT_TEST_QUICK`,
@@ -16,10 +16,11 @@
 //! connections (the full counts run on the host kernel).
 
 use std::{
+    collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -27,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{apt_install, env_cargo, output, root, run, target_dir};
 
 /// Test targets of `redirect-tests` that run in the VM.
-const TESTS: [&str; 7] = [
+const TESTS: [&str; 9] = [
     "inbound",
     "ipv6",
     "exemptions",
@@ -35,48 +36,62 @@ const TESTS: [&str; 7] = [
     "lifetime",
     "owner",
     "apply_safety",
+    "node",
+    "node_scale",
 ];
 /// Tests that need iptables (skipped in the VM).
 const SKIP: [&str; 2] = [
     "same_view_as_iptables_redirect",
     "owner_expectations_match_real_iptables",
 ];
-/// Modules the initramfs loads, in dependency order, to mount the 9p root.
-const BOOT_MODULES: [&str; 10] = [
-    "drivers/virtio/virtio_ring",
-    "drivers/virtio/virtio",
-    "drivers/virtio/virtio_pci_modern_dev",
-    "drivers/virtio/virtio_pci_legacy_dev",
-    "drivers/virtio/virtio_pci",
-    "fs/netfs/netfs",
-    "fs/fscache/fscache",
-    "net/9p/9pnet",
-    "net/9p/9pnet_virtio",
-    "fs/9p/9p",
-];
+/// Modules the VM needs: the 9p root over virtio-pci, and veth for the
+/// tests' pods. The initramfs loads them after the modules each depends on;
+/// those built into the kernel (`modules.builtin`) are skipped.
+const MODULES: [&str; 4] = ["virtio_pci", "9pnet_virtio", "9p", "veth"];
 /// How long the whole VM run may take.
 const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
-/// Runs the VM tests against `package` (a Debian kernel image package;
-/// default: what `linux-image-amd64` depends on).
-pub fn run_tests(package: Option<String>) -> Result<()> {
+/// Runs the VM tests on each of `packages` (Debian kernel image packages,
+/// or meta-packages standing for the one they depend on; default
+/// `linux-image-amd64`), one VM after the other.
+pub fn run_tests(mut packages: Vec<String>) -> Result<()> {
     prerequisites()?;
-    let package = match package {
-        Some(p) => p,
-        None => default_kernel_package()?,
-    };
+    if packages.is_empty() {
+        packages.push("linux-image-amd64".into());
+    }
+    let tests = build_tests()?;
+    let mut failed = Vec::new();
+    for package in &packages {
+        if let Err(e) = run_on(package, &tests) {
+            eprintln!("vm-test: {package}: {e:#}");
+            failed.push(package.as_str());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("vm-test failed on {failed:?}");
+    }
+    Ok(())
+}
+
+fn run_on(package: &str, tests: &[(String, PathBuf)]) -> Result<()> {
+    let package = image_package(package)?;
     let kdir = fetch_kernel(&package)?;
     let version = kernel_version(&kdir)?;
     let initrd = build_initrd(&kdir, &version)?;
-    let tests = build_tests()?;
-    write_script(&kdir, &tests)?;
+    write_script(&kdir, tests)?;
     let log = kdir.join("vm-test.log");
     eprintln!(
         "xtask: booting {version} (TCG) and running the tests; log: {}",
         log.display()
     );
+    let start = Instant::now();
     boot(&kdir, &version, &initrd, &log)?;
-    check(&log, &version, &tests)
+    check(&log, &version, tests)?;
+    println!(
+        "vm-test: every test passed on Linux {version} ({} min in the VM)",
+        start.elapsed().as_secs() / 60
+    );
+    Ok(())
 }
 
 fn prerequisites() -> Result<()> {
@@ -90,25 +105,38 @@ fn prerequisites() -> Result<()> {
     if output("cpio", &["--version"]).is_none() {
         missing.push("cpio");
     }
+    // Newer Debian kernels compress their modules.
+    if output("xz", &["--version"]).is_none() {
+        missing.push("xz-utils");
+    }
+    if output("zstd", &["--version"]).is_none() {
+        missing.push("zstd");
+    }
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
     Ok(())
 }
 
-fn default_kernel_package() -> Result<String> {
+/// The image package `package` stands for: the `linux-image-*` package a
+/// meta-package (`linux-image-amd64`, `linux-image-6.12-amd64`) depends on,
+/// or `package` itself.
+fn image_package(package: &str) -> Result<String> {
     let find = || {
-        output("apt-cache", &["depends", "linux-image-amd64"])?
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
-            .map(str::to_string)
+        let deps = output("apt-cache", &["depends", package])?;
+        Some(
+            deps.lines()
+                .filter_map(|l| l.trim().strip_prefix("Depends: "))
+                .find(|d| d.starts_with("linux-image-"))
+                .unwrap_or(package)
+                .to_string(),
+        )
     };
     if let Some(p) = find() {
         return Ok(p);
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    find().context("cannot tell which kernel linux-image-amd64 points at (apt-cache depends)")
+    find().with_context(|| format!("apt-cache knows no package {package}"))
 }
 
 /// Downloads and unpacks the kernel package under `target/vm/<package>/`.
@@ -176,13 +204,11 @@ fn hidden_by_tmpfs() -> Vec<PathBuf> {
     keep
 }
 
-/// The init script: mount the shared root, prepare it (keeping `keep`
-/// visible under the new `/tmp` and `/run`), run the tests.
-fn init_script(version: &str, keep: &[PathBuf]) -> String {
-    let mods: Vec<String> = BOOT_MODULES
-        .iter()
-        .map(|m| format!("/mods/{}.ko", m.rsplit('/').next().unwrap_or(m)))
-        .collect();
+/// The init script: load `mods` (in `/mods`, in this order), mount the
+/// shared root, prepare it (keeping `keep` visible under the new `/tmp` and
+/// `/run`), run the tests.
+fn init_script(mods: &[String], keep: &[PathBuf]) -> String {
+    let mods: Vec<String> = mods.iter().map(|m| format!("/mods/{m}.ko")).collect();
     let mut save = String::new();
     let mut restore = String::new();
     for (i, p) in keep.iter().enumerate() {
@@ -211,7 +237,6 @@ mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
 mount -t bpf bpf $R/sys/fs/bpf
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup
-insmod /mnt/k/lib/modules/{version}/kernel/drivers/net/veth.ko
 echo "=== VM kernel $(uname -r)"
 cp /mnt/k/vm-test.sh $R/tmp/vm-test.sh
 chroot $R /bin/sh /tmp/vm-test.sh
@@ -228,15 +253,10 @@ fn build_initrd(kdir: &Path, version: &str) -> Result<PathBuf> {
         fs::create_dir_all(dir.join(sub))?;
     }
     fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying /bin/busybox")?;
-    let kmods = kdir.join("lib/modules").join(version).join("kernel");
-    for m in BOOT_MODULES {
-        let src = kmods.join(format!("{m}.ko"));
-        let name = src.file_name().context("module name")?.to_owned();
-        fs::copy(&src, dir.join("mods").join(name))
-            .with_context(|| format!("copying {} (is it built as a module?)", src.display()))?;
-    }
+    let mods = copy_modules(&kdir.join("lib/modules").join(version), &dir.join("mods"))
+        .with_context(|| format!("Linux {version} cannot boot the VM"))?;
     let init = dir.join("init");
-    fs::write(&init, init_script(version, &hidden_by_tmpfs()))?;
+    fs::write(&init, init_script(&mods, &hidden_by_tmpfs()))?;
     run(Command::new("chmod").arg("+x").arg(&init))?;
     let out = kdir.join("initrd.gz");
     run(Command::new("sh")
@@ -245,6 +265,104 @@ fn build_initrd(kdir: &Path, version: &str) -> Result<PathBuf> {
         .arg(&out)
         .current_dir(&dir))?;
     Ok(out)
+}
+
+/// Writes [`MODULES`] and the modules they depend on, uncompressed, to
+/// `dest/<name>.ko`; returns their names in loading order. `moddir` is the
+/// kernel's `lib/modules/<version>`, whose modules may be `.ko`, `.ko.xz` or
+/// `.ko.zst` (busybox's insmod takes only plain ones).
+fn copy_modules(moddir: &Path, dest: &Path) -> Result<Vec<String>> {
+    let builtin = fs::read_to_string(moddir.join("modules.builtin"))
+        .with_context(|| format!("reading {}/modules.builtin", moddir.display()))?;
+    let builtin: HashSet<String> = builtin.lines().filter_map(module_name).collect();
+    let mut files = HashMap::new();
+    let mut dirs = vec![moddir.join("kernel")];
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Some(name) = path.to_str().and_then(module_name) {
+                files.insert(name, path);
+            }
+        }
+    }
+    let mut order = Vec::new();
+    for m in MODULES {
+        add_module(m, &files, &builtin, dest, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// Adds module `name` to `order` and writes it to `dest` after the modules
+/// it depends on, unless it is there already or built in.
+fn add_module(
+    name: &str,
+    files: &HashMap<String, PathBuf>,
+    builtin: &HashSet<String>,
+    dest: &Path,
+    order: &mut Vec<String>,
+) -> Result<()> {
+    if builtin.contains(name) || order.iter().any(|m| m == name) {
+        return Ok(());
+    }
+    let path = files.get(name).with_context(|| {
+        format!(
+            "the VM needs kernel module {name}, which this kernel neither ships \
+             as a module nor builds in (modules.builtin)"
+        )
+    })?;
+    let ko = decompress(path)?;
+    for dep in depends(&ko) {
+        add_module(&dep, files, builtin, dest, order)?;
+    }
+    fs::write(dest.join(format!("{name}.ko")), ko)?;
+    order.push(name.to_string());
+    Ok(())
+}
+
+/// The module name of a path like `kernel/fs/9p/9p.ko.xz` (`-` read as `_`,
+/// as the kernel does), if it names a module.
+fn module_name(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let stem = [".ko", ".ko.xz", ".ko.zst"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))?;
+    Some(stem.replace('-', "_"))
+}
+
+fn decompress(path: &Path) -> Result<Vec<u8>> {
+    let tool = match path.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        _ => return fs::read(path).with_context(|| format!("reading {}", path.display())),
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .with_context(|| format!("running {tool} -dc {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {} failed: {}", path.display(), out.status);
+    }
+    Ok(out.stdout)
+}
+
+/// The modules a module needs loaded first: its `depends=` modinfo string.
+fn depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let value = ko[at + key.len()..]
+        .split(|&b| b == 0)
+        .next()
+        .unwrap_or_default();
+    String::from_utf8_lossy(value)
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Builds the `redirect` binary and the integration test executables;
@@ -337,7 +455,7 @@ fn boot(kdir: &Path, version: &str, initrd: &Path, log: &Path) -> Result<()> {
         .stderr(logfile)
         .spawn()
         .context("starting qemu-system-x86_64")?;
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             if !status.success() {
@@ -379,6 +497,31 @@ fn check(log: &Path, version: &str, tests: &[(String, PathBuf)]) -> Result<()> {
             log.display()
         );
     }
-    println!("vm-test: every test passed on Linux {version}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_names() {
+        assert_eq!(module_name("kernel/fs/9p/9p.ko").as_deref(), Some("9p"));
+        assert_eq!(
+            module_name("kernel/net/9p/9pnet_virtio.ko.xz").as_deref(),
+            Some("9pnet_virtio")
+        );
+        assert_eq!(
+            module_name("kernel/sound/snd-hda-core.ko.zst").as_deref(),
+            Some("snd_hda_core")
+        );
+        assert_eq!(module_name("kernel/fs/9p/9p.o"), None);
+    }
+
+    #[test]
+    fn depends_reads_the_modinfo_string() {
+        let ko = b"\x7fELF\0license=GPL\0depends=9pnet,netfs\0retpoline=Y\0";
+        assert_eq!(depends(ko), ["9pnet", "netfs"]);
+        assert!(depends(b"\0depends=\0name=veth\0").is_empty());
+    }
 }
