@@ -304,15 +304,15 @@ pub fn add(req: &AddRequest) -> Result<AddReport> {
     crate::state::check_version(&node.layout.state_dir(), true)?;
     let cookie = facts.netns_cookie;
     let pod_dir = node.pod_dir(cookie);
+    let mut maps = PolicyMaps::open(&node.policy_dir())?;
     let old = if pod_dir.exists() {
         if !req.replace {
             bail!(already(&req.netns, cookie));
         }
-        Some(current_record(&pod_dir)?)
+        Some(current_record(&pod_dir, &mut maps)?)
     } else {
         None
     };
-    let mut maps = PolicyMaps::open(&node.policy_dir())?;
     let entries = entries_for(req, &facts, &record)?;
     check_addrs(&node, &mut maps, &entries, &req.netns)?;
     let pod = PodEntry {
@@ -389,6 +389,7 @@ fn replace(
     blob::pin(&new_record, "redirect_pod", &pod.to_bytes())?;
     let old_addrs: Vec<IpAddr> = old.entries.pod_addrs().collect();
     let new_addrs: Vec<IpAddr> = pod.entries.pod_addrs().collect();
+    test_hook("before_swap");
     if let Err(e) = pod.entries.write(maps) {
         // Put the old policy back in force, whatever the write got to.
         let _ = pod.entries.delete(maps, &old_addrs);
@@ -396,6 +397,7 @@ fn replace(
         let _ = fs::remove_file(&new_record);
         return Err(e);
     }
+    test_hook("after_swap");
     // The new policy is in force (the CONFIGS swap was the write's last
     // step): the old entries go, but for the addresses the pod still has.
     old.entries.delete(maps, &new_addrs)?;
@@ -410,9 +412,46 @@ fn replace(
 /// The record in force in a pod's directory: an interrupted `--replace`
 /// may have left a new one beside it; whichever names the policy in
 /// `CONFIGS` is the one in force, the other's entries are stale.
-fn current_record(pod_dir: &Path) -> Result<PodEntry> {
-    read_record(&pod_dir.join(RECORD))
+fn current_record(pod_dir: &Path, maps: &mut PolicyMaps) -> Result<PodEntry> {
+    let record = read_record(&pod_dir.join(RECORD))?;
+    let new_path = pod_dir.join(RECORD_NEW);
+    if !new_path.exists() {
+        return Ok(record);
+    }
+    let Ok(new) = read_record(&new_path) else {
+        fs::remove_file(&new_path)?;
+        return Ok(record);
+    };
+    let swapped = maps.config_of(new.cookie())?.map(|c| c.policy) == Some(new.entries.policy());
+    if swapped {
+        // The replacement came into force: the old entries are stale.
+        let keep: Vec<IpAddr> = new.entries.pod_addrs().collect();
+        record.entries.delete(maps, &keep)?;
+        fs::rename(&new_path, pod_dir.join(RECORD))?;
+        Ok(new)
+    } else {
+        // It never did: its entries are.
+        let keep: Vec<IpAddr> = record.entries.pod_addrs().collect();
+        new.entries.delete(maps, &keep)?;
+        fs::remove_file(&new_path)?;
+        Ok(record)
+    }
 }
+
+/// Test hook, in debug builds only (the integration tests run a debug
+/// build): with `REDIRECT_TEST_HOOK_KILL_IN_REPLACE=<point>` the loader
+/// kills itself with SIGKILL at that point of a `--replace`
+/// (`before_swap`, `after_swap`), as a replace interrupted there would be.
+#[cfg(debug_assertions)]
+fn test_hook(point: &str) {
+    if std::env::var("REDIRECT_TEST_HOOK_KILL_IN_REPLACE").is_ok_and(|p| p == point) {
+        // SAFETY: kill(2) on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_hook(_point: &str) {}
 
 /// Removes the listener entries of the pod with cookie `netns`.
 fn forget_listeners(node: &NodeLayout, netns: u64) -> Result<()> {

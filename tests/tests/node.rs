@@ -744,3 +744,51 @@ fn reinstall_under_traffic_has_no_gap_and_keeps_destinations() {
         assert!(looper.join().unwrap() > 0);
     });
 }
+
+/// A `--replace` killed before or after its swap leaves its new record
+/// beside the old one; the next `--replace` (or `pod remove`) finds which
+/// one is in force, and no entry of the other is left behind.
+#[test]
+fn interrupted_replace_is_completed_by_the_next_one() {
+    need_root!();
+    let n = Node::new();
+    n.add_ok(&["-i", "*", "--exclude-ports", "81"]);
+    let ports_one_policy = count_any("PORTS", &n.pin);
+    for (point, in_force_81) in [("before_swap", "upstream"), ("after_swap", "proxy")] {
+        let (netns, pin) = (n.netns(), n.pin());
+        let out = Command::new(redirect_bin())
+            .args([
+                "pod",
+                "add",
+                "--replace",
+                "--netns",
+                &netns,
+                "--pin-dir",
+                &pin,
+                "-i",
+                "*",
+                "--exclude-ports",
+                "82",
+            ])
+            .env("REDIRECT_TEST_HOOK_KILL_IN_REPLACE", point)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: not killed");
+        // Killed there: the old policy, or the new one, in force whole.
+        assert_eq!(n.f.who_answers(As::APP, &svc(81)), in_force_81, "{point}");
+        n.add_ok(&["--replace", "-i", "*", "--exclude-ports", "81"]);
+        assert_eq!(n.f.who_answers(As::APP, &svc(81)), "upstream", "{point}");
+        assert_eq!(n.f.who_answers(As::APP, &svc(82)), "proxy", "{point}");
+        assert_eq!(
+            count_any("PORTS", &n.pin),
+            ports_one_policy,
+            "{point}: stale entries"
+        );
+        assert_eq!(count_any("CONFIGS", &n.pin), 1);
+    }
+    let out = n.remove();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for map in ["CONFIGS", "PORTS", "POD_ADDRS", "PROXY_UIDS", "LOCAL_V4"] {
+        assert_eq!(count_any(map, &n.pin), 0, "{map}");
+    }
+}

@@ -406,6 +406,12 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
     if found.len() != TESTS.len() {
         bail!("expected the test executables {TESTS:?}, cargo built {found:?}");
     }
+    // While developing: `REDIRECT_VM_ONLY=node,node_scale` runs just those.
+    if let Ok(only) = std::env::var("REDIRECT_VM_ONLY") {
+        let only: Vec<&str> = only.split(',').collect();
+        found.retain(|(name, _)| only.contains(&name.as_str()));
+        eprintln!("xtask: REDIRECT_VM_ONLY: running only {only:?}");
+    }
     Ok(found)
 }
 
