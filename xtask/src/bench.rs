@@ -617,9 +617,39 @@ fn node_summary(n: &Value) -> Value {
         "cpu_noise": cpu_noise,
         "met": wall_ok.zip(cpu_ok).map(|(a, b)| a && b),
     });
+    // BPF program time per connection, by node (its pods registered).
+    let mut prog = serde_json::Map::new();
+    for x in arr(&n["prog_cost"]) {
+        let Some(size) = x["size"].as_u64() else {
+            continue;
+        };
+        let e = prog
+            .entry(size.to_string())
+            .or_insert_with(|| json!({ "connections": 0.0, "programs": {} }));
+        e["connections"] = json!(f(&e["connections"]) + f(&x["connections"]));
+        for p in arr(&x["programs"]) {
+            let name = p["program"].as_str().unwrap_or("?");
+            let q = &mut e["programs"][name];
+            let (runs, ns) = (
+                q["runs"].as_f64().unwrap_or(0.0) + f(&p["runs"]),
+                q["run_ns"].as_f64().unwrap_or(0.0) + f(&p["run_ns"]),
+            );
+            *q = json!({ "runs": runs, "run_ns": ns });
+        }
+    }
+    for e in prog.values_mut() {
+        let total: f64 = e["programs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(_, p)| f(&p["run_ns"]))
+            .sum();
+        e["ns_per_conn"] = json!(total / f(&e["connections"]).max(1.0));
+    }
     json!({
         "levels": levels,
         "ops": ops,
+        "prog_cost": prog,
         "memory": { "fixed": fixed.map(|m| m["bytes"].clone()), "by_level": memory },
         "setup": { "methods": arms, "cost_ratios": cost_ratios, "cpu_ratios": cpu_ratios },
         "targets": {
@@ -828,6 +858,47 @@ fn node_section(w: &mut String, r: &Value) {
         );
     }
     ratio_table(w, &s["setup"]);
+    let pc = &s["prog_cost"];
+    let (Some(one), Some(many)) = (pc.get("1"), pc.get(most.to_string())) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "The programs' own time, one pod vs {}: after the rounds, two \
+         more measurements per node, in turns (ABBA), with the kernel's BPF \
+         run-time statistics on (`BPF_ENABLE_STATS`, as in [Where \
+         redirect's time goes](#where-redirects-time-goes)); {} and {} \
+         connections in all.\n\n\
+         | program | runs per connection | ns per run, one pod | ns per run, {} |\n\
+         |---|---|---|---|",
+        pods(most),
+        f(&one["connections"]),
+        f(&many["connections"]),
+        pods(most),
+    );
+    let per_run = |e: &Value, name: &str| {
+        let p = &e["programs"][name];
+        f(&p["run_ns"]) / f(&p["runs"]).max(1.0)
+    };
+    for (name, p) in one["programs"].as_object().into_iter().flatten() {
+        let runs = f(&p["runs"]);
+        if runs == 0.0 {
+            continue;
+        }
+        let _ = writeln!(
+            w,
+            "| {name} | {:.2} | {:.0} | {:.0} |",
+            runs / f(&one["connections"]).max(1.0),
+            per_run(one, name),
+            per_run(many, name),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "| **all, ns per connection** | | **{:.0}** | **{:.0}** |\n",
+        f(&one["ns_per_conn"]),
+        f(&many["ns_per_conn"]),
+    );
 }
 
 /// The two setup sweeps: key of the samples, and what their size counts.

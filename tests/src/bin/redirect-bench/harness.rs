@@ -610,7 +610,7 @@ pub struct ProgRun {
 
 /// The directory of the active generation's pins under redirect pin dir
 /// `pin_dir`.
-fn active_gen_dir(pin_dir: &Path) -> Result<PathBuf> {
+pub fn active_gen_dir(pin_dir: &Path) -> Result<PathBuf> {
     let layout = redirect::apply::Layout::new(pin_dir);
     let active = *layout
         .generations()?
@@ -642,13 +642,26 @@ fn prog_cost(
     limit: Duration,
     size: usize,
 ) -> Result<ProgCost> {
+    prog_cost_of(prog_dir, size, || {
+        let report = w.client(args, limit)?;
+        check_report(w, &report, &format!("program cost, size {size}"))?;
+        Ok(report)
+    })
+}
+
+/// See [`ProgCost`]: the setup measurement `measure` with the statistics
+/// on, reading the programs pinned in `prog_dir`.
+pub fn prog_cost_of(
+    prog_dir: &Path,
+    size: usize,
+    measure: impl FnOnce() -> Result<ClientReport>,
+) -> Result<ProgCost> {
     let before = prog_counters(prog_dir)?;
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
-    let report = w.client(args, limit);
+    let report = measure();
     drop(stats);
     let report = report?;
-    check_report(w, &report, &format!("program cost, size {size}"))?;
     let after = prog_counters(prog_dir)?;
     let programs = after
         .iter()

@@ -28,7 +28,7 @@ use redirect_tests::fleet::{Fleet, HUB_IP};
 use serde::Serialize;
 
 use crate::{
-    harness::{Plan, check_client, fdinfo, setup_args},
+    harness::{Plan, ProgCost, active_gen_dir, check_client, fdinfo, prog_cost_of, setup_args},
     peer::{ClientReport, ProxyMode},
     world::{
         EMPTY_NAT, Method, Proc, Tools, check_interrupted, istio_rules, restore, run_client,
@@ -105,6 +105,9 @@ pub struct NodeResults {
     pub memory: Vec<NodeMemory>,
     /// Connection setup, one pod vs many registered.
     pub setup: Vec<NodeSetupSample>,
+    /// BPF program time of the connection setup of `one-pod` (size 1) and
+    /// `many-pods` (size: its pods), after the rounds, in turns (ABBA).
+    pub prog_cost: Vec<ProgCost>,
 }
 
 /// A node install on a fleet's cgroup, uninstalled (and its pin dir
@@ -294,6 +297,7 @@ pub fn run(plan: &Plan, tools: &Tools) -> Result<NodeResults> {
         ops: Vec::new(),
         memory: vec![node.memory(0, "registered")?],
         setup: Vec::new(),
+        prog_cost: Vec::new(),
     };
     let istio = istio_rules(&[]);
     let mut registered = 0;
@@ -373,6 +377,20 @@ pub fn run(plan: &Plan, tools: &Tools) -> Result<NodeResults> {
                 report,
             });
         }
+    }
+    // The programs' own time, one pod vs many: the statistics on for one
+    // measurement at a time, the two nodes in turns (ABBA).
+    let nodes = [&one_node, &node];
+    for k in [0, 1, 1, 0] {
+        let (name, f, size) = arms[k];
+        let dir = active_gen_dir(&nodes[k].pin)?;
+        let cost = prog_cost_of(&dir, size, || {
+            let cmd = f.command(Some(0), 1000, &tools.bench)?;
+            let report = run_client(cmd, to, &args, Some(&proxies[k]), tools.cpu, limit)?;
+            check_client(true, name, &report, "node mode, program cost")?;
+            Ok(report)
+        })?;
+        r.prog_cost.push(cost);
     }
     drop::<Vec<Proc>>(proxies);
     Ok(r)
