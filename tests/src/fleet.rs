@@ -143,9 +143,10 @@ impl Fleet {
                 Self::addr(i)
             ));
         }
-        run("ip", &["-b", "-"], Some(&netns))?;
-        // Counted alive from here: Drop deletes their namespaces.
+        // Counted alive from here, before any exists: Drop deletes their
+        // namespaces (going on past those a failed batch did not make).
         self.alive.resize(first + n, true);
+        run("ip", &["-b", "-"], Some(&netns))?;
         run("ip", &["-n", &hub, "-b", "-"], Some(&hub_side))?;
         for i in first..first + n {
             run(

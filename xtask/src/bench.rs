@@ -67,6 +67,9 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "redirect-bench",
         "--bin",
         "redirect-adversary",
+        // The node scenario's fleet runs its hub's upstream server.
+        "--bin",
+        "redirect-sample",
     ])?;
 
     // Ctrl-C reaches the harness too; it removes its pods and exits. Wait
@@ -199,6 +202,18 @@ fn median(v: &[f64]) -> f64 {
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     }
+}
+
+/// The `q` quantile of `v` (linear between the closest ranks).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -399,7 +414,491 @@ fn summarize(r: &Value) -> Value {
         "apply": apply_summary(r, "apply"),
         "services_apply": apply_summary(r, "services_apply"),
         "targets": targets,
+        "node": node_summary(&r["node"]),
     })
+}
+
+// ---------------------------------------------------------------- node mode
+
+/// The node scenario's methods for pod add/remove, in report order.
+const NODE_METHODS: [&str; 3] = ["redirect", "iptables-legacy", "iptables-nft"];
+/// The node scenario's connection-setup arms, in report order.
+const NODE_ARMS: [&str; 3] = ["one-pod", "many-pods", "control"];
+/// Node-mode targets: pod add and remove at most 5 ms, at most 64 KiB per
+/// pod.
+const NODE_OP_LIMIT_S: f64 = 0.005;
+const NODE_POD_MEMORY_LIMIT: f64 = 65536.0;
+
+/// The node scenario's pod add/remove samples of one size and method.
+fn node_ops<'a>(n: &'a Value, level: u64, method: &str) -> Vec<&'a Value> {
+    arr(&n["ops"])
+        .iter()
+        .filter(|o| o["registered"].as_u64() == Some(level) && o["method"] == method)
+        .collect()
+}
+
+/// Per-repetition ratios `k` (`add_s`, `remove_s`) of method `a` over `b`.
+fn node_op_ratios(n: &Value, level: u64, k: &str, a: &str, b: &str) -> Vec<f64> {
+    let by_rep = |m: &str| -> BTreeMap<u64, f64> {
+        node_ops(n, level, m)
+            .iter()
+            .map(|o| (o["rep"].as_u64().unwrap_or(0), f(&o[k])))
+            .collect()
+    };
+    let (sa, sb) = (by_rep(a), by_rep(b));
+    sa.iter()
+        .filter_map(|(rep, x)| sb.get(rep).map(|y| x / y))
+        .collect()
+}
+
+/// Per-round ratios of the setup arms `a` over `b` (cost, or CPU with
+/// `use_cpu`).
+fn node_arm_ratios(n: &Value, a: &str, b: &str, use_cpu: bool) -> Vec<f64> {
+    let by_round = |m: &str| -> BTreeMap<u64, &Value> {
+        arr(&n["setup"])
+            .iter()
+            .filter(|s| s["method"] == m)
+            .map(|s| (s["round"].as_u64().unwrap_or(0), &s["report"]))
+            .collect()
+    };
+    let (sa, sb) = (by_round(a), by_round(b));
+    let measure = if use_cpu { cpu } else { cost };
+    sa.iter()
+        .filter_map(|(round, x)| sb.get(round).map(|y| measure(x) / measure(y)))
+        .collect()
+}
+
+/// Pods registered on the node of setup arm `arm`.
+fn node_arm_size(n: &Value, arm: &str) -> Option<u64> {
+    arr(&n["setup"])
+        .iter()
+        .find(|s| s["method"] == arm)
+        .and_then(|s| s["size"].as_u64())
+}
+
+/// The node scenario: pod add/remove times and ratios per size, memory per
+/// pod, connection setup with one pod and with many, and its targets.
+/// `Null` when the run had no node scenario.
+fn node_summary(n: &Value) -> Value {
+    if !n.is_object() {
+        return Value::Null;
+    }
+    let levels: Vec<u64> = arr(&n["levels"]).iter().filter_map(Value::as_u64).collect();
+    let mut ops = serde_json::Map::new();
+    for &level in &levels {
+        let mut per = serde_json::Map::new();
+        for m in NODE_METHODS {
+            let s = node_ops(n, level, m);
+            let add: Vec<f64> = s.iter().map(|o| f(&o["add_s"])).collect();
+            let rm: Vec<f64> = s.iter().map(|o| f(&o["remove_s"])).collect();
+            per.insert(
+                m.into(),
+                json!({ "add_s": spread(&add), "remove_s": spread(&rm) }),
+            );
+        }
+        let mut ratios = serde_json::Map::new();
+        for ipt in IPTABLES {
+            ratios.insert(
+                format!("redirect/{ipt}"),
+                json!({
+                    "add": spread(&node_op_ratios(n, level, "add_s", "redirect", ipt)),
+                    "remove": spread(&node_op_ratios(n, level, "remove_s", "redirect", ipt)),
+                }),
+            );
+        }
+        ops.insert(
+            level.to_string(),
+            json!({ "methods": per, "ratios": ratios }),
+        );
+    }
+
+    // Memory: the node with no pod, then per size.
+    let mem = |level: u64, when: &str| {
+        arr(&n["memory"])
+            .iter()
+            .find(|m| m["registered"].as_u64() == Some(level) && m["when"] == when)
+    };
+    let fixed = mem(0, "registered");
+    let mut memory = serde_json::Map::new();
+    for &level in levels.iter().filter(|&&l| l > 0) {
+        let (Some(base), Some(at)) = (fixed, mem(level, "registered")) else {
+            continue;
+        };
+        let delta = f(&at["bytes"]) - f(&base["bytes"]);
+        let mut per_name = serde_json::Map::new();
+        for (name, b) in at["by_name"].as_object().into_iter().flatten() {
+            let d = f(b) - base["by_name"][name].as_f64().unwrap_or(0.0);
+            if d != 0.0 {
+                per_name.insert(name.clone(), json!(d / level as f64));
+            }
+        }
+        memory.insert(
+            level.to_string(),
+            json!({
+                "bytes": at["bytes"],
+                "after_churn": mem(level, "after-churn").map(|m| m["bytes"].clone()),
+                "delta": delta,
+                "per_pod": delta / level as f64,
+                "per_pod_by_name": per_name,
+                "links": at["links"],
+            }),
+        );
+    }
+
+    // Connection setup.
+    let mut arms = serde_json::Map::new();
+    for arm in NODE_ARMS {
+        if let Some(size) = node_arm_size(n, arm) {
+            let mut st = method_stats(n, "setup", size, arm);
+            st["size"] = json!(size);
+            arms.insert(arm.into(), st);
+        }
+    }
+    let mut cost_ratios = serde_json::Map::new();
+    let mut cpu_ratios = serde_json::Map::new();
+    for a in ["many-pods", "control"] {
+        let k = format!("{a}/one-pod");
+        cost_ratios.insert(k.clone(), spread(&node_arm_ratios(n, a, "one-pod", false)));
+        cpu_ratios.insert(k, spread(&node_arm_ratios(n, a, "one-pod", true)));
+    }
+
+    // Targets.
+    let worst_op = |k: &str| {
+        let worst = levels
+            .iter()
+            .map(|&l| {
+                (
+                    l,
+                    f(&ops[&l.to_string()]["methods"]["redirect"][k]["median"]),
+                )
+            })
+            .filter(|(_, x)| x.is_finite())
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        match worst {
+            Some((l, x)) => json!({ "registered": l, "median_s": x, "met": x <= NODE_OP_LIMIT_S }),
+            None => json!({ "met": null }),
+        }
+    };
+    let worst_mem = memory
+        .iter()
+        .map(|(l, m)| (l.clone(), f(&m["per_pod"])))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let memory_target = match worst_mem {
+        Some((l, x)) => json!({
+            "registered": l.parse::<u64>().ok(),
+            "per_pod": x,
+            "fixed": fixed.map(|m| m["bytes"].clone()),
+            "met": x <= NODE_POD_MEMORY_LIMIT,
+        }),
+        None => json!({ "met": null }),
+    };
+    // Within the noise: the median ratio many-pods/one-pod no farther from
+    // 1 than the middle half of the rounds of two nodes alike
+    // (control/one-pod, its quartiles) reaches, in wall time and in CPU
+    // time.
+    let within = |use_cpu: bool| {
+        let many = node_arm_ratios(n, "many-pods", "one-pod", use_cpu);
+        let control = node_arm_ratios(n, "control", "one-pod", use_cpu);
+        let noise = (quantile(&control, 0.25) - 1.0)
+            .abs()
+            .max((quantile(&control, 0.75) - 1.0).abs());
+        let ok =
+            (!many.is_empty() && !control.is_empty()).then(|| (median(&many) - 1.0).abs() <= noise);
+        (spread(&many), spread(&control), noise, ok)
+    };
+    let (ratio, control, noise, wall_ok) = within(false);
+    let (cpu_ratio, cpu_control, cpu_noise, cpu_ok) = within(true);
+    let setup_target = json!({
+        "ratio": ratio,
+        "control": control,
+        "noise": noise,
+        "cpu_ratio": cpu_ratio,
+        "cpu_control": cpu_control,
+        "cpu_noise": cpu_noise,
+        "met": wall_ok.zip(cpu_ok).map(|(a, b)| a && b),
+    });
+    // BPF program time per connection, by node (its pods registered).
+    let mut prog = serde_json::Map::new();
+    for x in arr(&n["prog_cost"]) {
+        let Some(size) = x["size"].as_u64() else {
+            continue;
+        };
+        let e = prog
+            .entry(size.to_string())
+            .or_insert_with(|| json!({ "connections": 0.0, "programs": {} }));
+        e["connections"] = json!(f(&e["connections"]) + f(&x["connections"]));
+        for p in arr(&x["programs"]) {
+            let name = p["program"].as_str().unwrap_or("?");
+            let q = &mut e["programs"][name];
+            let (runs, ns) = (
+                q["runs"].as_f64().unwrap_or(0.0) + f(&p["runs"]),
+                q["run_ns"].as_f64().unwrap_or(0.0) + f(&p["run_ns"]),
+            );
+            *q = json!({ "runs": runs, "run_ns": ns });
+        }
+    }
+    for e in prog.values_mut() {
+        let total: f64 = e["programs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(_, p)| f(&p["run_ns"]))
+            .sum();
+        e["ns_per_conn"] = json!(total / f(&e["connections"]).max(1.0));
+    }
+    json!({
+        "levels": levels,
+        "ops": ops,
+        "prog_cost": prog,
+        "memory": { "fixed": fixed.map(|m| m["bytes"].clone()), "by_level": memory },
+        "setup": { "methods": arms, "cost_ratios": cost_ratios, "cpu_ratios": cpu_ratios },
+        "targets": {
+            "pod_add_5ms": worst_op("add_s"),
+            "pod_remove_5ms": worst_op("remove_s"),
+            "memory_per_pod_64k": memory_target,
+            "setup_flat": setup_target,
+        },
+    })
+}
+
+/// "N pods", "1 pod".
+fn pods(n: u64) -> String {
+    format!("{} pod{}", fmt_size(n), if n == 1 { "" } else { "s" })
+}
+
+/// The "Node mode" section of the report.
+fn node_section(w: &mut String, r: &Value) {
+    let n = &r["node"];
+    let s = &r["summary"]["node"];
+    if !s.is_object() {
+        return;
+    }
+    let levels: Vec<u64> = arr(&s["levels"]).iter().filter_map(Value::as_u64).collect();
+    let most = levels.last().copied().unwrap_or(0);
+    let _ = writeln!(
+        w,
+        "## Node mode\n\n\
+         One node install (`redirect node install --max-pods {}`) attached \
+         to the cgroup of a fleet of light pods (`tests/src/fleet.rs`: each \
+         pod a network namespace with its own veth to a routed hub and one \
+         IPv4 address, every process in the fleet's cgroup). Each pod is \
+         registered with `redirect pod add --netns /run/netns/<pod> \
+         --pin-dir <node> {}`: scenario 1's policy (istio's capture-all, \
+         proxy owner 1337).\n\n\
+         - **Programming one pod**: wall time of the real `redirect pod add` \
+         and `redirect pod remove` (release build, process start included), \
+         each on a fresh pod, with N pods already registered, {} cycles at \
+         each N. Next to them, in turns (redirect, legacy, nft, then the \
+         other way round), `iptables-legacy-restore` and \
+         `iptables-nft-restore` load scenario 1's istio `nat` table into a \
+         fresh pod's namespace, and an empty `nat` table to remove it: what \
+         iptables costs per pod. Ratios are per cycle, median (min–max).\n\
+         - **Memory**: `memlock` (the kernel's own accounting, from \
+         `/proc/self/fdinfo`) summed over every map and program pinned under \
+         the node's pin dir: state and policy maps, programs, and each \
+         pod's record `pods/<cookie>/POD`. It is taken with no pod registered \
+         (the node's fixed cost) and with N; per pod = (memory at N − memory \
+         at 0) / N. Each pod's `sk_lookup` link is pinned too, but links \
+         carry no `memlock`. The node's hash maps are made without \
+         preallocation, and for those the kernel's `memlock` counts the \
+         entries in use, not the capacity: it follows use.\n\
+         - **Connection setup**: scenario 1's client and proxy in pod 0 of \
+         three nodes, in turns, {} rounds of {} connections: `one-pod` (a node with that pod \
+         alone), `many-pods` (the node above, {} registered) and `control` \
+         (a second one-pod node: how far two nodes alike differ in this run, \
+         the noise).\n",
+        n["max_pods"],
+        n["policy"].as_str().unwrap_or("?"),
+        r["plan"]["node_reps"],
+        r["plan"]["node_setup_rounds"],
+        r["plan"]["setup_count"],
+        pods(most),
+    );
+
+    // Targets.
+    let t = &s["targets"];
+    let _ = writeln!(w, "| target | measured | |\n|---|---|---|");
+    for (k, what) in [
+        ("pod_add_5ms", "`pod add`"),
+        ("pod_remove_5ms", "`pod remove`"),
+    ] {
+        let x = &t[k];
+        let _ = writeln!(
+            w,
+            "| {what} median at most 5 ms with 1 to {} registered | worst median {} (with {} registered) | {} |",
+            pods(most),
+            x["median_s"].as_f64().map_or("–".into(), fmt_s),
+            x["registered"].as_u64().map_or("?".into(), pods),
+            met(&x["met"])
+        );
+    }
+    let mt = &t["memory_per_pod_64k"];
+    let _ = writeln!(
+        w,
+        "| kernel memory per additional pod at most 64 KiB | worst {} per pod (with {} registered); the node's fixed cost {} | {} |",
+        mt["per_pod"].as_f64().map_or("–".into(), fmt_bytes),
+        mt["registered"].as_u64().map_or("?".into(), pods),
+        mt["fixed"].as_f64().map_or("–".into(), fmt_bytes),
+        met(&mt["met"])
+    );
+    let st = &t["setup_flat"];
+    let noise = |k: &str| {
+        st[k]
+            .as_f64()
+            .map_or("–".into(), |x| format!("±{:.1} %", x * 100.0))
+    };
+    let _ = writeln!(
+        w,
+        "| connection setup with {} registered costs what it costs with one, within the noise: the median cost ratio many-pods/one-pod no farther from 1 than the quartiles of control/one-pod (two nodes alike, same rounds), in wall time and in CPU time | wall time: many-pods/one-pod {}, control/one-pod {} (noise {}); CPU: {}, control {} (noise {}) | {} |\n",
+        pods(most),
+        fmt_ratio(&st["ratio"]),
+        fmt_ratio(&st["control"]),
+        noise("noise"),
+        fmt_ratio(&st["cpu_ratio"]),
+        fmt_ratio(&st["cpu_control"]),
+        noise("cpu_noise"),
+        met(&st["met"])
+    );
+
+    // Pod add / remove.
+    let table = |w: &mut String, k: &str, ratio: &str, what: &str| {
+        let _ = writeln!(
+            w,
+            "| pods registered | redirect {what} | iptables-legacy-restore | iptables-nft-restore | redirect/legacy | redirect/nft |\n\
+             |---|---|---|---|---|---|"
+        );
+        for &l in &levels {
+            let x = &s["ops"][l.to_string()];
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} |",
+                fmt_size(l),
+                fmt_spread(&x["methods"]["redirect"][k], fmt_s),
+                fmt_spread(&x["methods"]["iptables-legacy"][k], fmt_s),
+                fmt_spread(&x["methods"]["iptables-nft"][k], fmt_s),
+                fmt_ratio(&x["ratios"]["redirect/iptables-legacy"][ratio]),
+                fmt_ratio(&x["ratios"]["redirect/iptables-nft"][ratio]),
+            );
+        }
+        let _ = writeln!(w);
+    };
+    let _ = writeln!(
+        w,
+        "### Programming one pod\n\n\
+         Adding (`redirect pod add`; the istio table restored):\n"
+    );
+    table(w, "add_s", "add", "pod add");
+    let _ = writeln!(
+        w,
+        "Removing (`redirect pod remove`; an empty `nat` table restored):\n"
+    );
+    table(w, "remove_s", "remove", "pod remove");
+    let _ = writeln!(w, "![pod add and remove](bench/node.svg)\n");
+
+    // Memory.
+    let m = &s["memory"];
+    let _ = writeln!(
+        w,
+        "### Kernel memory\n\n\
+         With no pod registered the node install takes **{}** (maps and \
+         programs): the hash buckets of `CONNS` and `TUPLES` as in scenario \
+         5, those of the policy maps sized for `--max-pods`, and the \
+         programs.\n\n\
+         | pods registered | all maps and programs | over the empty node | per pod | after the {} add/remove cycles at this size |\n\
+         |---|---|---|---|---|",
+        m["fixed"].as_f64().map_or("–".into(), fmt_bytes),
+        r["plan"]["node_reps"],
+    );
+    for (l, x) in sorted_sizes(&m["by_level"]) {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} |",
+            fmt_size(l),
+            fmt_bytes(f(&x["bytes"])),
+            fmt_bytes(f(&x["delta"])),
+            fmt_bytes(f(&x["per_pod"])),
+            x["after_churn"].as_f64().map_or("–".into(), fmt_bytes),
+        );
+    }
+    if let Some((l, x)) = sorted_sizes(&m["by_level"]).last() {
+        let _ = writeln!(
+            w,
+            "\nPer pod with {} registered, by pinned object (`POD`: the pod's \
+             record):\n\n| object | bytes per pod |\n|---|---|",
+            pods(*l)
+        );
+        for (name, b) in x["per_pod_by_name"].as_object().into_iter().flatten() {
+            let _ = writeln!(w, "| `{name}` | {:.0} |", f(b));
+        }
+    }
+    let _ = writeln!(w);
+
+    // Connection setup.
+    let _ = writeln!(
+        w,
+        "### Connection setup with one pod and with {} registered\n\n\
+         | node | pods registered | conn/s median (min–max) | latency p50 | latency p99 | CPU per connection (client + proxy) | errors |\n\
+         |---|---|---|---|---|---|---|",
+        pods(most)
+    );
+    for arm in NODE_ARMS {
+        let y = &s["setup"]["methods"][arm];
+        if y.is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            w,
+            "| {arm} | {} | {} | {} | {} | {} | {} |",
+            y["size"].as_u64().map_or("?".into(), fmt_size),
+            fmt_spread(&y["rate"], fmt_rate),
+            fmt_ns(f(&y["p50_ns"]["median"])),
+            fmt_ns(f(&y["p99_ns"]["median"])),
+            fmt_ns(f(&y["cpu_ns_per_op"]["median"])),
+            y["errors"]
+        );
+    }
+    ratio_table(w, &s["setup"]);
+    let pc = &s["prog_cost"];
+    let (Some(one), Some(many)) = (pc.get("1"), pc.get(most.to_string())) else {
+        return;
+    };
+    let _ = writeln!(
+        w,
+        "The programs' own time, one pod vs {}: after the rounds, two \
+         more measurements per node, in turns (ABBA), with the kernel's BPF \
+         run-time statistics on (`BPF_ENABLE_STATS`, as in [Where \
+         redirect's time goes](#where-redirects-time-goes)); {} and {} \
+         connections in all.\n\n\
+         | program | runs per connection | ns per run, one pod | ns per run, {} |\n\
+         |---|---|---|---|",
+        pods(most),
+        f(&one["connections"]),
+        f(&many["connections"]),
+        pods(most),
+    );
+    let per_run = |e: &Value, name: &str| {
+        let p = &e["programs"][name];
+        f(&p["run_ns"]) / f(&p["runs"]).max(1.0)
+    };
+    for (name, p) in one["programs"].as_object().into_iter().flatten() {
+        let runs = f(&p["runs"]);
+        if runs == 0.0 {
+            continue;
+        }
+        let _ = writeln!(
+            w,
+            "| {name} | {:.2} | {:.0} | {:.0} |",
+            runs / f(&one["connections"]).max(1.0),
+            per_run(one, name),
+            per_run(many, name),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "| **all, ns per connection** | | **{:.0}** | **{:.0}** |\n",
+        f(&one["ns_per_conn"]),
+        f(&many["ns_per_conn"]),
+    );
 }
 
 /// The two setup sweeps: key of the samples, and what their size counts.
@@ -679,6 +1178,16 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
         );
     }
     let _ = writeln!(w);
+    if let Some(nt) = s["node"]["targets"].as_object() {
+        let met_n = nt.values().filter(|x| x["met"] == true).count();
+        let measured = nt.values().filter(|x| x["met"].is_boolean()).count();
+        let _ = writeln!(
+            w,
+            "Node mode has targets of its own (pod add and remove time, memory \
+             per pod, connection setup with many pods registered): {met_n} of \
+             {measured} met, see [Node mode](#node-mode).\n"
+        );
+    }
 
     let _ = writeln!(w, "## How it is measured\n");
     let _ = writeln!(
@@ -973,6 +1482,8 @@ fn markdown(r: &Value, notes: Option<&str>) -> String {
             storage as f64 / p["proxy_sockets"].as_u64().unwrap_or(1).max(1) as f64,
         );
     }
+
+    node_section(w, r);
 
     // Port wrap.
     let _ = writeln!(
@@ -1488,6 +1999,45 @@ fn csv(r: &Value) -> String {
     for (k, v) in r["micro"]["cases"].as_object().into_iter().flatten() {
         let _ = writeln!(o, "micro,0,{k},0,median_ns,{}", v["median_ns"]);
     }
+    // Node mode: size is the number of pods registered.
+    let n = &r["node"];
+    for x in arr(&n["ops"]) {
+        for k in ["add_s", "remove_s"] {
+            let _ = writeln!(
+                o,
+                "node_ops,{},{},{},{k},{}",
+                x["registered"],
+                x["method"].as_str().unwrap_or(""),
+                x["rep"],
+                x[k]
+            );
+        }
+    }
+    for x in arr(&n["memory"]) {
+        let _ = writeln!(
+            o,
+            "node_memory,{},redirect,0,{}_bytes,{}",
+            x["registered"],
+            x["when"].as_str().unwrap_or("").replace('-', "_"),
+            x["bytes"]
+        );
+    }
+    for x in arr(&n["setup"]) {
+        let rep = &x["report"];
+        let method = x["method"].as_str().unwrap_or("");
+        let mut row = |metric: &str, v: &Value| {
+            let _ = writeln!(
+                o,
+                "node_setup,{},{method},{},{metric},{v}",
+                x["size"], x["round"]
+            );
+        };
+        row("ops", &rep["ops"]);
+        row("rate_per_s", &rep["rate"]);
+        row("latency_p50_ns", &rep["latency_ns"]["p50"]);
+        row("latency_p99_ns", &rep["latency_ns"]["p99"]);
+        row("cpu_ns_per_op", &json!(cpu(rep)));
+    }
     o
 }
 
@@ -1922,6 +2472,9 @@ fn plots(r: &Value) -> Vec<(String, String)> {
                 .collect(),
         })
         .collect();
+    if let Some(svg) = node_plot(&s["node"]) {
+        out.push(("node.svg".into(), svg));
+    }
     out.push((
         "memory.svg".into(),
         line_chart(
@@ -1936,6 +2489,44 @@ fn plots(r: &Value) -> Vec<(String, String)> {
         ),
     ));
     out
+}
+
+/// Pod add and remove time against the pods registered, next to the
+/// iptables restores of the same policy.
+fn node_plot(n: &Value) -> Option<String> {
+    let ops = sorted_sizes(&n["ops"]);
+    if ops.is_empty() {
+        return None;
+    }
+    let xs: Vec<String> = ops.iter().map(|(k, _)| fmt_size(*k)).collect();
+    let mut series = Vec::new();
+    for m in NODE_METHODS {
+        for (k, label) in [("add_s", "add"), ("remove_s", "remove")] {
+            series.push(Series {
+                label: format!("{m} {label}"),
+                color: color(m),
+                dash: k == "remove_s",
+                points: ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, x))| {
+                        let v = &x["methods"][m][k];
+                        (i, f(&v["median"]), f(&v["min"]), f(&v["max"]))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Some(line_chart(
+        "Programming one pod: redirect pod add/remove vs iptables-restore",
+        "pods already registered on the node",
+        "seconds (log)",
+        &xs,
+        &series,
+        true,
+        fmt_s,
+        None,
+    ))
 }
 
 /// Checks that a report directory is complete.

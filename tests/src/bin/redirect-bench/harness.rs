@@ -17,6 +17,7 @@ use redirect_tests::pod::Side;
 use serde::Serialize;
 
 use crate::{
+    node::NodeResults,
     noop::NoopHooks,
     peer::{ClientReport, ProxyMode},
     world::{Method, Policy, Proc, Tools, World},
@@ -59,6 +60,12 @@ pub struct Plan {
     /// Scenario 5: captured connections held open at once for the memory
     /// peak (half IPv4, half IPv6).
     pub peak_count: u64,
+    /// Node mode: pods registered at each measured size, ascending.
+    pub node_levels: Vec<usize>,
+    /// Node mode: pod add/remove cycles per size and method.
+    pub node_reps: usize,
+    /// Node mode: connection-setup rounds.
+    pub node_setup_rounds: usize,
 }
 
 impl Plan {
@@ -83,6 +90,9 @@ impl Plan {
                 wrap_port_range: Some((40_000, 40_499)),
                 occupancy_count: 3000,
                 peak_count: 1000,
+                node_levels: vec![1, 10],
+                node_reps: 2,
+                node_setup_rounds: 2,
             }
         } else {
             Plan {
@@ -102,6 +112,9 @@ impl Plan {
                 wrap_port_range: None,
                 occupancy_count: 1_000_000,
                 peak_count: 100_000,
+                node_levels: vec![1, 100, 1000],
+                node_reps: 15,
+                node_setup_rounds: 15,
             }
         }
     }
@@ -260,6 +273,9 @@ pub struct Results {
     /// Scenario 5, connection-state memory at 0 and with many connections
     /// open.
     pub peak: Option<Peak>,
+    /// Node mode: pod add/remove time, memory per pod, connection setup
+    /// with one pod and with many registered.
+    pub node: Option<NodeResults>,
 }
 
 /// Kernel memory of redirect's connection state, empty and at a peak.
@@ -358,6 +374,7 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         wrap: Vec::new(),
         occupancy: None,
         peak: None,
+        node: None,
     };
     if only.has("setup") {
         eprintln!("bench: scenario 1, connection setup, no exclusions");
@@ -429,6 +446,13 @@ pub fn run(plan: &Plan, tools: &Tools, only: &Only) -> Result<Results> {
         );
         r.peak = Some(peak(plan, tools)?);
     }
+    if only.has("node") {
+        eprintln!(
+            "bench: node mode, pod add/remove, memory and setup with up to {} pods",
+            plan.node_levels.last().copied().unwrap_or(0)
+        );
+        r.node = Some(crate::node::run(plan, tools)?);
+    }
     Ok(r)
 }
 
@@ -441,7 +465,7 @@ fn turn(round: usize) -> Vec<Method> {
     m
 }
 
-fn setup_args(plan: &Plan, count: u64, seconds: f64, warmup: u64) -> Vec<String> {
+pub fn setup_args(plan: &Plan, count: u64, seconds: f64, warmup: u64) -> Vec<String> {
     let _ = plan;
     vec![
         "--mode".into(),
@@ -456,31 +480,34 @@ fn setup_args(plan: &Plan, count: u64, seconds: f64, warmup: u64) -> Vec<String>
 }
 
 fn check_report(w: &World, rep: &ClientReport, what: &str) -> Result<()> {
-    let captured = w.method != Method::Direct;
+    check_client(w.method != Method::Direct, w.method.name(), rep, what)
+}
+
+/// Fails a client run in which nothing succeeded, or where a captured
+/// connection (`captured`) reached the proxy without its original
+/// destination, or a direct one with one; says how many operations failed.
+pub fn check_client(captured: bool, name: &str, rep: &ClientReport, what: &str) -> Result<()> {
     let errors: u64 = rep.errors.values().sum();
     anyhow::ensure!(
         rep.ops > 0,
-        "{what}, {}: no operation succeeded ({:?})",
-        w.method.name(),
+        "{what}, {name}: no operation succeeded ({:?})",
         rep.first_error
     );
     if captured {
         anyhow::ensure!(
             rep.orig_dst_missing == 0,
-            "{what}, {}: {} connections reached the proxy without an original destination",
-            w.method.name(),
+            "{what}, {name}: {} connections reached the proxy without an original destination",
             rep.orig_dst_missing
         );
     } else {
         anyhow::ensure!(
             rep.orig_dst_ok == 0,
-            "{what}, direct: SO_ORIGINAL_DST answered on a direct connection"
+            "{what}, {name}: SO_ORIGINAL_DST answered on a direct connection"
         );
     }
     if errors > 0 {
         eprintln!(
-            "bench: {what}, {}: {errors} failed operations ({:?})",
-            w.method.name(),
+            "bench: {what}, {name}: {errors} failed operations ({:?})",
             rep.first_error
         );
     }
@@ -583,7 +610,7 @@ pub struct ProgRun {
 
 /// The directory of the active generation's pins under redirect pin dir
 /// `pin_dir`.
-fn active_gen_dir(pin_dir: &Path) -> Result<PathBuf> {
+pub fn active_gen_dir(pin_dir: &Path) -> Result<PathBuf> {
     let layout = redirect::apply::Layout::new(pin_dir);
     let active = *layout
         .generations()?
@@ -615,13 +642,26 @@ fn prog_cost(
     limit: Duration,
     size: usize,
 ) -> Result<ProgCost> {
+    prog_cost_of(prog_dir, size, || {
+        let report = w.client(args, limit)?;
+        check_report(w, &report, &format!("program cost, size {size}"))?;
+        Ok(report)
+    })
+}
+
+/// See [`ProgCost`]: the setup measurement `measure` with the statistics
+/// on, reading the programs pinned in `prog_dir`.
+pub fn prog_cost_of(
+    prog_dir: &Path,
+    size: usize,
+    measure: impl FnOnce() -> Result<ClientReport>,
+) -> Result<ProgCost> {
     let before = prog_counters(prog_dir)?;
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics (BPF_ENABLE_STATS)")?;
-    let report = w.client(args, limit);
+    let report = measure();
     drop(stats);
     let report = report?;
-    check_report(w, &report, &format!("program cost, size {size}"))?;
     let after = prog_counters(prog_dir)?;
     let programs = after
         .iter()
@@ -1036,16 +1076,11 @@ fn map_memory(dir: &Path, out: &mut BTreeMap<String, MapMem>) -> Result<()> {
             map_memory(&path, out)?;
             continue;
         }
-        let Ok(fd) = redirect::sys::obj_get(&path, 0) else {
+        let Some(info) = fdinfo(&path)? else {
             continue;
         };
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-        let field = |k: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(map_type), Some(memlock)) = (field("map_type:"), field("memlock:")) {
+        let field = |k: &str| info.get(k).copied();
+        if let (Some(map_type), Some(memlock)) = (field("map_type"), field("memlock")) {
             let name = path
                 .strip_prefix(dir.parent().unwrap_or(dir))
                 .unwrap_or(&path)
@@ -1057,13 +1092,31 @@ fn map_memory(dir: &Path, out: &mut BTreeMap<String, MapMem>) -> Result<()> {
                 name,
                 MapMem {
                     map_type: map_type as u32,
-                    max_entries: field("max_entries:").unwrap_or(0),
+                    max_entries: field("max_entries").unwrap_or(0),
                     memlock,
                 },
             );
         }
     }
     Ok(())
+}
+
+/// The numeric fields of `/proc/self/fdinfo` of the BPF object pinned at
+/// `path` (`map_type`, `memlock`, `map_id`, `prog_type`, `prog_id`,
+/// `link_type`, ...); `None` if it cannot be opened as one.
+pub fn fdinfo(path: &Path) -> Result<Option<BTreeMap<String, u64>>> {
+    let Ok(fd) = redirect::sys::obj_get(path, 0) else {
+        return Ok(None);
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(Some(
+        info.lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                Some((k.trim().to_string(), v.trim().parse::<u64>().ok()?))
+            })
+            .collect(),
+    ))
 }
 
 /// `struct ipt_getinfo`.

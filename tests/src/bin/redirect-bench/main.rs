@@ -9,6 +9,7 @@
 //! report (`docs/benchmarks.md`, `docs/bench/`).
 
 mod harness;
+mod node;
 mod noop;
 mod peer;
 mod world;
@@ -42,7 +43,7 @@ enum Cmd {
         #[arg(long)]
         redirect_bin: Option<PathBuf>,
         /// Only these scenarios (comma-separated: setup, floor, scaling,
-        /// services, rr, wrap, occupancy, peak).
+        /// services, rr, wrap, occupancy, peak, node).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Pin the proxy and the client to this CPU (default: the last one).

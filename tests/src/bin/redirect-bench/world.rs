@@ -59,7 +59,8 @@ impl Method {
         }
     }
 
-    fn restore_bin(self) -> Option<&'static str> {
+    /// The `iptables-*-restore` of an iptables method.
+    pub fn restore_bin(self) -> Option<&'static str> {
         match self {
             Method::IptablesLegacy => Some("iptables-legacy-restore"),
             Method::IptablesNft => Some("iptables-nft-restore"),
@@ -148,7 +149,7 @@ pub struct Tools {
 }
 
 /// Pins the process `cmd` starts to `cpu`.
-fn pin(cmd: &mut Command, cpu: Option<usize>) {
+pub fn pin(cmd: &mut Command, cpu: Option<usize>) {
     let Some(cpu) = cpu else { return };
     use std::os::unix::process::CommandExt as _;
     // SAFETY: only async-signal-safe libc calls on a local cpu_set_t.
@@ -337,7 +338,7 @@ pub fn istio_rules(cidrs: &[String]) -> String {
 }
 
 /// An empty `nat` table: restoring it flushes and deletes every chain.
-const EMPTY_NAT: &str = "*nat\n\
+pub const EMPTY_NAT: &str = "*nat\n\
      :PREROUTING ACCEPT [0:0]\n\
      :INPUT ACCEPT [0:0]\n\
      :OUTPUT ACCEPT [0:0]\n\
@@ -345,7 +346,7 @@ const EMPTY_NAT: &str = "*nat\n\
      COMMIT\n";
 
 /// Runs `cmd` to completion, failing with its stderr.
-fn run_ok(mut cmd: Command, what: &str) -> Result<()> {
+pub fn run_ok(mut cmd: Command, what: &str) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -354,6 +355,105 @@ fn run_ok(mut cmd: Command, what: &str) -> Result<()> {
         bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
+}
+
+/// Starts the bench proxy with `cmd` (a command running this binary where
+/// the proxy belongs: namespace, cgroup, user), pinned to `cpu`, and waits
+/// until it listens.
+pub fn start_proxy(mut cmd: Command, mode: ProxyMode, cpu: Option<usize>) -> Result<Proc> {
+    cmd.arg("proxy")
+        .arg("--mode")
+        .arg(match mode {
+            ProxyMode::Setup => "setup",
+            ProxyMode::Echo => "echo",
+        })
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    pin(&mut cmd, cpu);
+    let mut child = Proc(cmd.spawn().context("starting the bench proxy")?);
+    let stdout = child.0.stdout.take().context("proxy stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("the bench proxy did not start");
+    }
+    Ok(child)
+}
+
+/// Runs the bench client with `cmd` (a command running this binary as the
+/// application, where it belongs) to `to` with `args`, pinned to `cpu`, and
+/// returns its report, with the CPU time `proxy` spent meanwhile. Killed if
+/// it outlives `limit` or the harness is interrupted.
+pub fn run_client(
+    mut cmd: Command,
+    to: SocketAddr,
+    args: &[String],
+    proxy: Option<&Proc>,
+    cpu: Option<usize>,
+    limit: Duration,
+) -> Result<ClientReport> {
+    check_interrupted()?;
+    cmd.arg("client")
+        .arg("--to")
+        .arg(to.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    pin(&mut cmd, cpu);
+    let proxy_stat = proxy.map(|p| format!("/proc/{}/schedstat", p.0.id()));
+    let proxy_cpu0 = proxy_stat.as_deref().map_or(0, schedstat_ns);
+    let mut child = Proc(cmd.spawn().context("starting the bench client")?);
+    let t = Instant::now();
+    loop {
+        if child.0.try_wait()?.is_some() {
+            break;
+        }
+        check_interrupted()?;
+        if t.elapsed() > limit {
+            bail!("the bench client ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read as _;
+    if let Some(mut o) = child.0.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    if let Some(mut e) = child.0.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    let status = child.0.wait()?;
+    if !status.success() {
+        bail!("bench client failed ({status}): {}", err.trim());
+    }
+    let mut rep: ClientReport =
+        serde_json::from_str(out.trim()).with_context(|| format!("client printed {out:?}"))?;
+    rep.proxy_cpu_ns = proxy_stat
+        .as_deref()
+        .map_or(0, schedstat_ns)
+        .saturating_sub(proxy_cpu0);
+    Ok(rep)
+}
+
+/// Feeds `rules` to `cmd`, an `iptables-*-restore` (`bin`) run in a pod's
+/// namespace; returns the wall time of the process.
+pub fn restore(mut cmd: Command, bin: &str, rules: &str) -> Result<Duration> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(rules.as_bytes())?;
+    drop(stdin);
+    let out = child.wait_with_output()?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(d)
 }
 
 impl World {
@@ -382,24 +482,8 @@ impl World {
                 .arg(format!("net.ipv4.ip_local_port_range={lo} {hi}"));
             run_ok(cmd, "sysctl ip_local_port_range")?;
         }
-        let mut cmd = w.pod.command(Side::Pod, As::PROXY, &w.tools.bench)?;
-        cmd.arg("proxy")
-            .arg("--mode")
-            .arg(match mode {
-                ProxyMode::Setup => "setup",
-                ProxyMode::Echo => "echo",
-            })
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
-        pin(&mut cmd, w.tools.cpu);
-        let mut child = Proc(cmd.spawn().context("starting the bench proxy")?);
-        let stdout = child.0.stdout.take().context("proxy stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            bail!("the bench proxy did not start");
-        }
-        w.proxy = Some(child);
+        let cmd = w.pod.command(Side::Pod, As::PROXY, &w.tools.bench)?;
+        w.proxy = Some(start_proxy(cmd, mode, w.tools.cpu)?);
         Ok(w)
     }
 
@@ -483,74 +567,22 @@ impl World {
 
     fn restore(&self, rules: &str) -> Result<Duration> {
         let bin = self.method.restore_bin().expect("an iptables method");
-        let mut cmd = self.root_cmd(bin)?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let t = Instant::now();
-        let mut child = cmd.spawn().with_context(|| format!("starting {bin}"))?;
-        let mut stdin = child.stdin.take().context("stdin")?;
-        stdin.write_all(rules.as_bytes())?;
-        drop(stdin);
-        let out = child.wait_with_output()?;
-        let d = t.elapsed();
-        if !out.status.success() {
-            bail!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(d)
+        restore(self.root_cmd(bin)?, bin, rules)
     }
 
     /// Runs the bench client in the pod as the application (UID 1000 in
     /// `app/`) with `args`, and returns its report. Killed if it outlives
     /// `limit` or the harness is interrupted.
     pub fn client(&self, args: &[String], limit: Duration) -> Result<ClientReport> {
-        check_interrupted()?;
-        let mut cmd = self.pod.command(Side::Pod, As::APP, &self.tools.bench)?;
-        cmd.arg("client")
-            .arg("--to")
-            .arg(self.target().to_string())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        pin(&mut cmd, self.tools.cpu);
-        let proxy_stat = self
-            .proxy
-            .as_ref()
-            .map(|p| format!("/proc/{}/schedstat", p.0.id()));
-        let proxy_cpu0 = proxy_stat.as_deref().map_or(0, schedstat_ns);
-        let mut child = Proc(cmd.spawn().context("starting the bench client")?);
-        let t = Instant::now();
-        loop {
-            if child.0.try_wait()?.is_some() {
-                break;
-            }
-            check_interrupted()?;
-            if t.elapsed() > limit {
-                bail!("the bench client ran longer than {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut out = String::new();
-        let mut err = String::new();
-        use std::io::Read as _;
-        if let Some(mut o) = child.0.stdout.take() {
-            o.read_to_string(&mut out)?;
-        }
-        if let Some(mut e) = child.0.stderr.take() {
-            e.read_to_string(&mut err)?;
-        }
-        let status = child.0.wait()?;
-        if !status.success() {
-            bail!("bench client failed ({status}): {}", err.trim());
-        }
-        let mut rep: ClientReport =
-            serde_json::from_str(out.trim()).with_context(|| format!("client printed {out:?}"))?;
-        rep.proxy_cpu_ns = proxy_stat
-            .as_deref()
-            .map_or(0, schedstat_ns)
-            .saturating_sub(proxy_cpu0);
-        Ok(rep)
+        let cmd = self.pod.command(Side::Pod, As::APP, &self.tools.bench)?;
+        run_client(
+            cmd,
+            self.target(),
+            args,
+            self.proxy.as_ref(),
+            self.tools.cpu,
+            limit,
+        )
     }
 
     /// A file under `/proc/sys` as seen from the pod's network namespace.
