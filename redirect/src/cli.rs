@@ -263,7 +263,10 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     /// The pod's cgroup v2 directory; programs attach there and apply to
-    /// every process below it.
+    /// every process below it. `auto`: the parent of this process's own
+    /// cgroup (an init container's pod), found in a cgroup v2 mount that
+    /// shows it (with a cgroup namespace of its own, the host's tree must be
+    /// mounted in the container); `./auto` for a directory named auto.
     #[arg(long)]
     pub cgroup: PathBuf,
     /// The pod's network namespace file (e.g. /proc/PID/ns/net or

@@ -22,6 +22,8 @@ pub mod apply;
 pub mod blob;
 #[cfg(feature = "loader")]
 pub mod btf;
+/// `--cgroup auto`: an init container finds its pod's cgroup.
+pub mod cgroup;
 #[cfg(feature = "loader")]
 pub mod cli;
 #[cfg(feature = "loader")]

@@ -155,8 +155,12 @@ fn run_pod(cmd: PodCommand) -> Result<()> {
 #[tokio::main(flavor = "current_thread")]
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Apply(args) => {
+        Command::Apply(mut args) => {
             let policy = args.policy.to_spec()?;
+            if args.cgroup.as_os_str() == "auto" {
+                args.cgroup = redirect::cgroup::pod_cgroup_of_self()?;
+                tracing::info!(cgroup = %args.cgroup.display(), "--cgroup auto: the pod's cgroup");
+            }
             let pin_dir = args.pin.resolve(&args.cgroup)?;
             let req = ApplyRequest {
                 cgroup: args.cgroup,

@@ -714,6 +714,14 @@ fn node_section(w: &mut String, r: &Value) {
         r["plan"]["setup_count"],
         pods(most),
     );
+    if let Some(date) = r["meta"]["node_date"].as_str() {
+        let _ = writeln!(
+            w,
+            "This section was measured again on its own (`redirect-bench run --only node`, \
+             spliced into results.json) on {date}, after `pod add` stopped reading \
+             `/proc/net/tcp`; the rest of the report is from the run above.\n"
+        );
+    }
 
     // Targets.
     let t = &s["targets"];
