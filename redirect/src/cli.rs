@@ -1,6 +1,7 @@
 //! Command-line interface. Policy flags keep istio-iptables' short names so
 //! `redirect apply` can stand in for `istio-iptables` in an init container;
-//! each also has a readable long name (and istio's long name as an alias).
+//! each also has a readable long name, and istio-iptables' own long name as
+//! an alias. [`crate::istio`] holds the rest of istio-iptables' flags.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -278,11 +279,15 @@ pub struct ApplyArgs {
     pub pin: PinDirArgs,
     /// Check every input and print what would be attached and written to
     /// the maps; load, attach, pin and mount nothing.
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     pub dry_run: bool,
     /// With --dry-run: print JSON.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
+    /// istio-iptables' other flags (interception mode, validation, flags
+    /// with no meaning without iptables...).
+    #[command(flatten)]
+    pub istio: crate::istio::IstioArgs,
     /// Captured outbound connections open at once (default 131072, set when
     /// the pin dir is first applied). Beyond it, a captured connect() fails
     /// with EPERM. Memory follows use: about 270 bytes per open connection
@@ -439,6 +444,7 @@ pub struct PolicyArgs {
     pub inbound_capture_port: String,
     /// The proxy's tunnel port, never captured.
     #[arg(
+        short = 'e',
         long = "tunnel-port",
         visible_alias = "inbound-tunnel-port",
         default_value = "15008"
@@ -454,7 +460,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'i',
         long = "include-cidrs",
-        visible_alias = "outbound-ip-ranges-include",
+        visible_alias = "istio-service-cidr",
         default_value = ""
     )]
     pub include_cidrs: String,
@@ -462,7 +468,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'x',
         long = "exclude-cidrs",
-        visible_alias = "outbound-ip-ranges-exclude",
+        visible_alias = "istio-service-exclude-cidr",
         default_value = ""
     )]
     pub exclude_cidrs: String,
@@ -474,7 +480,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'q',
         long = "include-ports",
-        visible_alias = "outbound-ports-include",
+        visible_alias = "istio-outbound-ports",
         default_value = ""
     )]
     pub include_ports: String,
@@ -482,7 +488,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'o',
         long = "exclude-ports",
-        visible_alias = "outbound-ports-exclude",
+        visible_alias = "istio-local-outbound-ports-exclude",
         default_value = ""
     )]
     pub exclude_ports: String,
@@ -491,7 +497,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'b',
         long = "inbound-ports",
-        visible_alias = "inbound-ports-include",
+        visible_alias = "istio-inbound-ports",
         default_value = ""
     )]
     pub inbound_ports: String,
@@ -500,7 +506,7 @@ pub struct PolicyArgs {
     #[arg(
         short = 'd',
         long = "exclude-inbound-ports",
-        visible_alias = "inbound-ports-exclude",
+        visible_alias = "istio-local-exclude-ports",
         default_value = ""
     )]
     pub exclude_inbound_ports: String,
@@ -753,9 +759,10 @@ mod tests {
             "*",
             "-d",
             "15090,15021,15020",
+            "--log_output_level=default:info",
         ]);
-        // -m (the capture mode) is not taken: redirect has one mode.
-        assert!(spec.is_err());
+        // The whole injected list, -m and the log level included, is taken.
+        let with_mode = spec.unwrap();
         let spec = parse(&[
             "-p",
             "15001",
@@ -775,6 +782,7 @@ mod tests {
         .unwrap();
         assert_eq!(spec.inbound_ports, crate::policy::InboundPorts::All);
         assert_eq!(spec.exclude_inbound_ports, vec![15020, 15021, 15090]);
+        assert_eq!(spec, with_mode);
         let spec = parse(&[
             "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "",
         ])
@@ -800,11 +808,11 @@ mod tests {
         let b = parse(&[
             "--include-cidrs",
             "10.0.0.0/8",
-            "--outbound-ip-ranges-exclude",
+            "--istio-service-exclude-cidr",
             "10.1.0.0/16",
             "--include-ports",
             "80",
-            "--outbound-ports-exclude",
+            "--istio-local-outbound-ports-exclude",
             "22",
             "--proxy-gid",
             "7",

@@ -11,7 +11,9 @@
 //! [`lock`] (one apply at a time per pin dir), [`pod_record`] (which pod a
 //! pin dir belongs to), [`status`], [`explain`] (one connection's
 //! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
-//! (`apply --dry-run`).
+//! (`apply --dry-run`), [`istio`] (istio-iptables' command line),
+//! [`validation`] (its `--run-validation` check), [`cgroup`]
+//! (`--cgroup auto`).
 
 mod orig_dst;
 pub use orig_dst::original_dst;
@@ -22,7 +24,7 @@ pub mod apply;
 pub mod blob;
 #[cfg(feature = "loader")]
 pub mod btf;
-/// `--cgroup auto`: an init container finds its pod's cgroup.
+#[cfg(feature = "loader")]
 pub mod cgroup;
 #[cfg(feature = "loader")]
 pub mod cli;
@@ -32,6 +34,8 @@ pub mod entries;
 pub mod explain;
 #[cfg(feature = "loader")]
 pub mod fs;
+#[cfg(feature = "loader")]
+pub mod istio;
 #[cfg(feature = "loader")]
 pub mod layout;
 #[cfg(feature = "loader")]
@@ -58,3 +62,5 @@ pub mod state;
 pub mod status;
 #[cfg(feature = "loader")]
 pub mod sys;
+#[cfg(feature = "loader")]
+pub mod validation;

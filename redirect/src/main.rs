@@ -7,9 +7,9 @@ use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
     cli::{Cli, Command, FamilyArg, NodeCommand, PodCommand},
-    explain, node, plan, pods,
+    explain, istio, node, plan, pods,
     render::{self, Family},
-    status,
+    status, validation,
 };
 
 fn main() {
@@ -18,18 +18,159 @@ fn main() {
     // default action back: the process ends quietly, as other tools do.
     // SAFETY: called first thing, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The name decides: called istio-iptables (a symlink or a copy), it
+    // takes istio-iptables' command line and environment.
+    let name = std::env::args_os()
+        .next()
+        .map(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    if name == "istio-iptables" {
+        std::process::exit(istio_iptables_main());
+    }
+    init_tracing("warn");
     let cli = Cli::parse();
     if let Err(err) = run(cli) {
         eprintln!("redirect: error: {err:#}");
         std::process::exit(1);
     }
+}
+
+/// Logs to stderr at `REDIRECT_LOG`'s filter, else at `default`.
+fn init_tracing(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// `istio-iptables`: exit code 0, 1 on an error, 126 when validation fails.
+fn istio_iptables_main() -> i32 {
+    let env = |k: &str| std::env::var(k).ok();
+    let cli = match istio::parse_istio_iptables(std::env::args_os(), env) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_tracing(istio::log_filter(&cli.istio.log_output_level).unwrap_or("info"));
+    match run_istio_iptables(cli) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("istio-iptables (redirect): error: {err:#}");
+            if err.downcast_ref::<validation::ValidationError>().is_some() {
+                tracing::error!(
+                    "validation failed; workload is not ready for Istio: capture is not in force"
+                );
+                validation::EXIT_CODE
+            } else {
+                1
+            }
+        }
+    }
+}
+
+/// What `istio-iptables` does: register the pod with the node install if
+/// there is one, else apply one-shot to its cgroup; then validate if asked.
+fn run_istio_iptables(cli: istio::IstioIptablesCli) -> Result<()> {
+    istio::check_loopback_env(|k| std::env::var(k).ok())?;
+    let netns = (!cli.istio.network_namespace.is_empty())
+        .then(|| std::path::PathBuf::from(&cli.istio.network_namespace));
+    let node_installed = node::installed(&cli.node_pin_dir).is_ok();
+    let probe = validation::Probe {
+        proxy_port: policy_port(&cli.policy.proxy_port, "--envoy-port")?,
+        inbound_port: policy_port(&cli.policy.inbound_capture_port, "--inbound-capture-port")?,
+        probe_port: cli.istio.probe_port,
+        timeout: cli.istio.probe_timeout,
+        ipv6: validation::Probe::host_is_ipv6(),
+    };
+    let (run_validation, skip) = (cli.istio.run_validation, cli.istio.skip_rule_apply);
+    let mut istio_args = cli.istio.clone();
+    // Validated below, once, whichever way the rules were applied.
+    istio_args.run_validation = false;
+    let command = if node_installed {
+        let netns = netns.unwrap_or_else(|| "/proc/self/ns/net".into());
+        tracing::info!(netns = %netns.display(), node = %cli.node_pin_dir.display(),
+            "a node install is present: registering the pod's network namespace");
+        if cli.istio.cleanup_only {
+            Command::Pod(PodCommand::Remove(redirect::cli::PodRemoveArgs {
+                netns: Some(netns),
+                cookie: None,
+                node: redirect::cli::NodePinArgs {
+                    pin_dir: cli.node_pin_dir,
+                    lock_timeout: cli.lock_timeout,
+                },
+            }))
+        } else {
+            Command::Pod(PodCommand::Add(Box::new(redirect::cli::PodAddArgs {
+                netns,
+                replace: true,
+                allow_no_proxy_exemption: false,
+                dry_run: cli.dry_run,
+                json: false,
+                node: redirect::cli::NodePinArgs {
+                    pin_dir: cli.node_pin_dir,
+                    lock_timeout: cli.lock_timeout,
+                },
+                policy: cli.policy,
+            })))
+        }
+    } else if cli.istio.cleanup_only {
+        let cgroup = resolve_cgroup(cli.cgroup)?;
+        Command::Remove(redirect::cli::RemoveArgs {
+            pod: redirect::cli::WhichPod {
+                pin_dir: cli.pin_dir,
+                cgroup: Some(cgroup),
+            },
+            lock_timeout: cli.lock_timeout,
+        })
+    } else {
+        Command::Apply(Box::new(redirect::cli::ApplyArgs {
+            cgroup: cli.cgroup,
+            netns,
+            pin: redirect::cli::PinDirArgs {
+                pin_dir: cli.pin_dir,
+            },
+            dry_run: cli.dry_run,
+            json: false,
+            istio: istio_args,
+            max_connections: None,
+            allow_no_proxy_exemption: false,
+            lock_timeout: cli.lock_timeout,
+            policy: cli.policy,
+        }))
+    };
+    cli.istio.check()?;
+    if skip {
+        tracing::info!("--skip-rule-apply: nothing applied");
+    } else {
+        run(Cli { command })?;
+    }
+    if run_validation && !cli.dry_run {
+        probe.run()?;
+    }
+    Ok(())
+}
+
+/// `--cgroup`, with `auto` resolved.
+fn resolve_cgroup(cgroup: std::path::PathBuf) -> Result<std::path::PathBuf> {
+    if cgroup.as_os_str() == "auto" {
+        let found = redirect::cgroup::pod_cgroup_of_self()?;
+        tracing::info!(cgroup = %found.display(), "--cgroup auto: the pod's cgroup");
+        Ok(found)
+    } else {
+        Ok(cgroup)
+    }
+}
+
+fn policy_port(value: &str, flag: &'static str) -> Result<u16> {
+    Ok(redirect::policy::parse_port(flag, value)?)
 }
 
 fn run_node(cmd: NodeCommand) -> Result<()> {
@@ -156,10 +297,38 @@ fn run_pod(cmd: PodCommand) -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Apply(mut args) => {
+            args.istio.check()?;
             let policy = args.policy.to_spec()?;
-            if args.cgroup.as_os_str() == "auto" {
-                args.cgroup = redirect::cgroup::pod_cgroup_of_self()?;
-                tracing::info!(cgroup = %args.cgroup.display(), "--cgroup auto: the pod's cgroup");
+            args.cgroup = resolve_cgroup(args.cgroup)?;
+            if args.netns.is_none() && !args.istio.network_namespace.is_empty() {
+                args.netns = Some(args.istio.network_namespace.clone().into());
+            }
+            let probe = args.istio.run_validation.then(|| validation::Probe {
+                proxy_port: policy.proxy_port,
+                inbound_port: policy.inbound_port,
+                probe_port: args.istio.probe_port,
+                timeout: args.istio.probe_timeout,
+                ipv6: validation::Probe::host_is_ipv6(),
+            });
+            if args.istio.cleanup_only {
+                let pin_dir = args.pin.resolve(&args.cgroup)?;
+                let timeout = Duration::from_secs(args.lock_timeout);
+                let shown = pin_dir.display().to_string();
+                let gens = tokio::task::spawn_blocking(move || apply::remove(&pin_dir, timeout))
+                    .await
+                    .context("remove task")??;
+                println!(
+                    "--cleanup-only: removed {} generation(s) from {shown}",
+                    gens.len()
+                );
+                return Ok(());
+            }
+            if args.istio.skip_rule_apply {
+                tracing::info!("--skip-rule-apply: nothing applied");
+                if let Some(p) = probe {
+                    p.run()?;
+                }
+                return Ok(());
             }
             let pin_dir = args.pin.resolve(&args.cgroup)?;
             let req = ApplyRequest {
@@ -197,6 +366,11 @@ async fn run(cli: Cli) -> Result<()> {
                     format!(" (replaced {:?})", report.replaced)
                 }
             );
+            if let Some(p) = probe {
+                tokio::task::spawn_blocking(move || p.run())
+                    .await
+                    .context("validation task")??;
+            }
         }
         Command::Remove(args) => {
             let pin_dir = args.pod.resolve()?;

@@ -152,6 +152,10 @@ pub struct NodeRecord {
     pub cgroup: String,
     /// Pods the policy maps are sized for.
     pub max_pods: u32,
+    /// The cookie of the network namespace `node install` ran in: the
+    /// host's (the installer runs with the host network), which `pod add`
+    /// refuses. 0 for a record from before it was kept.
+    pub host_netns: u64,
     /// Where a socket's credentials are in this kernel's structs (`None`: no
     /// BTF; owners are then the task's real IDs).
     #[serde(skip)]
@@ -159,10 +163,13 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
-    const MAGIC: &'static [u8; 8] = b"rdnode01";
+    const MAGIC: &'static [u8; 8] = b"rdnode02";
+    /// The record before `host_netns` was kept (no such field).
+    const MAGIC_01: &'static [u8; 8] = b"rdnode01";
 
     fn to_bytes(&self) -> Vec<u8> {
         let mut b = Self::MAGIC.to_vec();
+        b.extend_from_slice(&self.host_netns.to_le_bytes());
         b.extend_from_slice(&self.cgroup_id.to_le_bytes());
         b.extend_from_slice(&self.max_pods.to_le_bytes());
         match &self.owner_path {
@@ -180,14 +187,23 @@ impl NodeRecord {
     }
 
     fn from_bytes(b: &[u8]) -> Result<NodeRecord> {
-        let fixed = 8 + 8 + 4 + 1 + size_of::<OwnerPath>();
-        if b.len() < fixed || &b[..8] != Self::MAGIC {
-            bail!("not a node record of this version of redirect");
+        let (host_netns, b) = match b.get(..8) {
+            Some(m) if m == Self::MAGIC && b.len() >= 16 => (
+                u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+                &b[16..],
+            ),
+            Some(m) if m == Self::MAGIC_01 => (0, &b[8..]),
+            _ => bail!("not a node record of this version of redirect"),
+        };
+        let fixed = 8 + 4 + 1 + size_of::<OwnerPath>();
+        if b.len() < fixed {
+            bail!("a truncated node record");
         }
-        let owner_path = (b[20] == 1).then(|| bytemuck::pod_read_unaligned(&b[21..fixed]));
+        let owner_path = (b[12] == 1).then(|| bytemuck::pod_read_unaligned(&b[13..fixed]));
         Ok(NodeRecord {
-            cgroup_id: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
-            max_pods: u32::from_le_bytes(b[16..20].try_into().expect("4 bytes")),
+            cgroup_id: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
+            max_pods: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+            host_netns,
             owner_path,
             cgroup: String::from_utf8_lossy(&b[fixed..]).into_owned(),
         })
@@ -282,6 +298,7 @@ pub fn install(req: &InstallRequest) -> Result<InstallReport> {
                 .display()
                 .to_string(),
             max_pods: req.max_pods.unwrap_or(DEFAULT_MAX_PODS),
+            host_netns: crate::netns::netns_cookie()?,
             owner_path: crate::btf::owner_path()
                 .inspect_err(|e| {
                     tracing::warn!(
@@ -585,6 +602,7 @@ mod tests {
             cgroup_id: 42,
             cgroup: "/sys/fs/cgroup/kubepods".into(),
             max_pods: 1000,
+            host_netns: 7,
             owner_path: Some(OwnerPath {
                 sk_socket: 1,
                 socket_file: 2,
@@ -597,9 +615,19 @@ mod tests {
         assert_eq!(NodeRecord::from_bytes(&r.to_bytes()).unwrap(), r);
         let none = NodeRecord {
             owner_path: None,
-            ..r
+            ..r.clone()
         };
         assert_eq!(NodeRecord::from_bytes(&none.to_bytes()).unwrap(), none);
         assert!(NodeRecord::from_bytes(b"rdnode01").is_err());
+        // A record from before the host's namespace was kept reads as 0.
+        let mut old = b"rdnode01".to_vec();
+        old.extend_from_slice(&r.to_bytes()[16..]);
+        assert_eq!(
+            NodeRecord::from_bytes(&old).unwrap(),
+            NodeRecord {
+                host_netns: 0,
+                ..r.clone()
+            }
+        );
     }
 }

@@ -126,20 +126,41 @@ fn pod_netns(path: &Path) -> Result<File> {
     if !path.exists() {
         bail!("--netns {}: no such file", path.display());
     }
-    let file = netns::open_netns(path)?;
+    netns::open_netns(path)
+}
+
+/// Refuses the host's network namespace: the one `node install` ran in
+/// (recorded), or for a record from before that was kept, the loader's own
+/// and PID 1's. A pod's init container registering its own namespace is
+/// thereby not mistaken for the host.
+fn refuse_host(
+    path: &Path,
+    file: &File,
+    cookie: u64,
+    record: &crate::node::NodeRecord,
+) -> Result<()> {
+    let host = |what: &str| {
+        anyhow::anyhow!(
+            "--netns {}: that is the host's network namespace ({what}); a pod in it (host \
+             network) cannot be captured without capturing the node",
+            path.display()
+        )
+    };
+    if record.host_netns != 0 {
+        if cookie == record.host_netns {
+            return Err(host("the one `node install` ran in"));
+        }
+        return Ok(());
+    }
     let ns = file.metadata()?;
-    for host in ["/proc/self/ns/net", "/proc/1/ns/net"] {
-        if let Ok(h) = fs::metadata(host)
-            && (ns.dev(), ns.ino()) == (h.dev(), h.ino())
+    for h in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+        if let Ok(m) = fs::metadata(h)
+            && (ns.dev(), ns.ino()) == (m.dev(), m.ino())
         {
-            bail!(
-                "--netns {}: that is the host's network namespace ({host}); a pod in it (host \
-                 network) cannot be captured without capturing the node",
-                path.display()
-            );
+            return Err(host(h));
         }
     }
-    Ok(file)
+    Ok(())
 }
 
 /// What `pod add --dry-run` reports.
@@ -183,8 +204,9 @@ impl std::fmt::Display for AddPlan {
 /// Checks `req` as [`add`] does (but for the lock) and says what it would
 /// write.
 pub fn plan(req: &AddRequest) -> Result<AddPlan> {
-    let (_, facts) = check_pod_input(req)?;
+    let (file, facts) = check_pod_input(req)?;
     let (node, record, _) = installed(&req.pin_dir)?;
+    refuse_host(&req.netns, &file, facts.netns_cookie, &record)?;
     let mut maps = PolicyMaps::open(&node.policy_dir())?;
     let entries = entries_for(req, &facts, &record)?;
     check_addrs(&node, &mut maps, &entries, &req.netns)?;
@@ -302,6 +324,7 @@ pub fn add(req: &AddRequest) -> Result<AddReport> {
     // Read under the lock: an install or uninstall may have run meanwhile.
     let (node, record, gen_dir) = installed(&req.pin_dir)?;
     crate::state::check_version(&node.layout.state_dir(), true)?;
+    refuse_host(&req.netns, &netns_file, facts.netns_cookie, &record)?;
     let cookie = facts.netns_cookie;
     let pod_dir = node.pod_dir(cookie);
     let mut maps = PolicyMaps::open(&node.policy_dir())?;
