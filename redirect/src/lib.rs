@@ -13,7 +13,7 @@
 //! decision), [`render`] (the equivalent istio-iptables rules), [`plan`]
 //! (`apply --dry-run`), [`istio`] (istio-iptables' command line),
 //! [`validation`] (its `--run-validation` check), [`cgroup`]
-//! (`--cgroup auto`).
+//! (`--cgroup auto`), [`cni`] (the `redirect-cni` plugin).
 
 mod orig_dst;
 pub use orig_dst::original_dst;
@@ -28,6 +28,8 @@ pub mod btf;
 pub mod cgroup;
 #[cfg(feature = "loader")]
 pub mod cli;
+#[cfg(feature = "loader")]
+pub mod cni;
 #[cfg(feature = "loader")]
 pub mod entries;
 #[cfg(feature = "loader")]

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
     cli::{Cli, Command, FamilyArg, NodeCommand, PodCommand},
-    explain, istio, node, plan, pods,
+    cni, explain, istio, node, plan, pods,
     render::{self, Family},
     status, validation,
 };
@@ -33,6 +33,9 @@ fn main() {
     if name == "istio-iptables" {
         std::process::exit(istio_iptables_main());
     }
+    if name == "redirect-cni" {
+        std::process::exit(cni_main());
+    }
     init_tracing("warn");
     let cli = Cli::parse();
     if let Err(err) = run(cli) {
@@ -49,6 +52,7 @@ fn init_tracing(default: &str) {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -154,6 +158,173 @@ fn run_istio_iptables(cli: istio::IstioIptablesCli) -> Result<()> {
     }
     if run_validation && !cli.dry_run {
         probe.run()?;
+    }
+    Ok(())
+}
+
+/// `redirect-cni`: a CNI plugin's exit code; errors as JSON on stdout.
+fn cni_main() -> i32 {
+    init_tracing("info");
+    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+    let mut version = "1.0.0".to_string();
+    let result = (|| -> Result<Option<serde_json::Value>, cni::CniError> {
+        if command == "VERSION" {
+            return Ok(Some(cni::version_result()));
+        }
+        let mut stdin = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut stdin).map_err(|e| {
+            cni::CniError {
+                code: 6,
+                msg: "cannot read the network configuration".into(),
+                details: e.to_string(),
+            }
+        })?;
+        let conf = cni::parse_config(&stdin)?;
+        version = conf.cni_version.clone();
+        match command.as_str() {
+            "ADD" => cni_add(&conf).map(Some),
+            "DEL" => cni_del(&conf).map(|()| None),
+            "CHECK" => cni_check(&conf).map(|()| None),
+            other => Err(cni::CniError {
+                code: 4,
+                msg: format!("CNI_COMMAND {other:?}: not ADD, DEL, CHECK or VERSION"),
+                details: String::new(),
+            }),
+        }
+    })();
+    match result {
+        Ok(out) => {
+            if let Some(out) = out {
+                println!("{out}");
+            }
+            0
+        }
+        Err(e) => {
+            tracing::error!(code = e.code, "{e}");
+            println!("{}", e.to_json(&version));
+            1
+        }
+    }
+}
+
+fn cni_error(code: u32, msg: impl Into<String>, details: impl std::fmt::Display) -> cni::CniError {
+    cni::CniError {
+        code,
+        msg: msg.into(),
+        details: format!("{details:#}"),
+    }
+}
+
+/// `CNI_NETNS`, required.
+fn cni_netns() -> Result<std::path::PathBuf, cni::CniError> {
+    match std::env::var("CNI_NETNS") {
+        Ok(p) if !p.is_empty() => Ok(p.into()),
+        _ => Err(cni_error(4, "CNI_NETNS is not set", "")),
+    }
+}
+
+/// The pod's namespace and name from `CNI_ARGS`, and what to do with it.
+fn cni_decide(conf: &cni::PluginConfig) -> Result<(String, cni::Decision), cni::CniError> {
+    let (ns, name) = cni::k8s_args(&std::env::var("CNI_ARGS").unwrap_or_default());
+    let pod = format!(
+        "{}/{}",
+        ns.as_deref().unwrap_or("?"),
+        name.as_deref().unwrap_or("?")
+    );
+    Ok((pod, conf.decide(ns.as_deref(), &conf.annotations())?))
+}
+
+fn cni_add(conf: &cni::PluginConfig) -> Result<serde_json::Value, cni::CniError> {
+    let (pod, decision) = cni_decide(conf)?;
+    let policy = match decision {
+        cni::Decision::Skip(why) => {
+            tracing::info!(pod, "not registered: {why}");
+            return Ok(cni::add_result(conf));
+        }
+        cni::Decision::Register(p) => p,
+    };
+    let netns = cni_netns()?;
+    node::installed(&conf.node_pin_dir).map_err(|e| {
+        cni_error(
+            999,
+            format!("pod {pod}: cannot register it: node mode is not installed"),
+            e,
+        )
+    })?;
+    let req = pods::AddRequest {
+        netns,
+        pin_dir: conf.node_pin_dir.clone(),
+        policy: policy
+            .to_spec()
+            .map_err(|e| cni_error(7, "invalid policy", e))?,
+        replace: true,
+        allow_no_proxy_exemption: false,
+        lock_timeout: conf.lock_timeout(),
+    };
+    let r = pods::add(&req)
+        .map_err(|e| cni_error(999, format!("pod {pod}: registering it failed"), e))?;
+    tracing::info!(
+        pod,
+        netns_cookie = r.netns_cookie,
+        replaced = r.replaced,
+        "registered"
+    );
+    Ok(cni::add_result(conf))
+}
+
+/// The cookie of `CNI_NETNS` if it names a namespace registered with the
+/// node install.
+fn cni_registered(conf: &cni::PluginConfig) -> Result<Option<u64>, cni::CniError> {
+    let Ok(netns) = cni_netns() else {
+        return Ok(None);
+    };
+    if !netns.exists() {
+        return Ok(None);
+    }
+    let facts = redirect::netns::probe(Some(&netns))
+        .map_err(|e| cni_error(999, format!("CNI_NETNS {}", netns.display()), e))?;
+    let node = node::NodeLayout::new(&conf.node_pin_dir);
+    Ok(node
+        .pod_dir(facts.netns_cookie)
+        .exists()
+        .then_some(facts.netns_cookie))
+}
+
+fn cni_del(conf: &cni::PluginConfig) -> Result<(), cni::CniError> {
+    if node::installed(&conf.node_pin_dir).is_err() {
+        tracing::info!("no node install: nothing to remove");
+        return Ok(());
+    }
+    match cni_registered(conf)? {
+        Some(cookie) => {
+            pods::remove(&conf.node_pin_dir, None, Some(cookie), conf.lock_timeout())
+                .map_err(|e| cni_error(999, "removing the pod failed", e))?;
+            tracing::info!(netns_cookie = cookie, "removed");
+        }
+        None => {
+            // Not registered, or its namespace is gone already: remove
+            // whatever pods lost their namespace.
+            let gone = std::path::Path::new("/nonexistent");
+            let r = pods::gc(&conf.node_pin_dir, gone, conf.lock_timeout())
+                .map_err(|e| cni_error(999, "removing dead pods failed", e))?;
+            tracing::info!(removed = ?r.pods, "pod not registered");
+        }
+    }
+    Ok(())
+}
+
+fn cni_check(conf: &cni::PluginConfig) -> Result<(), cni::CniError> {
+    let (pod, decision) = cni_decide(conf)?;
+    if let cni::Decision::Register(_) = decision {
+        node::installed(&conf.node_pin_dir)
+            .map_err(|e| cni_error(999, "node mode is not installed", e))?;
+        if cni_registered(conf)?.is_none() {
+            return Err(cni_error(
+                999,
+                format!("pod {pod} should be registered and is not"),
+                "",
+            ));
+        }
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{apt_install, env_cargo, output, root, run, target_dir};
 
 /// Test targets of `redirect-tests` that run in the VM.
-const TESTS: [&str; 10] = [
+const TESTS: [&str; 11] = [
     "inbound",
     "ipv6",
     "exemptions",
@@ -39,6 +39,7 @@ const TESTS: [&str; 10] = [
     "node",
     "node_scale",
     "istio_init",
+    "cni",
 ];
 /// Tests that need iptables (skipped in the VM).
 const SKIP: [&str; 2] = [
