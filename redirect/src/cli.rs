@@ -51,10 +51,74 @@ pub enum Command {
     /// namespace with its own policy).
     #[command(subcommand)]
     Pod(PodCommand),
+    /// Node agent: put the redirect-cni plugin into the node's CNI
+    /// configuration (and node mode in place), or take it out.
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Remove what dead pods left: node-mode pods whose network namespace is
     /// gone, and one-shot pin dirs (under /sys/fs/bpf/redirect) whose cgroup
     /// and namespace are gone.
     Gc(GcArgs),
+}
+
+/// `cni` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy this binary to the CNI bin dir as redirect-cni and append the
+    /// plugin to the runtime's conflist (the first configuration file of
+    /// the conf dir); with --cgroup, install node mode first.
+    Install(CniInstallArgs),
+    /// Take the plugin out of every conflist and remove its binary; with
+    /// --node, uninstall node mode too.
+    Uninstall(CniUninstallArgs),
+}
+
+/// Where the node's CNI files are.
+#[derive(Debug, Args, Clone)]
+pub struct CniDirs {
+    /// The CNI bin dir (the host's /opt/cni/bin, mounted into the
+    /// installer's container).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The CNI configuration dir (the host's /etc/cni/net.d).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The node install the plugin registers pods with.
+    #[arg(long, default_value = crate::node::DEFAULT_NODE_PIN_DIR)]
+    pub node_pin_dir: PathBuf,
+}
+
+/// `cni install` arguments.
+#[derive(Debug, Args)]
+pub struct CniInstallArgs {
+    /// The files.
+    #[command(flatten)]
+    pub dirs: CniDirs,
+    /// Install node mode on this cgroup first (the parent cgroup of every
+    /// pod, e.g. the kubepods cgroup), as `node install --cgroup` does.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Kubernetes namespaces whose pods are never registered
+    /// (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    pub exclude_namespaces: Vec<String>,
+    /// Stay running (a DaemonSet's container): wait for the pod network's
+    /// configuration to appear, put the plugin back when the file is
+    /// rewritten without it, and on SIGTERM or SIGINT take the plugin out
+    /// again (node mode stays: pods keep their capture across an upgrade).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `cni uninstall` arguments.
+#[derive(Debug, Args)]
+pub struct CniUninstallArgs {
+    /// The files.
+    #[command(flatten)]
+    pub dirs: CniDirs,
+    /// Uninstall node mode too (every pod loses its capture).
+    #[arg(long)]
+    pub node: bool,
 }
 
 /// `node` subcommands.

@@ -31,6 +31,8 @@ pub mod cli;
 #[cfg(feature = "loader")]
 pub mod cni;
 #[cfg(feature = "loader")]
+pub mod cni_install;
+#[cfg(feature = "loader")]
 pub mod entries;
 #[cfg(feature = "loader")]
 pub mod explain;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser as _;
 use redirect::{
     apply::{self, ApplyRequest},
-    cli::{Cli, Command, FamilyArg, NodeCommand, PodCommand},
+    cli::{Cli, CniCommand, Command, FamilyArg, NodeCommand, PodCommand},
     cni, explain, istio, node, plan, pods,
     render::{self, Family},
     status, validation,
@@ -158,6 +158,100 @@ fn run_istio_iptables(cli: istio::IstioIptablesCli) -> Result<()> {
     }
     if run_validation && !cli.dry_run {
         probe.run()?;
+    }
+    Ok(())
+}
+
+/// `redirect cni install|uninstall`.
+fn run_cni(cmd: CniCommand) -> Result<()> {
+    use redirect::cni_install as ci;
+    match cmd {
+        CniCommand::Install(args) => {
+            let dirs = &args.dirs;
+            if let Some(cgroup) = &args.cgroup {
+                let r = node::install(&node::InstallRequest {
+                    cgroup: cgroup.clone(),
+                    pin_dir: dirs.node_pin_dir.clone(),
+                    max_connections: None,
+                    max_pods: None,
+                    lock_timeout: Duration::from_secs(120),
+                })?;
+                tracing::info!(
+                    generation = r.generation,
+                    pods = r.pods,
+                    "node mode installed"
+                );
+            }
+            let mut config = serde_json::Map::new();
+            config.insert(
+                "node_pin_dir".into(),
+                dirs.node_pin_dir.display().to_string().into(),
+            );
+            config.insert(
+                "exclude_namespaces".into(),
+                serde_json::to_value(&args.exclude_namespaces)?,
+            );
+            let exe = std::fs::read_link("/proc/self/exe").context("finding this binary")?;
+            let bin = ci::copy_binary(&exe, &dirs.cni_bin_dir)?;
+            println!("installed {}", bin.display());
+            if !args.wait {
+                let conf = ci::add_to_conflist(&dirs.cni_conf_dir, &config)?;
+                println!("added {} to {}", ci::PLUGIN_TYPE, conf.display());
+                return Ok(());
+            }
+            // Stay: signals are taken synchronously by this (only) thread.
+            // SAFETY: signal-set calls on a local set.
+            let set = unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                set
+            };
+            let mut warned = false;
+            loop {
+                if !ci::in_conflist(&dirs.cni_conf_dir) {
+                    match ci::add_to_conflist(&dirs.cni_conf_dir, &config) {
+                        Ok(conf) => {
+                            println!("added {} to {}", ci::PLUGIN_TYPE, conf.display());
+                            warned = false;
+                        }
+                        Err(e) if !warned => {
+                            tracing::warn!("{e:#}; waiting");
+                            warned = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if !bin.exists() {
+                    ci::copy_binary(&exe, &dirs.cni_bin_dir)?;
+                }
+                let timeout = libc::timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                // SAFETY: waits for a signal of the blocked set.
+                let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+                if sig > 0 {
+                    tracing::info!(signal = sig, "stopping: taking the plugin out");
+                    break;
+                }
+            }
+            let changed = ci::remove_from_conflists(&dirs.cni_conf_dir)?;
+            ci::remove_binary(&dirs.cni_bin_dir)?;
+            println!("removed {} from {changed:?}", ci::PLUGIN_TYPE);
+        }
+        CniCommand::Uninstall(args) => {
+            let dirs = &args.dirs;
+            let changed = ci::remove_from_conflists(&dirs.cni_conf_dir)?;
+            ci::remove_binary(&dirs.cni_bin_dir)?;
+            println!("removed {} from {changed:?}", ci::PLUGIN_TYPE);
+            if args.node && node::installed(&dirs.node_pin_dir).is_ok() {
+                let n = node::uninstall(&dirs.node_pin_dir, Duration::from_secs(120))?;
+                println!("uninstalled node mode ({n} pod(s) removed)");
+            }
+        }
     }
     Ok(())
 }
@@ -610,6 +704,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(cmd) => run_node(cmd)?,
         Command::Pod(cmd) => run_pod(cmd)?,
+        Command::Cni(cmd) => run_cni(cmd)?,
         Command::Gc(args) => {
             let r = pods::gc(
                 &args.node.pin_dir,

@@ -288,3 +288,118 @@ fn bad_input_and_a_missing_node_install_fail_with_a_cni_error() {
     let out = n.cni("DEL", &n.config(sidecar()), None, "default");
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// Waits up to 20 s for `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn installer_adds_the_plugin_keeps_it_there_and_takes_it_out_on_sigterm() {
+    need_root!();
+    let f = Fixture::new();
+    let base = PathBuf::from(format!("/tmp/{}-install", f.pod.name));
+    let (bin, conf) = (base.join("bin"), base.join("net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let pin = PathBuf::from(format!("{}-node", f.pin_dir.display()));
+    struct Cleanup(PathBuf, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new(redirect_bin())
+                .args(["node", "uninstall", "--pin-dir"])
+                .arg(&self.0)
+                .output();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(pin.clone(), base.clone());
+    // The DaemonSet's command, before the pod network has a configuration.
+    let mut agent = Command::new(redirect_bin())
+        .args(["cni", "install", "--wait", "--cgroup"])
+        .arg(&f.pod.cgroup)
+        .arg("--node-pin-dir")
+        .arg(&pin)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let plugin = bin.join("redirect-cni");
+    wait_for("the plugin binary", || plugin.exists());
+    let list = conf.join("10-containerd-net.conflist");
+    let original = json!({"cniVersion": "1.0.0", "name": "containerd-net", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true,
+         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/16"}]]}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}]});
+    std::fs::write(&list, original.to_string()).unwrap();
+    let entry = || -> Option<Value> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&list).ok()?).ok()?;
+        v["plugins"]
+            .as_array()?
+            .iter()
+            .find(|p| p["type"] == "redirect-cni")
+            .cloned()
+    };
+    wait_for("the conflist entry", || entry().is_some());
+    let ours = entry().unwrap();
+    assert_eq!(
+        ours["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+    assert_eq!(ours["exclude_namespaces"], json!(["kube-system"]));
+
+    // The copied plugin, with its conflist entry as its configuration,
+    // registers a pod with the node install the agent made.
+    let mut conf_for_pod = ours.clone();
+    conf_for_pod["cniVersion"] = json!("1.0.0");
+    conf_for_pod["name"] = json!("containerd-net");
+    conf_for_pod["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": sidecar()});
+    let mut child = Command::new(&plugin)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_NETNS", f.pod.netns_path(Side::Pod))
+        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_CONTAINERID", "abc")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf_for_pod.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+
+    // Another installer rewrites the file without us: we come back.
+    std::fs::write(&list, original.to_string()).unwrap();
+    wait_for("the entry put back", || entry().is_some());
+
+    // SIGTERM: the plugin is taken out; node mode and the pod stay.
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    let now: Value = serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+    assert_eq!(now, original);
+    assert!(!plugin.exists());
+    assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+}
