@@ -276,8 +276,16 @@ pub fn find(netns_path: Option<&Path>, port: u16) -> Result<Vec<Found>> {
             let Some(num) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            if let Some(fd) = borrow_fd(pid, num) {
-                out.push(Found { ipv6, pid, fd });
+            match borrow_fd(pid, num) {
+                Some(fd) => out.push(Found { ipv6, pid, fd }),
+                None => tracing::warn!(
+                    pid,
+                    port,
+                    ipv6,
+                    "a proxy listens on the inbound port already but its socket cannot be \
+                     borrowed (pidfd_getfd needs CAP_SYS_PTRACE): inbound connections are \
+                     refused until the proxy listens again (restart it)"
+                ),
             }
         }
     }

@@ -6,7 +6,7 @@ use std::{
     fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -45,7 +45,15 @@ pub fn in_netns<T: Send + 'static>(
     netns: Option<&Path>,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let file = netns.map(open_netns).transpose()?;
+    let mut file = netns.map(open_netns).transpose()?;
+    // Already there (an init container registering its own namespace):
+    // no setns, which would need CAP_SYS_ADMIN.
+    if let (Some(f), Ok(own)) = (&file, std::fs::metadata("/proc/thread-self/ns/net"))
+        && let Ok(m) = f.metadata()
+        && (m.dev(), m.ino()) == (own.dev(), own.ino())
+    {
+        file = None;
+    }
     let path: Option<PathBuf> = netns.map(Path::to_path_buf);
     std::thread::spawn(move || {
         if let Some(file) = file {

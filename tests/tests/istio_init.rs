@@ -429,3 +429,56 @@ fn cgroup_auto_finds_the_pod_from_a_private_cgroup_namespace() {
         "{e}"
     );
 }
+
+/// The capabilities the init container (and the node agent) are given in
+/// deploy/: no CAP_SYS_ADMIN.
+const CAPS: &str = "-all,+bpf,+perfmon,+net_admin";
+
+#[test]
+fn init_container_needs_only_bpf_perfmon_and_net_admin() {
+    need_root!();
+    let bin = IstioBin::new();
+    let limited = |f: &Fixture, node: &Path| -> Output {
+        let mut cmd = f
+            .pod
+            .command(Side::Pod, INIT, Path::new("setpriv"))
+            .unwrap();
+        cmd.args(["--bounding-set", CAPS])
+            .arg(bin.path())
+            .args(DEFAULT_ARGS)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("REDIRECT_PIN_DIR", &f.pin_dir)
+            .env("REDIRECT_NODE_PIN_DIR", node);
+        cmd.output().unwrap()
+    };
+    // One-shot, --cgroup auto.
+    let f = Fixture::new();
+    let out = limited(&f, &no_node(&f));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+    // Registering its own namespace with a node install (the node
+    // installed by the agent, with the same capabilities).
+    let mut f = Fixture::new();
+    let node = PathBuf::from(format!("{}-node", f.pin_dir.display()));
+    let _guard = NodeGuard(node.clone());
+    // The order of a pod's start: init containers, then the proxy (whose
+    // listen() registers it; borrowing a running proxy's listener would
+    // take CAP_SYS_PTRACE).
+    f.pod.stop_server("proxy");
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", CAPS])
+        .arg(redirect_bin())
+        .args(["node", "install", "--cgroup"])
+        .arg(&f.pod.cgroup)
+        .arg("--pin-dir")
+        .arg(&node)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = limited(&f, &node);
+    assert!(out.status.success(), "{}", text(&out));
+    f.start_proxy();
+    assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+    assert_eq!(f.who_answers_in(&format!("{POD_IP}:{APP_PORT}")), "proxy");
+}
