@@ -20,7 +20,16 @@ use crate::{
 
 /// Service-mesh traffic redirection with eBPF instead of iptables.
 #[derive(Debug, Parser)]
-#[command(name = "redirect", version, about, long_about = None)]
+#[command(
+    name = "redirect",
+    version,
+    about,
+    long_about = None,
+    after_help = "Called as istio-iptables (a symlink or copy), or as `redirect istio-iptables \
+                  ARGS` (pilot-agent's form, what Istio's injector writes), it takes \
+                  istio-iptables' command line and environment. Called as redirect-cni, it is \
+                  a chained CNI plugin."
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -30,8 +30,11 @@ fn main() {
                 .into_owned()
         })
         .unwrap_or_default();
-    if name == "istio-iptables" {
-        std::process::exit(istio_iptables_main());
+    // pilot-agent's form too: `redirect istio-iptables ARGS` (what Istio's
+    // injector writes as the istio-init container's arguments).
+    let subcommand = std::env::args_os().nth(1);
+    if name == "istio-iptables" || subcommand.as_deref() == Some("istio-iptables".as_ref()) {
+        std::process::exit(istio_iptables_main(name != "istio-iptables"));
     }
     if name == "redirect-cni" {
         std::process::exit(cni_main());
@@ -57,9 +60,10 @@ fn init_tracing(default: &str) {
 }
 
 /// `istio-iptables`: exit code 0, 1 on an error, 126 when validation fails.
-fn istio_iptables_main() -> i32 {
+fn istio_iptables_main(as_subcommand: bool) -> i32 {
     let env = |k: &str| std::env::var(k).ok();
-    let cli = match istio::parse_istio_iptables(std::env::args_os(), env) {
+    let argv = std::env::args_os().skip(usize::from(as_subcommand));
+    let cli = match istio::parse_istio_iptables(argv, env) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };

@@ -174,6 +174,21 @@ fn injected_arguments_of_istio_releases_capture_the_pod() {
         );
     }
 
+    // pilot-agent's form, what the injector writes as the container's
+    // arguments when the image's entrypoint is redirect.
+    let f = Fixture::new();
+    let mut cmd = f.pod.command(Side::Pod, INIT, &redirect_bin()).unwrap();
+    let out = cmd
+        .arg("istio-iptables")
+        .args(DEFAULT_ARGS)
+        .env("REDIRECT_PIN_DIR", &f.pin_dir)
+        .env("REDIRECT_NODE_PIN_DIR", no_node(&f))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+    drop(f);
+
     // traffic-annotations.yaml.injected: listed CIDRs and ports only.
     let f = Fixture::new();
     let args = [

@@ -296,10 +296,44 @@ fn setup() -> Result<()> {
     if output("ab", &["-V"]).is_none() {
         missing.push("apache2-utils");
     }
+    // setpriv (util-linux) runs the capability test; python3-venv holds
+    // kubernetes-validate, which checks deploy/ against the Kubernetes
+    // schemas it bundles (offline).
+    if output("setpriv", &["--version"]).is_none() {
+        missing.push("util-linux");
+    }
+    if output("python3", &["-c", "import venv, ensurepip"]).is_none() {
+        missing.push("python3-venv");
+    }
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
-    Ok(())
+    python_tools()
+}
+
+/// The version of kubernetes-validate (PyPI) the deploy test uses.
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// A virtualenv under target/tools/python with kubernetes-validate, for
+/// tests/tests/deploy.rs.
+fn python_tools() -> Result<()> {
+    let venv = target_dir().join("tools/python");
+    let kv = venv.join("bin/kubernetes-validate");
+    if output(kv.to_str().expect("utf-8 path"), &["--version"])
+        .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
+        venv.display()
+    );
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
