@@ -20,7 +20,7 @@ pub fn open_netns(path: &Path) -> Result<File> {
     let file = File::open(path)
         .with_context(|| format!("--netns {}: cannot open the namespace file", path.display()))?;
     // NS_GET_NSTYPE = _IO(0xb7, 0x3)
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
     // SAFETY: ioctl on an fd we own, no argument.
     let ty = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
     if ty < 0 {

@@ -29,6 +29,7 @@ use crate::{
     },
 };
 
+pub mod containerd;
 pub mod fleet;
 pub mod haproxy;
 pub mod peer;

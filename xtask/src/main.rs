@@ -16,6 +16,7 @@
 //!   `docs/design.md`); a test of the `redirect` crate fails until it is run.
 
 mod bench;
+mod image;
 mod vm;
 
 use std::{
@@ -71,6 +72,15 @@ enum Cmd {
     },
     /// Regenerate the pin layout in docs/design.md from the code.
     Docs,
+    /// Build the container image as an OCI archive, with no registry and no
+    /// container tool: a static (musl) redirect, also named istio-iptables
+    /// and redirect-cni, on an empty base. Import it with `ctr -n k8s.io
+    /// images import FILE`.
+    Image {
+        /// The archive [default: target/image/redirect-VERSION.oci.tar].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -100,6 +110,8 @@ fn main() -> Result<()> {
             setup()?;
             require_root("the integration tests")?;
             cargo(&["build", "--workspace", "--bins"])?;
+            // tests/tests/image.rs runs the image in containerd.
+            build_image(None)?;
             let bin = target_dir().join("debug/redirect");
             let mut cmd = Command::new(env_cargo());
             cmd.current_dir(root())
@@ -140,6 +152,7 @@ fn main() -> Result<()> {
             vm::run_tests(kernel_package)
         }
         Cmd::Docs => docs(),
+        Cmd::Image { out } => build_image(out),
     }
 }
 
@@ -305,10 +318,40 @@ fn setup() -> Result<()> {
     if output("python3", &["-c", "import venv, ensurepip"]).is_none() {
         missing.push("python3-venv");
     }
+    // The image test runs the image in a real containerd (with runc).
+    if output("containerd", &["--version"]).is_none() {
+        missing.push("containerd");
+    }
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
     python_tools()
+}
+
+/// `cargo xtask image`.
+fn build_image(out: Option<PathBuf>) -> Result<()> {
+    setup()?;
+    let installed = output("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == image::TARGET) {
+        eprintln!("xtask: installing the {} target", image::TARGET);
+        run(Command::new("rustup").args(["target", "add", image::TARGET]))?;
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "--target",
+        image::TARGET,
+        "--package",
+        "redirect",
+        "--bin",
+        "redirect",
+    ])?;
+    let version = env!("CARGO_PKG_VERSION");
+    let binary = target_dir().join(image::TARGET).join("release/redirect");
+    let out = out.unwrap_or_else(|| target_dir().join(format!("image/redirect-{version}.oci.tar")));
+    image::write(&binary, &out, "redirect", version)?;
+    println!("{} (image redirect:{version})", out.display());
+    Ok(())
 }
 
 /// The version of kubernetes-validate (PyPI) the deploy test uses.
