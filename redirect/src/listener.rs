@@ -276,17 +276,21 @@ pub fn find(netns_path: Option<&Path>, port: u16) -> Result<Vec<Found>> {
             let Some(num) = fd.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
                 continue;
             };
-            match borrow_fd(pid, num) {
-                Some(fd) => out.push(Found { ipv6, pid, fd }),
-                None => tracing::warn!(
-                    pid,
-                    port,
-                    ipv6,
-                    "a proxy listens on the inbound port already but its socket cannot be \
-                     borrowed (pidfd_getfd needs CAP_SYS_PTRACE): inbound connections are \
-                     refused until the proxy listens again (restart it)"
-                ),
+            if let Some(fd) = borrow_fd(pid, num) {
+                out.push(Found { ipv6, pid, fd });
             }
+        }
+    }
+    for (_, ipv6) in &inodes {
+        if !out.iter().any(|f| f.ipv6 == *ipv6) {
+            tracing::warn!(
+                port,
+                ipv6,
+                "a proxy listens on the inbound port already but its socket cannot be \
+                 borrowed (finding and duplicating it takes CAP_SYS_PTRACE and the same PID \
+                 namespace): inbound connections are refused until the proxy listens again \
+                 (restart it)"
+            );
         }
     }
     Ok(out)

@@ -477,10 +477,6 @@ fn init_container_needs_only_bpf_perfmon_and_net_admin() {
     let mut f = Fixture::new();
     let node = PathBuf::from(format!("{}-node", f.pin_dir.display()));
     let _guard = NodeGuard(node.clone());
-    // The order of a pod's start: init containers, then the proxy (whose
-    // listen() registers it; borrowing a running proxy's listener would
-    // take CAP_SYS_PTRACE).
-    f.pod.stop_server("proxy");
     let out = Command::new("setpriv")
         .args(["--bounding-set", CAPS])
         .arg(redirect_bin())
@@ -491,6 +487,24 @@ fn init_container_needs_only_bpf_perfmon_and_net_admin() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    // A proxy listening before the init container ran (not a pod's
+    // order) cannot be registered without CAP_SYS_PTRACE: said, and
+    // inbound connections are refused (not delivered uncaptured) until it
+    // listens again.
+    let out = limited(&f, &node);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be borrowed"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        f.who_answers_in(&format!("{POD_IP}:{APP_PORT}"))
+            .contains("refused")
+    );
+    // The order of a pod's start: init containers, then the proxy, whose
+    // listen() registers it.
+    f.pod.stop_server("proxy");
     let out = limited(&f, &node);
     assert!(out.status.success(), "{}", text(&out));
     f.start_proxy();
