@@ -815,25 +815,7 @@ mod tests {
     #[test]
     fn istio_init_style_invocation() {
         // As the istio sidecar injector passes them, empty values included.
-        let spec = parse(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-            "--log_output_level=default:info",
-        ]);
+        let spec = parse(&crate::istio::INJECTED_DEFAULT_ARGS);
         // The whole injected list, -m and the log level included, is taken.
         let with_mode = spec.unwrap();
         let spec = parse(&[

@@ -63,6 +63,29 @@ pub struct IstioIptablesCli {
     pub lock_timeout: u64,
 }
 
+/// The arguments Istio's injector gives the `istio-init` container with
+/// default values (after `istio-iptables`), unchanged from Istio 1.16 to
+/// 1.31 (`hello.yaml.injected` in istio's injector tests).
+pub const INJECTED_DEFAULT_ARGS: [&str; 17] = [
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--log_output_level=default:info",
+];
+
 /// redirect's own settings of `istio-iptables`, from the environment too
 /// (an init container's arguments are the injector's).
 const REDIRECT_ENV: [(&str, &str); 3] = [
@@ -584,26 +607,7 @@ mod tests {
 
     #[test]
     fn injected_lists_parse_and_defaults_follow_istio() {
-        let injected = [
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-            "--log_output_level=default:info",
-        ];
-        let c = parse(&injected, &[]);
+        let c = parse(&INJECTED_DEFAULT_ARGS, &[]);
         assert_eq!(c.policy.include_cidrs, "*");
         assert_eq!(c.policy.exclude_cidrs, "");
         assert_eq!(c.policy.exclude_inbound_ports, "15090,15021,15020");

@@ -180,25 +180,7 @@ fn the_image_as_an_init_container_captures_its_pod() {
         "redirect",
         "istio-iptables",
     ];
-    args.extend([
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-        "--log_output_level=default:info",
-    ]);
+    args.extend(redirect::istio::INJECTED_DEFAULT_ARGS);
     let out = c.ctr(&args);
     assert!(
         out.status.success(),

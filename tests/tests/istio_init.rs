@@ -104,27 +104,8 @@ fn upstream(port: u16) -> String {
     format!("{UPSTREAM_IP}:{port}")
 }
 
-/// The default sidecar's arguments, unchanged from Istio 1.16 to 1.31
-/// (`hello.yaml.injected` in istio's injector tests).
-const DEFAULT_ARGS: [&str; 17] = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+/// The default sidecar's arguments.
+const DEFAULT_ARGS: [&str; 17] = redirect::istio::INJECTED_DEFAULT_ARGS;
 
 #[test]
 fn injected_arguments_of_istio_releases_capture_the_pod() {
