@@ -357,10 +357,6 @@ pub struct ApplyArgs {
     /// With --dry-run: print JSON.
     #[arg(long, requires = "dry_run")]
     pub json: bool,
-    /// istio-iptables' other flags (interception mode, validation, flags
-    /// with no meaning without iptables...).
-    #[command(flatten)]
-    pub istio: crate::istio::IstioArgs,
     /// Captured outbound connections open at once (default 131072, set when
     /// the pin dir is first applied). Beyond it, a captured connect() fails
     /// with EPERM. Memory follows use: about 270 bytes per open connection
@@ -380,6 +376,10 @@ pub struct ApplyArgs {
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// istio-iptables' other flags (interception mode, validation, flags
+    /// with no meaning without iptables...).
+    #[command(flatten, next_help_heading = "istio-iptables' other flags")]
+    pub istio: crate::istio::IstioArgs,
 }
 
 /// The ids of every [`PolicyArgs`] argument (its field names), which
