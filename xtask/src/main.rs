@@ -69,6 +69,11 @@ enum Cmd {
         /// stands for the image it depends on. Default: `linux-image-amd64`.
         #[arg(long)]
         kernel_package: Vec<String>,
+        /// Run the suites `cargo xtask test` runs twice in node mode
+        /// (every pod registered with `pod add` in a node install), the
+        /// others as they are.
+        #[arg(long)]
+        node_mode: bool,
     },
     /// Regenerate the pin layout in docs/design.md from the code.
     Docs,
@@ -146,10 +151,13 @@ fn main() -> Result<()> {
             render_only: false,
         } => bench::run(quick, out),
         Cmd::Bench { quick, out, .. } => bench::render_only(quick, out),
-        Cmd::VmTest { kernel_package } => {
+        Cmd::VmTest {
+            kernel_package,
+            node_mode,
+        } => {
             setup()?;
             require_root("the VM tests")?;
-            vm::run_tests(kernel_package)
+            vm::run_tests(kernel_package, node_mode)
         }
         Cmd::Docs => docs(),
         Cmd::Image { out } => build_image(out),

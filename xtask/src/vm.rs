@@ -56,7 +56,7 @@ const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// Runs the VM tests on each of `packages` (Debian kernel image packages,
 /// or meta-packages standing for the one they depend on; default
 /// `linux-image-amd64`), one VM after the other.
-pub fn run_tests(mut packages: Vec<String>) -> Result<()> {
+pub fn run_tests(mut packages: Vec<String>, node_mode: bool) -> Result<()> {
     prerequisites()?;
     if packages.is_empty() {
         packages.push("linux-image-amd64".into());
@@ -64,7 +64,7 @@ pub fn run_tests(mut packages: Vec<String>) -> Result<()> {
     let tests = build_tests()?;
     let mut failed = Vec::new();
     for package in &packages {
-        if let Err(e) = run_on(package, &tests) {
+        if let Err(e) = run_on(package, &tests, node_mode) {
             eprintln!("vm-test: {package}: {e:#}");
             failed.push(package.as_str());
         }
@@ -75,12 +75,12 @@ pub fn run_tests(mut packages: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn run_on(package: &str, tests: &[(String, PathBuf)]) -> Result<()> {
+fn run_on(package: &str, tests: &[(String, PathBuf)], node_mode: bool) -> Result<()> {
     let package = image_package(package)?;
     let kdir = fetch_kernel(&package)?;
     let version = kernel_version(&kdir)?;
     let initrd = build_initrd(&kdir, &version)?;
-    write_script(&kdir, tests)?;
+    write_script(&kdir, tests, node_mode)?;
     let log = kdir.join("vm-test.log");
     eprintln!(
         "xtask: booting {version} (TCG) and running the tests; log: {}",
@@ -417,7 +417,7 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
-fn write_script(kdir: &Path, tests: &[(String, PathBuf)]) -> Result<()> {
+fn write_script(kdir: &Path, tests: &[(String, PathBuf)], node_mode: bool) -> Result<()> {
     let bin = target_dir().join("debug/redirect");
     let skips: String = SKIP.iter().map(|s| format!(" --skip {s}")).collect();
     let mut script = format!(
@@ -429,9 +429,21 @@ fn write_script(kdir: &Path, tests: &[(String, PathBuf)]) -> Result<()> {
         root().display()
     );
     for (name, exe) in tests {
+        // In node mode, the suites `cargo xtask test` runs twice run in
+        // node mode here, without the tests about one-shot apply itself.
+        let (env, extra) = if node_mode && crate::NODE_MODE_SUITES.contains(&name.as_str()) {
+            let extra: String = crate::ONE_SHOT_ONLY
+                .iter()
+                .map(|s| format!(" --skip {s}"))
+                .collect();
+            ("REDIRECT_TEST_MODE=node ", extra)
+        } else {
+            ("", String::new())
+        };
         script.push_str(&format!(
-            "echo \"=== TEST {name}\"\n{} --test-threads 1{skips}\necho \"=== RESULT {name} $?\"\n",
-            exe.display()
+            "echo \"=== TEST {name}{mode}\"\n{env}{} --test-threads 1{skips}{extra}\necho \"=== RESULT {name} $?\"\n",
+            exe.display(),
+            mode = if env.is_empty() { "" } else { " (node mode)" },
         ));
     }
     fs::write(kdir.join("vm-test.sh"), script)?;
