@@ -128,9 +128,10 @@ fn proxy_asking_after_app_closed_or_reset_gets_destination() {
 /// The adversary tool (`tests/src/bin/redirect-adversary.rs`).
 const ADVERSARY: &str = env!("CARGO_BIN_EXE_redirect-adversary");
 
-/// Fewer connections in `cargo xtask vm-test`, where the kernel runs under
-/// software emulation (it sets `REDIRECT_TEST_QUICK`); the full counts on
-/// this machine's kernel.
+/// A tenth of the connections where `REDIRECT_TEST_QUICK` is set: in `cargo
+/// xtask vm-test`, where the kernel runs under software emulation, and in
+/// `cargo xtask test`'s node-mode pass (the state these tests stress is the
+/// same code in both modes); the full counts in its first pass.
 fn scaled(n: u64) -> u64 {
     if std::env::var_os("REDIRECT_TEST_QUICK").is_some() {
         n / 10
