@@ -69,9 +69,8 @@ enum Cmd {
         /// stands for the image it depends on. Default: `linux-image-amd64`.
         #[arg(long)]
         kernel_package: Vec<String>,
-        /// Run the suites `cargo xtask test` runs twice in node mode
-        /// (every pod registered with `pod add` in a node install), the
-        /// others as they are.
+        /// Run only the suites `cargo xtask test` runs twice, in node mode
+        /// (every pod registered with `pod add` in a node install).
         #[arg(long)]
         node_mode: bool,
     },
