@@ -1,6 +1,8 @@
 //! A private containerd (Debian's, 1.6) for the tests: its own root, state
 //! and socket under a temporary directory, the CRI plugin off, driven with
-//! `ctr`. Dropping it stops the daemon and removes the directory.
+//! `ctr`. Its containers run in a cgroup of its own (ctr's default,
+//! `/default/<id>`, would outlive the test). Dropping it stops the daemon
+//! and removes the directory and the cgroups.
 
 use std::{
     path::{Path, PathBuf},
@@ -17,16 +19,20 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub struct Containerd {
     dir: PathBuf,
     child: Child,
+    /// The cgroup its containers run below, relative to the hierarchies'
+    /// roots.
+    cgroup: String,
 }
 
 impl Containerd {
     /// Starts one and waits for its socket.
     pub fn start() -> Result<Containerd> {
-        let dir = PathBuf::from(format!(
-            "/tmp/rdt-ctrd-{}-{}",
+        let name = format!(
+            "rdt-ctrd-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        );
+        let dir = PathBuf::from("/tmp").join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let config = format!(
@@ -44,7 +50,11 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .context("starting containerd (is it installed? cargo xtask setup installs it)")?;
-        let c = Containerd { dir, child };
+        let c = Containerd {
+            dir,
+            child,
+            cgroup: name,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.socket().exists() {
             if Instant::now() > deadline {
@@ -74,6 +84,17 @@ impl Containerd {
             .expect("running ctr")
     }
 
+    /// `ctr run --rm --cgroup /<ours>/<id> OPTIONS IMAGE ID ARGS`: a
+    /// container run to its end, in this daemon's cgroup.
+    pub fn run(&self, options: &[&str], image: &str, id: &str, args: &[&str]) -> Output {
+        let cgroup = format!("/{}/{id}", self.cgroup);
+        let mut all = vec!["run", "--rm", "--cgroup", &cgroup];
+        all.extend_from_slice(options);
+        all.extend([image, id]);
+        all.extend_from_slice(args);
+        self.ctr(&all)
+    }
+
     /// `ctr images import FILE`.
     pub fn import(&self, archive: &Path) -> Result<()> {
         let out = self.ctr(&["images", "import", &archive.display().to_string()]);
@@ -98,5 +119,32 @@ impl Drop for Containerd {
             .arg(self.dir.join("root"))
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+/// Removes the cgroup `rel` (relative to the hierarchies' roots) and the
+/// empty cgroups below it from the cgroup v2 hierarchy and every v1 one
+/// (runc makes it in each, and removes only a container's own).
+pub fn remove_cgroup(rel: &str) {
+    fn remove(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    let mut roots: Vec<PathBuf> = redirect::fs::cgroup2_mount().into_iter().collect();
+    if let Ok(v1) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(v1.flatten().map(|e| e.path()));
+    }
+    for root in roots {
+        let dir = root.join(rel.trim_start_matches('/'));
+        if dir != root && dir.is_dir() {
+            remove(&dir);
+        }
     }
 }

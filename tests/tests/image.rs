@@ -65,39 +65,32 @@ fn the_image_runs_under_its_three_names() {
     need_root!();
     let c = started();
     let image = image();
-    let out = c.ctr(&["run", "--rm", &image, "rdt-v", "redirect", "--version"]);
+    let out = c.run(&[], &image, "rdt-v", &["redirect", "--version"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("redirect {VERSION}")
     );
-    let out = c.ctr(&["run", "--rm", &image, "rdt-i", "istio-iptables", "--help"]);
+    let out = c.run(&[], &image, "rdt-i", &["istio-iptables", "--help"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--istio-service-cidr"));
-    let out = c.ctr(&[
-        "run",
-        "--rm",
-        "--env",
-        "CNI_COMMAND=VERSION",
+    let out = c.run(
+        &["--env", "CNI_COMMAND=VERSION"],
         &image,
         "rdt-c",
-        "redirect-cni",
-    ]);
+        &["redirect-cni"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["cniVersion"], "1.0.0");
     // The entrypoint: Istio's injector writes `istio-iptables ARGS` as the
     // arguments of an image whose entrypoint is pilot-agent; here, redirect.
-    let out = c.ctr(&[
-        "run",
-        "--rm",
+    let out = c.run(
+        &[],
         &image,
         "rdt-e",
-        "redirect",
-        "istio-iptables",
-        "-m",
-        "TPROXY",
-    ]);
+        &["redirect", "istio-iptables", "-m", "TPROXY"],
+    );
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("TPROXY"),
@@ -106,24 +99,13 @@ fn the_image_runs_under_its_three_names() {
     );
 }
 
-/// Removes the cgroup v1 directories runc made for `rel` (the v2 one is
-/// the fixture's), innermost first.
-struct V1Cgroups(String);
+/// Removes the init container's cgroups runc made (in every hierarchy; the
+/// pod's v2 one is the fixture's, and stays for it).
+struct InitCgroup(String);
 
-impl Drop for V1Cgroups {
+impl Drop for InitCgroup {
     fn drop(&mut self) {
-        let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
-            return;
-        };
-        for h in hierarchies.flatten() {
-            let dir = h.path().join(&self.0);
-            if redirect::fs::is_cgroup2_dir(&h.path()) || !dir.is_dir() {
-                continue;
-            }
-            for sub in ["istio-init", ""] {
-                let _ = std::fs::remove_dir(dir.join(sub));
-            }
-        }
+        redirect_tests::containerd::remove_cgroup(&self.0);
     }
 }
 
@@ -142,7 +124,7 @@ fn the_image_as_an_init_container_captures_its_pod() {
         .unwrap()
         .display()
         .to_string();
-    let _v1 = V1Cgroups(rel.clone());
+    let _cgroups = InitCgroup(rel.clone());
     let netns = format!("network:{}", f.pod.netns_path(Side::Pod).display());
     let cgroup = format!("/{rel}/istio-init");
     let bpffs = "type=bind,src=/sys/fs/bpf,dst=/sys/fs/bpf,options=rbind:rw".to_string();
