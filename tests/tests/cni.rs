@@ -71,29 +71,13 @@ impl Node {
         let netns = netns
             .map(Path::to_path_buf)
             .unwrap_or_else(|| self.f.pod.netns_path(Side::Pod));
-        let mut child = Command::new(self.plugin_dir.join("redirect-cni"))
-            .env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "0123456789abcdef")
-            .env("CNI_NETNS", &netns)
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web-0"),
-            )
-            .env("CNI_PATH", &self.plugin_dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(config.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        run_plugin(
+            &self.plugin_dir.join("redirect-cni"),
+            command,
+            config,
+            &netns,
+            ns,
+        )
     }
 
     fn pods(&self) -> usize {
@@ -133,6 +117,35 @@ impl Drop for Node {
         self.uninstall();
         let _ = std::fs::remove_dir_all(&self.plugin_dir);
     }
+}
+
+/// Runs the plugin at `plugin` as a runtime does: `command` for the pod
+/// whose namespace is `netns`, in Kubernetes namespace `ns`, with `config`
+/// on stdin.
+fn run_plugin(plugin: &Path, command: &str, config: &Value, netns: &Path, ns: &str) -> Output {
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "0123456789abcdef")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web-0"),
+        )
+        .env("CNI_PATH", plugin.parent().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(config.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -365,25 +378,13 @@ fn installer_adds_the_plugin_keeps_it_there_and_takes_it_out_on_sigterm() {
     conf_for_pod["cniVersion"] = json!("1.0.0");
     conf_for_pod["name"] = json!("containerd-net");
     conf_for_pod["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": sidecar()});
-    let mut child = Command::new(&plugin)
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_NETNS", f.pod.netns_path(Side::Pod))
-        .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_CONTAINERID", "abc")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf_for_pod.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_plugin(
+        &plugin,
+        "ADD",
+        &conf_for_pod,
+        &f.pod.netns_path(Side::Pod),
+        "default",
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
 
