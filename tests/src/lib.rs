@@ -30,6 +30,7 @@ use crate::{
 };
 
 pub mod containerd;
+pub mod cri;
 pub mod fleet;
 pub mod haproxy;
 pub mod peer;

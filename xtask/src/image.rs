@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
@@ -23,29 +23,90 @@ pub const TARGET: &str = "x86_64-unknown-linux-musl";
 /// The files of the image's only layer: (path, contents or symlink target).
 pub enum Entry {
     /// A directory.
-    Dir(&'static str),
+    Dir(String),
     /// An executable file.
-    Exe(&'static str, Vec<u8>),
+    Exe(String, Vec<u8>),
     /// A symlink to a target.
-    Link(&'static str, &'static str),
+    Link(String, String),
+}
+
+fn dir(p: &str) -> Entry {
+    Entry::Dir(p.into())
+}
+
+fn link(p: &str, target: &str) -> Entry {
+    Entry::Link(p.into(), target.into())
 }
 
 /// The layer's entries for a `redirect` binary.
 pub fn entries(binary: Vec<u8>) -> Vec<Entry> {
     vec![
-        Entry::Dir("usr/"),
-        Entry::Dir("usr/local/"),
-        Entry::Dir("usr/local/bin/"),
-        Entry::Exe("usr/local/bin/redirect", binary),
-        Entry::Link("usr/local/bin/istio-iptables", "redirect"),
-        Entry::Link("usr/local/bin/redirect-cni", "redirect"),
+        dir("usr/"),
+        dir("usr/local/"),
+        dir("usr/local/bin/"),
+        Entry::Exe("usr/local/bin/redirect".into(), binary),
+        link("usr/local/bin/istio-iptables", "redirect"),
+        link("usr/local/bin/redirect-cni", "redirect"),
         // Where bpffs and the host's cgroup tree are mounted.
-        Entry::Dir("sys/"),
-        Entry::Dir("sys/fs/"),
-        Entry::Dir("sys/fs/bpf/"),
-        Entry::Dir("host/"),
-        Entry::Dir("tmp/"),
+        dir("sys/"),
+        dir("sys/fs/"),
+        dir("sys/fs/bpf/"),
+        dir("host/"),
+        dir("tmp/"),
     ]
+}
+
+/// What an image runs and how it is labelled.
+pub struct Config<'a> {
+    pub entrypoint: &'a [&'a str],
+    pub path: &'a str,
+    pub title: &'a str,
+}
+
+/// The layer of the end-to-end test's images (tests/tests/kubernetes.rs):
+/// a static busybox (`sh`, `sleep`) and, when given, `redirect-sample` with
+/// the shared libraries it links (`libs`: their absolute paths and
+/// contents), as a distroless image would hold them.
+pub fn test_entries(
+    busybox: Vec<u8>,
+    sample: Option<(Vec<u8>, Vec<(String, Vec<u8>)>)>,
+) -> Vec<Entry> {
+    let mut e = vec![
+        dir("bin/"),
+        Entry::Exe("bin/busybox".into(), busybox),
+        link("bin/sh", "busybox"),
+        link("bin/sleep", "busybox"),
+        dir("tmp/"),
+    ];
+    if let Some((sample, libs)) = sample {
+        e.extend([
+            dir("usr/"),
+            dir("usr/local/"),
+            dir("usr/local/bin/"),
+            Entry::Exe("usr/local/bin/redirect-sample".into(), sample),
+        ]);
+        let mut dirs: Vec<String> = e
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Dir(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        for (path, data) in libs {
+            let rel = path.trim_start_matches('/').to_string();
+            let mut prefix = String::new();
+            for part in rel.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+                prefix.push_str(part);
+                prefix.push('/');
+                if !dirs.contains(&prefix) {
+                    e.push(Entry::Dir(prefix.clone()));
+                    dirs.push(prefix.clone());
+                }
+            }
+            e.push(Entry::Exe(rel, data));
+        }
+    }
+    e
 }
 
 /// A ustar header block for `name`.
@@ -127,18 +188,29 @@ fn sha256(data: &[u8]) -> String {
 
 /// The OCI archive of an image named `name:tag` holding `binary`.
 pub fn archive(binary: Vec<u8>, name: &str, tag: &str) -> Result<Vec<u8>> {
-    let layer = tar(&entries(binary));
+    let config = Config {
+        entrypoint: &["/usr/local/bin/redirect"],
+        path: "/usr/local/bin",
+        title: "redirect",
+    };
+    archive_of(&entries(binary), &config, name, tag)
+}
+
+/// The OCI archive of an image named `name:tag` whose only layer holds
+/// `entries`.
+pub fn archive_of(entries: &[Entry], config: &Config, name: &str, tag: &str) -> Result<Vec<u8>> {
+    let layer = tar(entries);
     let layer_digest = sha256(&layer);
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
         "os": "linux",
         "created": "1970-01-01T00:00:00Z",
         "config": {
-            "Entrypoint": ["/usr/local/bin/redirect"],
-            "Env": ["PATH=/usr/local/bin"],
+            "Entrypoint": config.entrypoint,
+            "Env": [format!("PATH={}", config.path)],
             "WorkingDir": "/",
             "Labels": {
-                "org.opencontainers.image.title": "redirect",
+                "org.opencontainers.image.title": config.title,
                 "org.opencontainers.image.version": tag,
             },
         },
@@ -198,6 +270,65 @@ pub fn write(binary: &Path, out: &Path, name: &str, tag: &str) -> Result<PathBuf
     }
     std::fs::write(out, &archive).with_context(|| format!("writing {}", out.display()))?;
     Ok(out.to_path_buf())
+}
+
+/// The name of the end-to-end test's pause image (the CRI sandbox image).
+pub const TEST_PAUSE: &str = "redirect-test-pause";
+/// The name of the end-to-end test's app and proxy image.
+pub const TEST_APP: &str = "redirect-test-app";
+
+/// Writes the end-to-end test's two images to `dir`: a pause image (busybox
+/// sleeping) and an image with `sample` (a dynamically linked
+/// `redirect-sample`) and its libraries, found with `ldd`.
+pub fn write_test_images(sample: &Path, dir: &Path, tag: &str) -> Result<()> {
+    let busybox = std::fs::read("/bin/busybox")
+        .context("reading /bin/busybox (Debian's busybox-static or busybox)")?;
+    let ldd = std::process::Command::new("ldd")
+        .arg(sample)
+        .output()
+        .context("ldd")?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; not linux-vdso.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            let data = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+            libs.push((path.to_string(), data));
+        }
+    }
+    if libs.is_empty() {
+        bail!("ldd {} found no libraries", sample.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    // The pause image: busybox's sleep as the sandbox's process.
+    let pause = archive_of(
+        &test_entries(busybox.clone(), None),
+        &Config {
+            entrypoint: &["/bin/sleep", "2147483647"],
+            path: "/bin",
+            title: TEST_PAUSE,
+        },
+        TEST_PAUSE,
+        tag,
+    )?;
+    std::fs::write(dir.join(format!("{TEST_PAUSE}.oci.tar")), pause)?;
+    let sample = std::fs::read(sample).with_context(|| format!("reading {}", sample.display()))?;
+    let app = archive_of(
+        &test_entries(busybox, Some((sample, libs))),
+        &Config {
+            entrypoint: &["/bin/sleep", "2147483647"],
+            path: "/usr/local/bin:/bin",
+            title: TEST_APP,
+        },
+        TEST_APP,
+        tag,
+    )?;
+    std::fs::write(dir.join(format!("{TEST_APP}.oci.tar")), app)?;
+    Ok(())
 }
 
 /// The index of an archive written by [`archive`], for the tests: the

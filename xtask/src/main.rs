@@ -20,6 +20,7 @@ mod image;
 mod vm;
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -84,6 +85,11 @@ enum Cmd {
         /// The archive [default: target/image/redirect-VERSION.oci.tar].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write the end-to-end test's pause and app images
+        /// (target/image/redirect-test-{pause,app}.oci.tar; `cargo xtask
+        /// test` writes them).
+        #[arg(long)]
+        test_images: bool,
     },
 }
 
@@ -114,8 +120,10 @@ fn main() -> Result<()> {
             setup()?;
             require_root("the integration tests")?;
             cargo(&["build", "--workspace", "--bins"])?;
-            // tests/tests/image.rs runs the image in containerd.
+            // tests/tests/image.rs runs the image in containerd;
+            // tests/tests/kubernetes.rs runs pods of the test images in it.
             build_image(None)?;
+            build_test_images()?;
             let bin = target_dir().join("debug/redirect");
             let mut cmd = Command::new(env_cargo());
             cmd.current_dir(root())
@@ -164,7 +172,13 @@ fn main() -> Result<()> {
             vm::run_tests(kernel_package, node_mode)
         }
         Cmd::Docs => docs(),
-        Cmd::Image { out } => build_image(out),
+        Cmd::Image { out, test_images } => {
+            build_image(out)?;
+            if test_images {
+                build_test_images()?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -330,9 +344,17 @@ fn setup() -> Result<()> {
     if output("python3", &["-c", "import venv, ensurepip"]).is_none() {
         missing.push("python3-venv");
     }
-    // The image test runs the image in a real containerd (with runc).
+    // The image test runs the image in a real containerd (with runc); the
+    // end-to-end test runs pods in it through CRI, on the reference CNI
+    // plugins, from images holding busybox.
     if output("containerd", &["--version"]).is_none() {
         missing.push("containerd");
+    }
+    if !Path::new("/usr/lib/cni/bridge").exists() {
+        missing.push("containernetworking-plugins");
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("busybox-static");
     }
     if !missing.is_empty() {
         apt_install(&missing)?;
@@ -366,29 +388,61 @@ fn build_image(out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The version of kubernetes-validate (PyPI) the deploy test uses.
-const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// The end-to-end test's images, around the debug `redirect-sample`.
+fn build_test_images() -> Result<()> {
+    cargo(&[
+        "build",
+        "--package",
+        "redirect-tests",
+        "--bin",
+        "redirect-sample",
+    ])?;
+    let dir = target_dir().join("image");
+    image::write_test_images(
+        &target_dir().join("debug/redirect-sample"),
+        &dir,
+        env!("CARGO_PKG_VERSION"),
+    )?;
+    println!(
+        "{}/{{{},{}}}.oci.tar (the end-to-end test's images)",
+        dir.display(),
+        image::TEST_PAUSE,
+        image::TEST_APP
+    );
+    Ok(())
+}
 
-/// A virtualenv under target/tools/python with kubernetes-validate, for
-/// tests/tests/deploy.rs.
+/// What the virtualenv holds (PyPI): kubernetes-validate for the deploy
+/// test; gRPC, protobuf and kubernetes-cri's CRI messages for the
+/// end-to-end test's CRI client (tests/tools/cri.py). kubernetes-cri is
+/// installed without its dependency on grpcio-tools, which it does not
+/// use.
+const PYTHON_TOOLS: [&str; 3] = [
+    "kubernetes-validate==1.37.0",
+    "grpcio==1.85.3",
+    "protobuf==7.36.2",
+];
+const PYTHON_NO_DEPS: [&str; 1] = ["kubernetes-cri==0.1.3"];
+
+/// A virtualenv under target/tools/python with [`PYTHON_TOOLS`], for
+/// tests/tests/deploy.rs and tests/tests/kubernetes.rs.
 fn python_tools() -> Result<()> {
     let venv = target_dir().join("tools/python");
-    let kv = venv.join("bin/kubernetes-validate");
-    if output(kv.to_str().expect("utf-8 path"), &["--version"])
-        .is_some_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
-    {
+    let stamp = venv.join("redirect-tools");
+    let want = format!("{PYTHON_TOOLS:?} {PYTHON_NO_DEPS:?}");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         return Ok(());
     }
-    eprintln!(
-        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} in {}",
-        venv.display()
-    );
+    eprintln!("xtask: installing {want} in {}", venv.display());
     run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "-q",
-        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
-    ]))
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q"])
+        .args(PYTHON_TOOLS))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--no-deps"])
+        .args(PYTHON_NO_DEPS))?;
+    fs::write(stamp, want)?;
+    Ok(())
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {

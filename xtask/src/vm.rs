@@ -94,7 +94,10 @@ fn run_on(package: &str, tests: &[(String, PathBuf)], node_mode: bool) -> Result
         log.display()
     );
     let start = Instant::now();
-    boot(&kdir, &version, &initrd, &log)?;
+    let booted = boot(&kdir, &version, &initrd, &log);
+    // What ran, with each test's time, also when the VM was stopped.
+    show_progress(&log);
+    booted?;
     check(&log, &version, tests)?;
     println!(
         "vm-test: every test passed on Linux {version} ({} min in the VM)",
@@ -448,7 +451,7 @@ fn write_script(kdir: &Path, tests: &[(String, PathBuf)], node_mode: bool) -> Re
             ("", String::new())
         };
         script.push_str(&format!(
-            "echo \"=== TEST {name}{mode}\"\n{env}{} --test-threads 1{skips}{extra}\necho \"=== RESULT {name} $?\"\n",
+            "echo \"=== TEST {name}{mode}\"\n{env}RUSTC_BOOTSTRAP=1 {} --test-threads 1 -Z unstable-options --report-time{skips}{extra}\necho \"=== RESULT {name} $?\"\n",
             exe.display(),
             mode = if env.is_empty() { "" } else { " (node mode)" },
         ));
@@ -502,13 +505,21 @@ fn boot(kdir: &Path, version: &str, initrd: &Path, log: &Path) -> Result<()> {
     }
 }
 
-fn check(log: &Path, version: &str, tests: &[(String, PathBuf)]) -> Result<()> {
-    let text = fs::read_to_string(log)?;
+/// Prints the suites and tests the VM ran (libtest's `--report-time`
+/// gives each its time), and the one it was in when the log ends.
+fn show_progress(log: &Path) {
+    let Ok(text) = fs::read_to_string(log) else {
+        return;
+    };
     for line in text.lines() {
         if line.starts_with("===") || line.starts_with("test ") {
             println!("{line}");
         }
     }
+}
+
+fn check(log: &Path, version: &str, tests: &[(String, PathBuf)]) -> Result<()> {
+    let text = fs::read_to_string(log)?;
     if !text.contains(&format!("=== VM kernel {version}")) {
         bail!("the VM did not reach the tests; see {}", log.display());
     }
