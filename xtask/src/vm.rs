@@ -219,6 +219,11 @@ fn hidden_by_tmpfs() -> Vec<PathBuf> {
 /// The init script: load `mods` (in `/mods`, in this order), mount the
 /// shared root, prepare it (keeping `keep` visible under the new `/tmp` and
 /// `/run`), run the tests.
+///
+/// The root is mounted with `cache=loose`: it is read-only and does not
+/// change during the run, and without a page cache every start of a
+/// (debug, 70 MB) `redirect` read it over 9p again; with it, the suites
+/// took a third of the time on 6.1 (`exemptions` 187 s, then 74 s).
 fn init_script(mods: &[String], keep: &[PathBuf]) -> String {
     let mods: Vec<String> = mods.iter().map(|m| format!("/mods/{m}.ko")).collect();
     let mut save = String::new();
@@ -239,7 +244,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in {mods}; do insmod $m || echo "insmod $m failed"; done
-mount -t 9p -o trans=virtio,version=9p2000.L,ro hostroot /mnt/root || echo "=== mount of the host root failed"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=524288 hostroot /mnt/root || echo "=== mount of the host root failed"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro kernel /mnt/k || echo "=== mount of the kernel dir failed"
 R=/mnt/root
 {save}mount -t tmpfs tmp $R/tmp
