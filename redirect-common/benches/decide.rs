@@ -123,6 +123,7 @@ fn policy(exclude: &[(u32, u8)], exclude_ports: &[u16]) -> (Config, Maps) {
 
 fn conn(uid: u32, dst: u32, dport: u16) -> Outbound {
     Outbound {
+        udp: false,
         uid,
         gid: uid,
         mark: 0,

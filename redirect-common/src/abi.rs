@@ -200,6 +200,11 @@ pub mod config_flags {
     /// them. Without it, the real UID and GID of the task calling
     /// `connect()`.
     pub const OWNER_FROM_FILE: u16 = 1 << 13;
+    /// DNS capture (rule 5): TCP and UDP to port 53 of the policy's
+    /// nameservers go to [`super::Config::dns_port`].
+    pub const DNS_CAPTURE: u16 = 1 << 14;
+    /// With [`DNS_CAPTURE`]: to any address (`--capture-all-dns`).
+    pub const DNS_CAPTURE_ALL: u16 = 1 << 15;
 }
 
 /// `SOL_IP`, the level of `SO_ORIGINAL_DST`.
@@ -225,7 +230,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 17;
 /// Version of the layout of the state maps ([`map_names::STATE`]): bumped
 /// whenever a key or value there changes, so that a pin of another layout is
 /// refused rather than reused.
-pub const STATE_LAYOUT: u64 = 3;
+pub const STATE_LAYOUT: u64 = 4;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -265,8 +270,10 @@ pub struct Config {
     /// to it so the application and the proxy see the addresses iptables
     /// REDIRECT would give them.
     pub source_v4: u32,
+    /// Where captured DNS goes (15053), with [`config_flags::DNS_CAPTURE`].
+    pub dns_port: u16,
     /// Reserved, zero.
-    pub reserved: u32,
+    pub reserved: u16,
     /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`): only a
     /// listener opened there becomes the inbound capture socket.
     pub netns_cookie: u64,

@@ -2,7 +2,8 @@
 //!
 //! [`decide_outbound`] walks the rules of istio-iptables' `nat OUTPUT` chain in
 //! order (first match wins) and returns what iptables would do with the first
-//! packet of a TCP connection: pass it, or REDIRECT it to a port. Rule numbers
+//! packet of a TCP connection or a UDP flow: pass it, or REDIRECT it to a
+//! port. UDP is only ever redirected by DNS capture (rule 5). Rule numbers
 //! are those of `docs/iptables-rules.md` and `docs/semantics.md`.
 //!
 //! The policy is reached through the [`PolicyMaps`] trait so the same code runs
@@ -145,6 +146,12 @@ pub trait PolicyMaps {
     fn is_owner_group(&self, _gid: u32) -> bool {
         false
     }
+    /// Whether `dst` is one of the nameservers DNS capture takes (rule 5).
+    /// Only asked when [`config_flags::DNS_CAPTURE`] is set without
+    /// [`config_flags::DNS_CAPTURE_ALL`]; the default is none.
+    fn is_dns_server(&self, _dst: &Addr) -> bool {
+        false
+    }
     /// Whether `dst:port` is one of the explicitly listed services. Only
     /// asked when [`config_flags::HAS_SERVICES`] is set; the default is an
     /// empty list.
@@ -153,9 +160,12 @@ pub trait PolicyMaps {
     }
 }
 
-/// An outbound TCP connect, as the connect hook sees it.
+/// An outbound TCP connect (or UDP datagram or connect), as the connect
+/// and send hooks see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outbound {
+    /// UDP rather than TCP.
+    pub udp: bool,
     /// UID of the socket's owner: the file system UID the socket's file
     /// was opened with ([`config_flags::OWNER_FROM_FILE`]), else the UID of
     /// the task calling `connect()`.
@@ -195,6 +205,9 @@ pub enum Rule {
     ProxyOwner,
     /// 4: the owner-group filter leaves this owner's traffic alone → pass.
     OwnerGroup,
+    /// 5: DNS (TCP or UDP to port 53) to a nameserver DNS capture takes →
+    /// the DNS capture port.
+    Dns,
     /// 6: destination 127.0.0.1 → pass.
     HostLoopback,
     /// 7: destination in an excluded CIDR → pass.
@@ -228,7 +241,7 @@ impl Rule {
     /// Number of rules (and of per-rule counters).
     pub const COUNT: u32 = Rule::InboundNotCaptured as u32 + 1;
     /// All rules, in index order.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::LoopbackSourceOffLo,
         Rule::ExcludedPort,
         Rule::PassthroughSource,
@@ -236,6 +249,7 @@ impl Rule {
         Rule::LoopbackNotProxy,
         Rule::ProxyOwner,
         Rule::OwnerGroup,
+        Rule::Dns,
         Rule::HostLoopback,
         Rule::ExcludedCidr,
         Rule::IncludedPort,
@@ -276,6 +290,7 @@ impl Rule {
             Rule::LoopbackNotProxy => "3b",
             Rule::ProxyOwner => "3c",
             Rule::OwnerGroup => "4",
+            Rule::Dns => "5",
             Rule::HostLoopback => "6",
             Rule::ExcludedCidr => "7",
             Rule::IncludedPort => "8",
@@ -300,6 +315,7 @@ impl Rule {
             Rule::LoopbackNotProxy => "loopback_not_proxy",
             Rule::ProxyOwner => "proxy_owner",
             Rule::OwnerGroup => "owner_group",
+            Rule::Dns => "dns",
             Rule::HostLoopback => "host_loopback",
             Rule::ExcludedCidr => "excluded_cidr",
             Rule::IncludedPort => "included_port",
@@ -330,6 +346,7 @@ impl Rule {
             Rule::LoopbackNotProxy => "a non-proxy owner connects over lo",
             Rule::ProxyOwner => "the proxy's own traffic (UID, GID, mark or cgroup match)",
             Rule::OwnerGroup => "the owner-group filter does not capture this owner's group",
+            Rule::Dns => "DNS to port 53 of a nameserver DNS capture takes",
             Rule::HostLoopback => "destination is 127.0.0.1",
             Rule::ExcludedCidr => "destination is in an exclude-outbound CIDR",
             Rule::IncludedPort => "destination port is in the include-outbound-ports list",
@@ -403,15 +420,48 @@ impl Verdict {
 /// When an include CIDR is a loopback address, istio leaves every rule b out
 /// ([`config_flags::LOOPBACK_INCLUDE`]): then any owner of the list takes
 /// rule a or c, and other owners' loopback traffic walks on.
+///
+/// Rules a and b are TCP's; without DNS capture rule b matches any
+/// protocol. With DNS capture, rule b leaves TCP to port 53 out (`-p tcp !
+/// --dport 53`), and so does rule a of a UID list (`-m multiport !
+/// --dports 53,TUNNEL`) but not that of a GID list (`! --dport TUNNEL`), as
+/// istio-iptables writes them: such a connection, and any UDP, then meets
+/// only rule a (`a_takes_dns`) and rule c of each owner.
 #[inline(always)]
 fn owner_rules(
     cfg: &Config,
     over_lo: bool,
     is_first: bool,
     in_list: impl FnOnce() -> bool,
+    a_takes_dns: bool,
     c: &Outbound,
 ) -> Option<Verdict> {
     let to_inbound = || !c.dst.is_host_loopback() && c.dport != cfg.tunnel_port;
+    let dns = cfg.has(config_flags::DNS_CAPTURE);
+    if c.udp && dns {
+        // Rule b is TCP-only with DNS capture; rule a is TCP's.
+        return in_list().then_some(Verdict::pass(Rule::ProxyOwner));
+    }
+    if c.udp {
+        // Rule b, any protocol, decides over lo (first owner: rule c).
+        if over_lo && !cfg.has(config_flags::LOOPBACK_INCLUDE) {
+            return Some(Verdict::pass(if is_first {
+                Rule::ProxyOwner
+            } else {
+                Rule::LoopbackNotProxy
+            }));
+        }
+        return in_list().then_some(Verdict::pass(Rule::ProxyOwner));
+    }
+    if dns && c.dport == 53 {
+        if !in_list() {
+            return None;
+        }
+        if a_takes_dns && over_lo && to_inbound() {
+            return Some(Verdict::redirect(cfg.inbound_port, Rule::ProxyToLocal));
+        }
+        return Some(Verdict::pass(Rule::ProxyOwner));
+    }
     if over_lo && !cfg.has(config_flags::LOOPBACK_INCLUDE) {
         if !is_first {
             return Some(Verdict::pass(Rule::LoopbackNotProxy));
@@ -430,8 +480,9 @@ fn owner_rules(
     None
 }
 
-/// Decide an outbound TCP connect the way istio-iptables' `nat OUTPUT` chain
-/// would (rules 1, 2, 3, 4, 6, 7, 8, 9 of `docs/semantics.md`).
+/// Decide an outbound TCP connect, or a UDP datagram, the way
+/// istio-iptables' `nat OUTPUT` chain would (rules 1 to 9 of
+/// `docs/semantics.md`).
 #[inline(always)]
 pub fn decide_outbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound) -> Verdict {
     let c = &Outbound {
@@ -474,6 +525,7 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
             over_lo,
             c.uid == cfg.first_uid,
             || maps.is_proxy_uid(c.uid),
+            false,
             c,
         )
     {
@@ -485,6 +537,7 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
             over_lo,
             c.gid == cfg.first_gid,
             || maps.is_proxy_gid(c.gid),
+            true,
             c,
         )
     {
@@ -493,12 +546,19 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     // ... then the proxy's socket mark, then its cgroup: one owner each.
     let marked = c.mark == cfg.proxy_mark;
     if cfg.has(config_flags::HAS_MARK)
-        && let Some(v) = owner_rules(cfg, over_lo, marked, || marked, c)
+        && let Some(v) = owner_rules(cfg, over_lo, marked, || marked, false, c)
     {
         return v;
     }
     if cfg.has(config_flags::HAS_CGROUP)
-        && let Some(v) = owner_rules(cfg, over_lo, c.in_proxy_cgroup, || c.in_proxy_cgroup, c)
+        && let Some(v) = owner_rules(
+            cfg,
+            over_lo,
+            c.in_proxy_cgroup,
+            || c.in_proxy_cgroup,
+            false,
+            c,
+        )
     {
         return v;
     }
@@ -509,6 +569,13 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     if cfg.has(config_flags::OWNER_GROUPS_EXCLUDE) && maps.is_owner_group(c.gid) {
         return Verdict::pass(Rule::OwnerGroup);
     }
+    // 5. DNS capture: TCP and UDP to port 53 of the nameservers (or any).
+    if cfg.has(config_flags::DNS_CAPTURE)
+        && c.dport == 53
+        && (cfg.has(config_flags::DNS_CAPTURE_ALL) || maps.is_dns_server(&c.dst))
+    {
+        return Verdict::redirect(cfg.dns_port, Rule::Dns);
+    }
     // 6. the host loopback address.
     if c.dst.is_host_loopback() {
         return Verdict::pass(Rule::HostLoopback);
@@ -516,6 +583,10 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     // 7. exclude outbound CIDRs.
     if cfg.has(config_flags::HAS_EXCLUDE_CIDRS) && maps.cidr_excluded(&c.dst) {
         return Verdict::pass(Rule::ExcludedCidr);
+    }
+    // Everything below redirects TCP only (ISTIO_REDIRECT is `-p tcp`).
+    if c.udp {
+        return Verdict::pass(Rule::NotCaptured);
     }
     // 8. include outbound ports.
     if ports & port_flags::OUT_INCLUDE != 0 {

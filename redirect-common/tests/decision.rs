@@ -83,6 +83,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         first_uid: m.uids.first().copied().unwrap_or(0),
         first_gid: m.gids.first().copied().unwrap_or(0),
         source_v4: 0,
+        dns_port: 0,
         reserved: 0,
         netns_cookie: 0,
         source_v6: [0; 4],
@@ -105,6 +106,7 @@ fn istio() -> Maps {
 
 fn conn(uid: u32, gid: u32, dst: u32, dport: u16) -> Outbound {
     Outbound {
+        udp: false,
         uid,
         gid,
         mark: 0,
@@ -340,6 +342,7 @@ fn arb_conn() -> impl Strategy<Value = Outbound> {
         prop::option::of(prop_oneof![Just(V4_PASSTHROUGH), Just(POD)]),
     )
         .prop_map(|(uid, gid, dst, dport, src)| Outbound {
+            udp: false,
             uid,
             gid,
             mark: 0,

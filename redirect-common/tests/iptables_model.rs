@@ -1193,6 +1193,7 @@ const REMOTE: u32 = ip(10, 201, 0, 1);
 
 fn out(uid: u32, gid: u32, dst: u32, dport: u16) -> Outbound {
     Outbound {
+        udp: false,
         uid,
         gid,
         mark: 0,
@@ -1826,6 +1827,7 @@ struct OutboundPick {
 impl OutboundPick {
     fn resolve(&self, p: &Policy) -> Outbound {
         Outbound {
+            udp: false,
             uid: self.uid.resolve(p),
             gid: self.gid.resolve(p),
             mark: 0,

@@ -87,6 +87,7 @@ fn outbound(
         && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.proxy_cgroup_level as i32) }
             == cfg.proxy_cgroup_id;
     Outbound {
+        udp: false,
         uid,
         gid,
         mark: unsafe { (*sk).mark },

@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     layout::default_pin_dir,
     policy::{
-        OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_ids, parse_inbound_ports,
+        DnsCapture, OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_dns_servers, parse_ids,
+        parse_inbound_ports, resolv_conf_servers,
         parse_include, parse_mark, parse_port, parse_ports, parse_services, resolve_proxy_cgroup,
     },
 };
@@ -598,6 +599,27 @@ pub struct PolicyArgs {
     /// Owner-group filter: capture traffic of every GID except these.
     #[arg(long = "owner-groups-exclude", default_value = "")]
     pub owner_groups_exclude: String,
+    /// DNS capture (istio's rule 5): TCP and UDP to port 53 of the pod's
+    /// nameservers go to the DNS proxy on 15053 (istio-agent's), except the
+    /// proxy's own.
+    #[arg(long = "redirect-dns", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false",
+          value_parser = crate::istio::parse_go_bool)]
+    pub redirect_dns: bool,
+    /// With --redirect-dns: DNS to any address, not only to the
+    /// nameservers.
+    #[arg(long = "capture-all-dns", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value = "false",
+          value_parser = crate::istio::parse_go_bool)]
+    pub capture_all_dns: bool,
+    /// With --redirect-dns: the nameservers (comma-separated) [default:
+    /// those of --resolv-conf].
+    #[arg(long = "dns-servers")]
+    pub dns_servers: Option<String>,
+    /// The resolv.conf whose nameservers --redirect-dns takes (the pod's:
+    /// in an init container, its own).
+    #[arg(long = "resolv-conf", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
     /// Explicit services to capture, IP:PORT ([IPv6]:PORT), repeatable or
     /// comma-separated: one map entry each, any number at the same cost.
     #[arg(long = "service")]
@@ -752,7 +774,31 @@ impl PolicyArgs {
                 .transpose()?,
             owner_groups: self.owner_groups()?,
             services: self.services()?,
+            dns: self.dns()?,
         })
+    }
+
+    fn dns(&self) -> Result<Option<DnsCapture>, PolicyArgsError> {
+        if !self.redirect_dns {
+            return Ok(None);
+        }
+        let servers = match &self.dns_servers {
+            Some(list) => parse_dns_servers("--dns-servers", list)?,
+            None => {
+                let text = std::fs::read_to_string(&self.resolv_conf).map_err(|source| {
+                    PolicyArgsError::File {
+                        flag: "--resolv-conf",
+                        path: self.resolv_conf.display().to_string(),
+                        source,
+                    }
+                })?;
+                resolv_conf_servers(&text)
+            }
+        };
+        Ok(Some(DnsCapture {
+            capture_all: self.capture_all_dns,
+            servers,
+        }))
     }
 
     fn owner_groups(&self) -> Result<OwnerGroups, PolicyArgsError> {

@@ -336,6 +336,12 @@ impl PluginConfig {
             owner_groups_exclude: String::new(),
             service: Vec::new(),
             services_file: None,
+            // DNS capture is istio-cni's too (ISTIO_META_DNS_CAPTURE in the
+            // pod); not derived here yet.
+            redirect_dns: false,
+            capture_all_dns: false,
+            dns_servers: None,
+            resolv_conf: "/etc/resolv.conf".into(),
         };
         // Bad values name the flag; say which annotation (or default) it was.
         policy.to_spec().map_err(|e| {

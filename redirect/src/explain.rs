@@ -205,6 +205,7 @@ pub fn explain(
     let (verdict, over_lo) = match conn.direction {
         Direction::Out => {
             let v = policy.decide(&Outbound {
+                udp: false,
                 uid: conn.uid,
                 gid: conn.gid,
                 mark: conn.mark,
@@ -505,6 +506,8 @@ fn spec_of(p: &crate::status::PolicyStatus, pin_dir: &Path) -> Result<(PolicySpe
             (true, true) => OwnerGroups::All,
         },
         services,
+        // A pinned policy never has DNS capture (apply refuses it).
+        dns: None,
     };
     let facts = NetnsFacts {
         local_addrs,

@@ -215,15 +215,6 @@ pub struct IstioArgs {
     #[arg(long = "run-validation", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
     pub run_validation: bool,
-    /// DNS capture to the agent on 15053. Not implemented yet: refused.
-    #[arg(long = "redirect-dns", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
-    pub redirect_dns: bool,
-    /// With --redirect-dns: every DNS query, not only those to the
-    /// nameservers of /etc/resolv.conf.
-    #[arg(long = "capture-all-dns", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
-    pub capture_all_dns: bool,
     /// iptables' conntrack INVALID drop (not needed: no NAT, no conntrack).
     #[arg(long = "drop-invalid", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = parse_go_bool)]
@@ -496,17 +487,7 @@ impl IstioArgs {
                 self.kube_virt_interfaces
             );
         }
-        if self.redirect_dns {
-            bail!(
-                "--redirect-dns (or REDIRECT_DNS / ISTIO_META_DNS_CAPTURE=true): DNS capture is \
-                 not implemented yet; turn DNS proxying off for pods that use redirect"
-            );
-        }
-        let not_needed: [(&str, bool); 12] = [
-            (
-                "--capture-all-dns (without --redirect-dns)",
-                self.capture_all_dns,
-            ),
+        let not_needed: [(&str, bool); 11] = [
             ("--drop-invalid (no NAT, no conntrack)", self.drop_invalid),
             (
                 "--dual-stack (IPv4 and IPv6 are always captured)",
@@ -644,12 +625,12 @@ mod tests {
                 ("ISTIO_META_DNS_CAPTURE", "true"),
             ],
         );
-        assert!(c.istio.redirect_dns);
+        assert!(c.policy.redirect_dns);
         let c = parse(
             &["--redirect-dns=false"],
             &[("ISTIO_META_DNS_CAPTURE", "true")],
         );
-        assert!(!c.istio.redirect_dns);
+        assert!(!c.policy.redirect_dns);
         // ENVOY_PORT is not read (istio 1.21+); the owner groups are.
         let c = parse(
             &[],
@@ -707,17 +688,6 @@ mod tests {
             ..Default::default()
         };
         assert!(tproxy.check().unwrap_err().to_string().contains("TPROXY"));
-        let dns = IstioArgs {
-            redirect_dns: true,
-            restore_format: true,
-            ..Default::default()
-        };
-        assert!(
-            dns.check()
-                .unwrap_err()
-                .to_string()
-                .contains("--redirect-dns")
-        );
         let ok = IstioArgs {
             interception_mode: "REDIRECT".into(),
             drop_invalid: true,

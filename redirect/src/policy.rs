@@ -93,6 +93,13 @@ pub enum PolicyError {
     },
     /// Outbound capture with nothing to tell the proxy's own connections
     /// apart: they would be captured and loop back to the proxy.
+    /// DNS capture asked of the kernel programs, which do not do it yet.
+    #[error(
+        "--redirect-dns: DNS capture is decided and rendered (redirect iptables, explain) but \
+         the kernel programs do not capture DNS yet (UDP); turn DNS proxying off for pods that \
+         use redirect (ISTIO_META_DNS_CAPTURE=false), or keep istio-iptables for them"
+    )]
+    DnsNotLoadable,
     #[error(
         "this policy captures outbound connections ({capture}) but exempts no proxy: no \
          --proxy-uid, no --proxy-gid, no --proxy-mark, no --proxy-cgroup. The proxy's own \
@@ -270,6 +277,70 @@ pub struct PolicySpec {
     pub owner_groups: OwnerGroups,
     /// Explicit services captured (`--service`), in addition to the CIDRs.
     pub services: Vec<std::net::SocketAddr>,
+    /// DNS capture (`--redirect-dns`), rule 5.
+    pub dns: Option<DnsCapture>,
+}
+
+/// Where the proxy's DNS listener is (istio's agent: 15053).
+pub const DNS_CAPTURE_PORT: u16 = 15053;
+
+/// DNS capture: TCP and UDP to port 53 of these nameservers (or of any
+/// address) go to the DNS capture port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsCapture {
+    /// Any address (`--capture-all-dns`), not only `servers`.
+    pub capture_all: bool,
+    /// The nameservers, in the order given (those of the pod's
+    /// `/etc/resolv.conf` unless `--dns-servers` lists them).
+    pub servers: Vec<IpAddr>,
+}
+
+/// Most nameservers DNS capture may list.
+pub const MAX_DNS_SERVERS: usize = 64;
+
+/// The nameservers of a resolv.conf: the address of each `nameserver`
+/// line, in order (a zone index, `fe80::1%eth0`, is dropped, as glibc
+/// does with it for routing). Lines that are not addresses are skipped, as
+/// istio-iptables skips them.
+pub fn resolv_conf_servers(text: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(addr) = words.next() else { continue };
+        let addr = addr.split('%').next().unwrap_or(addr);
+        if let Ok(ip) = addr.parse::<IpAddr>()
+            && !out.contains(&ip)
+        {
+            out.push(ip);
+        }
+    }
+    out
+}
+
+/// Parses `--dns-servers` (comma-separated addresses).
+pub fn parse_dns_servers(flag: &'static str, value: &str) -> Result<Vec<IpAddr>, PolicyError> {
+    let mut out = Vec::new();
+    for item in items(value) {
+        let ip = item.parse::<IpAddr>().map_err(|_| PolicyError::BadCidr {
+            flag,
+            value: item.to_string(),
+            reason: "a nameserver is one address, IPv4 or IPv6",
+        })?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    if out.len() > MAX_DNS_SERVERS {
+        return Err(PolicyError::TooMany {
+            flag,
+            count: out.len(),
+            max: MAX_DNS_SERVERS,
+        });
+    }
+    Ok(out)
 }
 
 impl Default for PolicySpec {
@@ -292,6 +363,7 @@ impl Default for PolicySpec {
             proxy_cgroup: None,
             owner_groups: OwnerGroups::All,
             services: Vec::new(),
+            dns: None,
         }
     }
 }
@@ -551,6 +623,14 @@ impl PolicySpec {
             || self.proxy_cgroup.is_some()
     }
 
+    /// Refuses what the kernel programs cannot do yet: DNS capture.
+    pub fn check_loadable(&self) -> Result<(), PolicyError> {
+        if self.dns.is_some() {
+            return Err(PolicyError::DnsNotLoadable);
+        }
+        Ok(())
+    }
+
     /// Refuses a policy that captures outbound traffic with no proxy
     /// exemption at all: the proxy's own connections would loop back to it.
     pub fn check_proxy_exemption(&self) -> Result<(), PolicyError> {
@@ -603,6 +683,12 @@ impl PolicySpec {
             InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,
             InboundPorts::List(_) => {}
         }
+        if let Some(dns) = &self.dns {
+            flags |= config_flags::DNS_CAPTURE;
+            if dns.capture_all {
+                flags |= config_flags::DNS_CAPTURE_ALL;
+            }
+        }
         Config {
             proxy_port: self.proxy_port,
             inbound_port: self.inbound_port,
@@ -614,6 +700,11 @@ impl PolicySpec {
                 .source_v4
                 .map(|a| u32::from_ne_bytes(a.octets()))
                 .unwrap_or(0),
+            dns_port: if self.dns.is_some() {
+                DNS_CAPTURE_PORT
+            } else {
+                0
+            },
             reserved: 0,
             netns_cookie: facts.netns_cookie,
             source_v6: facts
@@ -765,6 +856,13 @@ impl PolicyMaps for UserPolicy {
     fn is_service(&self, dst: &Addr, port: u16) -> bool {
         self.services
             .contains(&std::net::SocketAddr::new(from_addr(dst), port))
+    }
+
+    fn is_dns_server(&self, dst: &Addr) -> bool {
+        self.spec
+            .dns
+            .as_ref()
+            .is_some_and(|d| d.servers.contains(&from_addr(dst)))
     }
 }
 

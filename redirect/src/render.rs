@@ -30,9 +30,15 @@
 //!   lists keep their order, which matters.
 //! - CIDRs are printed with host bits cleared (`10.0.0.0/8` for
 //!   `10.1.2.3/8`); iptables clears them itself when it loads the rule.
+//! - IPv6 addresses are printed in their canonical form: a nameserver
+//!   written `::127.0.0.53` is `::7f00:35`, the same address.
 //!
-//! Nothing beyond the `nat` table is produced: DNS capture (`nat
-//! ISTIO_OUTPUT_DNS` and the `raw` table) is not supported by redirect.
+//! With DNS capture (`--redirect-dns`), the `nat` table gets istio's
+//! `ISTIO_OUTPUT_DNS` chain and its changed owner rules, and a `raw` table
+//! follows with the conntrack zones istio puts DNS in (they change no
+//! decision; they keep the proxy's queries and the app's apart in
+//! conntrack). The proxy's mark and cgroup get no zone rules: istio has no
+//! such owners.
 
 use std::{fmt::Write as _, net::IpAddr};
 
@@ -92,6 +98,31 @@ const INBOUND: &str = "ISTIO_INBOUND";
 const REDIRECT: &str = "ISTIO_REDIRECT";
 const IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
 const OUTPUT: &str = "ISTIO_OUTPUT";
+const OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
+
+/// The nameservers of `family` DNS capture takes, if it is on; with
+/// `--capture-all-dns`, `Some` of an empty list means any.
+fn dns_servers(spec: &PolicySpec, family: Family) -> Option<(bool, Vec<IpAddr>)> {
+    let dns = spec.dns.as_ref()?;
+    let servers: Vec<IpAddr> = dns
+        .servers
+        .iter()
+        .copied()
+        .filter(|ip| match family {
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        })
+        .collect();
+    Some((dns.capture_all, servers))
+}
+
+/// `-d SERVER/32` (or `/128`).
+fn host(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => format!("{a}/32"),
+        IpAddr::V6(a) => format!("{a}/128"),
+    }
+}
 
 /// Whether the include list holds a loopback address (istio's
 /// `HasLoopBackIP`, computed over both families). istio-iptables then leaves
@@ -108,8 +139,14 @@ pub fn include_has_loopback(spec: &PolicySpec) -> bool {
 /// The lines of the `nat` table istio-iptables installs for `spec` in
 /// `family`, without the `*nat` header and the `COMMIT` trailer.
 pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
+    let dns = dns_servers(spec, family);
+    // Whether this family's OUTPUT jumps to the DNS chain.
+    let dns_jump = dns
+        .as_ref()
+        .is_some_and(|(all, servers)| *all || !servers.is_empty());
     let mut out: Vec<String> = [INBOUND, REDIRECT, IN_REDIRECT, OUTPUT]
         .iter()
+        .chain(dns.is_some().then_some(&OUTPUT_DNS))
         .map(|c| format!("-N {c}"))
         .collect();
     let mut rule = |s: String| out.push(s);
@@ -190,10 +227,21 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         ));
     }
     for (is, is_not) in &owners {
-        rule(format!(
-            "-A {OUTPUT} -o lo ! -d {lo} -p tcp ! --dport {tunnel} {is} -j {IN_REDIRECT}"
-        ));
-        if keep_3b {
+        // With DNS capture, rule a of every owner but a GID leaves port 53
+        // out, and rule b is TCP-only and leaves it out too (istio's forms).
+        let gid = is.contains("--gid-owner");
+        if dns.is_some() && !gid {
+            rule(format!(
+                "-A {OUTPUT} -o lo ! -d {lo} -p tcp -m multiport ! --dports 53,{tunnel} {is} -j {IN_REDIRECT}"
+            ));
+        } else {
+            rule(format!(
+                "-A {OUTPUT} -o lo ! -d {lo} -p tcp ! --dport {tunnel} {is} -j {IN_REDIRECT}"
+            ));
+        }
+        if keep_3b && dns.is_some() {
+            rule(format!("-A {OUTPUT} -o lo -p tcp ! --dport 53 {is_not} -j RETURN"));
+        } else if keep_3b {
             rule(format!("-A {OUTPUT} -o lo {is_not} -j RETURN"));
         }
         rule(format!("-A {OUTPUT} {is} -j RETURN"));
@@ -211,6 +259,35 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         OwnerGroups::Exclude(gids) => {
             for g in gids {
                 rule(format!("-A {OUTPUT} -m owner --gid-owner {g} -j RETURN"));
+            }
+        }
+    }
+    // 5. DNS capture: TCP, then UDP, to port 53 of this family's
+    // nameservers (or of any address).
+    if let Some((all, servers)) = &dns {
+        if dns_jump {
+            rule(format!("-A {OUTPUT} -j {OUTPUT_DNS}"));
+        }
+        let port = crate::policy::DNS_CAPTURE_PORT;
+        if *all {
+            rule(format!(
+                "-A {OUTPUT_DNS} -p tcp --dport 53 -j REDIRECT --to-ports {port}"
+            ));
+            rule(format!(
+                "-A {OUTPUT_DNS} -p udp --dport 53 -j REDIRECT --to-port {port}"
+            ));
+        } else {
+            for s in servers {
+                rule(format!(
+                    "-A {OUTPUT_DNS} -p tcp --dport 53 -d {} -j REDIRECT --to-ports {port}",
+                    host(s)
+                ));
+            }
+            for s in servers {
+                rule(format!(
+                    "-A {OUTPUT_DNS} -p udp --dport 53 -d {} -j REDIRECT --to-port {port}",
+                    host(s)
+                ));
             }
         }
     }
@@ -248,9 +325,56 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
     out
 }
 
+/// The lines of the `raw` table istio-iptables installs for `spec` in
+/// `family`: with DNS capture, the conntrack zones of DNS over UDP (the
+/// proxy's queries and their answers in zone 1, the app's with the proxy
+/// in zone 2); nothing otherwise.
+pub fn raw_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
+    let Some((all, servers)) = dns_servers(spec, family) else {
+        return Vec::new();
+    };
+    let inbound = all || !servers.is_empty();
+    let mut out = vec![format!("-N {OUTPUT_DNS}")];
+    if inbound {
+        out.push(format!("-N {INBOUND}"));
+    }
+    out.push(format!("-A OUTPUT -j {OUTPUT_DNS}"));
+    let port = crate::policy::DNS_CAPTURE_PORT;
+    for (kind, ids) in [("uid", &spec.proxy_uids), ("gid", &spec.proxy_gids)] {
+        for id in ids {
+            out.push(format!(
+                "-A {OUTPUT_DNS} -p udp --dport 53 -m owner --{kind}-owner {id} -j CT --zone 1"
+            ));
+            out.push(format!(
+                "-A {OUTPUT_DNS} -p udp --sport {port} -m owner --{kind}-owner {id} -j CT --zone 2"
+            ));
+        }
+    }
+    if inbound {
+        out.push(format!("-A PREROUTING -j {INBOUND}"));
+    }
+    if all {
+        out.push(format!("-A {OUTPUT_DNS} -p udp --dport 53 -j CT --zone 2"));
+        out.push(format!("-A {INBOUND} -p udp --sport 53 -j CT --zone 1"));
+    } else {
+        for s in &servers {
+            out.push(format!(
+                "-A {OUTPUT_DNS} -p udp --dport 53 -d {} -j CT --zone 2",
+                host(s)
+            ));
+            out.push(format!(
+                "-A {INBOUND} -p udp --sport 53 -s {} -j CT --zone 1",
+                host(s)
+            ));
+        }
+    }
+    out
+}
+
 /// The `iptables-restore` (or `ip6tables-restore`) script for `family`:
-/// `*nat`, the rules of [`nat_rules`], `COMMIT`. Loading it replaces the
-/// whole `nat` table of the namespace, as istio-iptables' own restore does.
+/// `*nat`, the rules of [`nat_rules`], `COMMIT`, then, with DNS capture,
+/// `*raw` and [`raw_rules`]. Loading it replaces those whole tables of the
+/// namespace, as istio-iptables' own restore does.
 pub fn render(spec: &PolicySpec, family: Family) -> String {
     let mut s = String::from("*nat\n");
     for line in nat_rules(spec, family) {
@@ -258,6 +382,15 @@ pub fn render(spec: &PolicySpec, family: Family) -> String {
         s.push('\n');
     }
     s.push_str("COMMIT\n");
+    let raw = raw_rules(spec, family);
+    if !raw.is_empty() {
+        s.push_str("*raw\n");
+        for line in raw {
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s.push_str("COMMIT\n");
+    }
     s
 }
 
@@ -421,6 +554,107 @@ mod tests {
             .map(String::from),
         );
         assert_eq!(nat_rules(&spec, Family::V4), want);
+    }
+
+    /// The tables of an istio golden file (testdata/istio-goldens): for
+    /// each `* TABLE` ... `COMMIT`, the table's name and lines, in order
+    /// (IPv4 first, then IPv6).
+    fn golden_tables(text: &str) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        let mut cur: Option<(String, Vec<String>)> = None;
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("* ") {
+                cur = Some((t.to_string(), Vec::new()));
+            } else if line == "COMMIT" {
+                out.extend(cur.take());
+            } else if let Some((_, lines)) = cur.as_mut() {
+                lines.push(canonical(line));
+            }
+        }
+        out
+    }
+
+    /// The line with its IPv6 addresses in canonical form (istio prints
+    /// a nameserver as written: `::127.0.0.53`; redirect as `::7f00:35`).
+    fn canonical(line: &str) -> String {
+        line.split(' ')
+            .map(|w| match w.split_once('/') {
+                Some((a, len)) if a.contains(':') => match a.parse::<std::net::Ipv6Addr>() {
+                    Ok(ip) => format!("{ip}/{len}"),
+                    Err(_) => w.to_string(),
+                },
+                _ => w.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn dns_spec(servers: &[&str]) -> PolicySpec {
+        PolicySpec {
+            proxy_uids: vec![3, 4],
+            proxy_gids: vec![1, 2],
+            dns: Some(crate::policy::DnsCapture {
+                capture_all: false,
+                servers: servers.iter().map(|s| s.parse().unwrap()).collect(),
+            }),
+            ..PolicySpec::default()
+        }
+    }
+
+    /// dns-uid-gid.golden, every line of both families' nat and raw
+    /// tables: DNS capture to 127.0.0.53 and ::127.0.0.53, UIDs 3,4, GIDs
+    /// 1,2.
+    #[test]
+    fn golden_dns_uid_gid() {
+        let tables = golden_tables(include_str!("../testdata/istio-goldens/dns-uid-gid.golden"));
+        let spec = dns_spec(&["127.0.0.53", "::127.0.0.53"]);
+        let want: Vec<&(String, Vec<String>)> = tables.iter().collect();
+        assert_eq!(want.len(), 4);
+        for (i, family) in [Family::V4, Family::V6].into_iter().enumerate() {
+            assert_eq!(want[2 * i].0, "nat");
+            assert_eq!(nat_rules(&spec, family), want[2 * i].1, "{family:?} nat");
+            assert_eq!(want[2 * i + 1].0, "raw");
+            assert_eq!(raw_rules(&spec, family), want[2 * i + 1].1, "{family:?} raw");
+        }
+    }
+
+    /// ip-range.golden, all of it: the DNS lines with exclude and include
+    /// CIDRs.
+    #[test]
+    fn golden_ip_range() {
+        let tables = golden_tables(include_str!("../testdata/istio-goldens/ip-range.golden"));
+        let spec = PolicySpec {
+            exclude_cidrs: cidrs(&["1.1.0.0/16"]),
+            include_cidrs: Include::List(cidrs(&["9.9.0.0/16"])),
+            ..dns_spec(&["127.0.0.53"])
+        };
+        assert_eq!(tables.len(), 2);
+        assert_eq!(nat_rules(&spec, Family::V4), tables[0].1);
+        assert_eq!(raw_rules(&spec, Family::V4), tables[1].1);
+    }
+
+    /// `--capture-all-dns`: the nameserver lines become address-free ones,
+    /// in both families, as istio writes them.
+    #[test]
+    fn capture_all_dns() {
+        let mut spec = dns_spec(&[]);
+        spec.dns.as_mut().unwrap().capture_all = true;
+        for family in [Family::V4, Family::V6] {
+            let nat = nat_rules(&spec, family);
+            for line in [
+                "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS",
+                "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053",
+            ] {
+                assert!(nat.contains(&line.to_string()), "{family:?}: {nat:#?}");
+            }
+            let raw = raw_rules(&spec, family);
+            assert!(raw.contains(&"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2".to_string()));
+            assert!(raw.contains(&"-A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1".to_string()));
+        }
+        // Without DNS capture there is no raw table at all.
+        assert!(raw_rules(&PolicySpec::default(), Family::V4).is_empty());
+        assert!(!render(&PolicySpec::default(), Family::V4).contains("*raw"));
     }
 
     /// The IPv6 set of dns-uid-gid.golden uses `::6/128` and `::1/128`.
