@@ -13,9 +13,12 @@
 //! goes back to the caller; the end of a built-in chain is its policy
 //! (ACCEPT: the connection passes untouched); `REDIRECT` ends the walk.
 //!
-//! What the model leaves out: IPv6, UDP, DNS capture, the owner-group filter,
-//! virtual interfaces and TPROXY (no rules for them are emitted), and
-//! destinations the kernel rewrites before netfilter sees them (0.0.0.0).
+//! What the model leaves out: IPv6, the owner-group filter, virtual
+//! interfaces and TPROXY (no rules for them are emitted), the `raw` table's
+//! conntrack zones of DNS capture (they decide nothing), and destinations
+//! the kernel rewrites before netfilter sees them (0.0.0.0). It has UDP and
+//! DNS capture (`ISTIO_OUTPUT_DNS`, and the owner rules istio changes with
+//! it).
 //!
 //! One istio behaviour is easy to miss: when an include-outbound CIDR
 //! starts in 127.0.0.0/8 (`HasLoopBackIP`), istio leaves out every
@@ -128,6 +131,9 @@ const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
 const ISTIO_REDIRECT: &str = "ISTIO_REDIRECT";
 const ISTIO_IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
 const ISTIO_OUTPUT: &str = "ISTIO_OUTPUT";
+const ISTIO_OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
+/// istio's `IstioAgentDNSListenerPort`.
+const DNS_PORT: u16 = 15053;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Proto {
@@ -167,6 +173,9 @@ struct IptRule {
     dports: Option<(bool, Vec<u16>)>,
     /// `-m owner [!] --uid-owner U | --gid-owner G` (negated, owner)
     owner: Option<(bool, Owner)>,
+    /// `-d` is written after the ports (istio's DNS rules), not before the
+    /// protocol. Only the text changes.
+    dst_last: bool,
     target: Target,
 }
 
@@ -179,6 +188,7 @@ impl IptRule {
             proto: None,
             dports: None,
             owner: None,
+            dst_last: false,
             target,
         }
     }
@@ -192,6 +202,12 @@ impl IptRule {
     }
     fn dst(mut self, c: Cidr) -> Self {
         self.dst = Some((false, c));
+        self
+    }
+    /// `-d CIDR`, written after `--dport`.
+    fn dst_last(mut self, c: Cidr) -> Self {
+        self.dst = Some((false, c));
+        self.dst_last = true;
         self
     }
     fn not_dst(mut self, c: Cidr) -> Self {
@@ -274,7 +290,9 @@ impl IptRule {
         if let Some(c) = self.src {
             let _ = write!(s, " -s {c}");
         }
-        if let Some((negated, c)) = self.dst {
+        if let Some((negated, c)) = self.dst
+            && !self.dst_last
+        {
             let _ = write!(s, "{} -d {c}", bang(negated));
         }
         match self.proto {
@@ -297,6 +315,11 @@ impl IptRule {
             }
             None => {}
         }
+        if let Some((negated, c)) = self.dst
+            && self.dst_last
+        {
+            let _ = write!(s, "{} -d {c}", bang(negated));
+        }
         if let Some((negated, owner)) = self.owner {
             let (kind, id) = match owner {
                 Owner::Uid(u) => ("uid", u),
@@ -308,6 +331,10 @@ impl IptRule {
             Target::Return => s.push_str(" -j RETURN"),
             Target::Jump(chain) => {
                 let _ = write!(s, " -j {chain}");
+            }
+            // istio writes `--to-port` in its UDP rules.
+            Target::Redirect(port) if self.proto == Some(Proto::Udp) => {
+                let _ = write!(s, " -j REDIRECT --to-port {port}");
             }
             Target::Redirect(port) => {
                 let _ = write!(s, " -j REDIRECT --to-ports {port}");
@@ -400,6 +427,7 @@ impl Nat {
             ISTIO_REDIRECT,
             ISTIO_IN_REDIRECT,
             ISTIO_OUTPUT,
+            ISTIO_OUTPUT_DNS,
         ];
         Nat {
             chains: names.iter().map(|n| (*n, Vec::new())).collect(),
@@ -553,6 +581,8 @@ struct Policy {
     /// Addresses the pod's network namespace owns besides 127.0.0.0/8
     /// (may list 127.0.0.1 too, as `ip addr` on `lo` does).
     local: Vec<Ip>,
+    /// `--redirect-dns`: (`--capture-all-dns`, the nameservers).
+    dns: Option<(bool, Vec<u32>)>,
 }
 
 const POD: u32 = ip(10, 200, 0, 2);
@@ -573,6 +603,7 @@ impl Policy {
             inbound_ports: InboundPorts::List(vec![]),
             exclude_in_ports: vec![],
             local: vec![Ip(POD)],
+            dns: None,
         }
     }
 
@@ -639,19 +670,59 @@ fn nat_table(p: &Policy) -> Nat {
         .map(|&u| Owner::Uid(u))
         .chain(p.gids.iter().map(|&g| Owner::Gid(g)));
     for owner in owners {
+        // With DNS capture istio leaves port 53 out of a UID's rule a (not
+        // of a GID's), and makes rule b TCP-only without port 53.
+        let not_dports = match (p.dns.is_some(), owner) {
+            (true, Owner::Uid(_)) => vec![53, p.tunnel_port],
+            _ => vec![p.tunnel_port],
+        };
         nat.append(
             ISTIO_OUTPUT,
             rule(Jump(ISTIO_IN_REDIRECT))
                 .out_lo()
                 .not_dst(Cidr::host(LOCALHOST))
                 .tcp()
-                .not_dports(&[p.tunnel_port])
+                .not_dports(&not_dports)
                 .owner(owner),
         );
-        if !p.include_has_loopback() {
+        if !p.include_has_loopback() && p.dns.is_some() {
+            nat.append(
+                ISTIO_OUTPUT,
+                rule(Return)
+                    .out_lo()
+                    .tcp()
+                    .not_dports(&[53])
+                    .not_owner(owner),
+            );
+        } else if !p.include_has_loopback() {
             nat.append(ISTIO_OUTPUT, rule(Return).out_lo().not_owner(owner));
         }
         nat.append(ISTIO_OUTPUT, rule(Return).owner(owner));
+    }
+    // DNS capture (`SetupDNSRedir`): TCP, then UDP, to port 53 of each
+    // nameserver, or of any address.
+    if let Some((all, servers)) = &p.dns {
+        if *all || !servers.is_empty() {
+            nat.append(ISTIO_OUTPUT, rule(Jump(ISTIO_OUTPUT_DNS)));
+        }
+        for proto in [Proto::Tcp, Proto::Udp] {
+            if *all {
+                nat.append(
+                    ISTIO_OUTPUT_DNS,
+                    rule(Redirect(DNS_PORT)).proto(proto).dports(&[53]),
+                );
+                continue;
+            }
+            for &server in servers {
+                nat.append(
+                    ISTIO_OUTPUT_DNS,
+                    rule(Redirect(DNS_PORT))
+                        .proto(proto)
+                        .dports(&[53])
+                        .dst_last(Cidr::host(server)),
+                );
+            }
+        }
     }
     nat.append(ISTIO_OUTPUT, rule(Return).dst(Cidr::host(LOCALHOST)));
     for &c in &p.exclude_cidrs {
@@ -703,7 +774,7 @@ fn model_outbound(p: &Policy, nat: &Nat, c: &Outbound) -> Option<Walk> {
             src,
             dst,
             dport: c.dport,
-            proto: Proto::Tcp,
+            proto: if c.udp { Proto::Udp } else { Proto::Tcp },
             out_lo,
             owner: Some((c.uid, c.gid)),
         },
@@ -778,6 +849,9 @@ impl PolicyMaps for Policy {
     fn is_local_addr(&self, dst: &Addr) -> bool {
         matches!(dst, Addr::V4(a) if self.local.contains(&Ip(*a)))
     }
+    fn is_dns_server(&self, dst: &Addr) -> bool {
+        matches!((dst, &self.dns), (Addr::V4(a), Some((_, servers))) if servers.contains(a))
+    }
 }
 
 fn config(p: &Policy) -> Config {
@@ -805,6 +879,12 @@ fn config(p: &Policy) -> Config {
         InboundPorts::List(l) if !l.is_empty() => flags |= config_flags::INBOUND_LIST,
         InboundPorts::List(_) => {}
     }
+    if let Some((all, _)) = &p.dns {
+        flags |= config_flags::DNS_CAPTURE;
+        if *all {
+            flags |= config_flags::DNS_CAPTURE_ALL;
+        }
+    }
     Config {
         proxy_port: p.proxy_port,
         inbound_port: p.inbound_port,
@@ -812,6 +892,7 @@ fn config(p: &Policy) -> Config {
         flags,
         first_uid: p.uids.first().copied().unwrap_or(0),
         first_gid: p.gids.first().copied().unwrap_or(0),
+        dns_port: DNS_PORT,
         // Source addresses, namespace cookie: unknown / zero.
         ..Config::default()
     }
@@ -869,9 +950,10 @@ fn show_outbound(c: &Outbound) -> String {
         format!("bound to {}", show_addr(a))
     });
     format!(
-        "uid {} gid {} ({bound}) connect {}:{}",
+        "uid {} gid {} ({bound}) {} {}:{}",
         c.uid,
         c.gid,
+        if c.udp { "send (UDP)" } else { "connect" },
         show_addr(&c.dst),
         c.dport
     )
@@ -1130,6 +1212,28 @@ fn rule_text_equals_istio_goldens() {
         },
         GOLDEN_KUBE_VIRT_INTERFACES,
     );
+    // With DNS capture: istio's own files, as the redirect crate's render
+    // tests read them.
+    let dns = Policy {
+        uids: vec![3, 4],
+        gids: vec![1, 2],
+        dns: Some((false, vec![ip(127, 0, 0, 53)])),
+        ..d()
+    };
+    assert_matches_golden(
+        "ip-range",
+        &Policy {
+            exclude_cidrs: vec![Cidr::new(ip(1, 1, 0, 0), 16)],
+            include_cidrs: IncludeCidrs::List(vec![Cidr::new(ip(9, 9, 0, 0), 16)]),
+            ..dns.clone()
+        },
+        include_str!("../../redirect/testdata/istio-goldens/ip-range.golden"),
+    );
+    assert_matches_golden(
+        "dns-uid-gid",
+        &dns,
+        include_str!("../../redirect/testdata/istio-goldens/dns-uid-gid.golden"),
+    );
     let excl = nat_table(&Policy {
         exclude_out_ports: vec![22, 80],
         ..d()
@@ -1258,7 +1362,91 @@ fn outbound_hand_cases() -> Vec<(Policy, Outbound, Expect)> {
         exclude_out_ports: vec![80],
         ..sidecar()
     };
-    vec![
+    // DNS capture to kube-dns (10.96.0.10), proxy UID and GID 1337.
+    let kube_dns = ip(10, 96, 0, 10);
+    let dns = Policy {
+        dns: Some((false, vec![kube_dns, ip(127, 0, 0, 53)])),
+        ..sidecar()
+    };
+    let udp = |c: Outbound| Outbound { udp: true, ..c };
+    let dns_tcp =
+        "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-ports 15053";
+    let dns_udp =
+        "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-port 15053";
+    let mut dns_cases = vec![
+        // The app's queries, UDP and TCP, to the nameserver: to the agent.
+        (
+            dns.clone(),
+            udp(out(1000, 1000, kube_dns, 53)),
+            (Redirect(15053), Some(dns_udp)),
+        ),
+        (
+            dns.clone(),
+            out(1000, 1000, kube_dns, 53),
+            (Redirect(15053), Some(dns_tcp)),
+        ),
+        // The proxy's own queries go out.
+        (
+            dns.clone(),
+            udp(out(1337, 1337, kube_dns, 53)),
+            (Pass, Some(UID_1337)),
+        ),
+        // Another server, or another port: not DNS capture's; UDP is
+        // never sent to the proxy.
+        (
+            dns.clone(),
+            udp(out(1000, 1000, ip(8, 8, 8, 8), 53)),
+            (Pass, None),
+        ),
+        (
+            dns.clone(),
+            udp(out(1000, 1000, kube_dns, 5353)),
+            (Pass, None),
+        ),
+        // A local resolver over lo: rule b no longer passes UDP, nor TCP
+        // to 53.
+        (
+            dns.clone(),
+            udp(out(1000, 1000, ip(127, 0, 0, 53), 53)),
+            (
+                Redirect(15053),
+                Some(
+                    "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 127.0.0.53/32 -j REDIRECT --to-port 15053",
+                ),
+            ),
+        ),
+        (
+            dns.clone(),
+            out(1000, 1000, ip(127, 0, 0, 53), 53),
+            (
+                Redirect(15053),
+                Some(
+                    "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 127.0.0.53/32 -j REDIRECT --to-ports 15053",
+                ),
+            ),
+        ),
+        // A proxy GID's TCP to the pod's own port 53 over lo: a GID's rule
+        // a keeps port 53 (a UID's does not).
+        (
+            Policy {
+                uids: vec![],
+                ..dns.clone()
+            },
+            out(1000, 1337, POD, 53),
+            (
+                Redirect(15006),
+                Some(
+                    "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+                ),
+            ),
+        ),
+        (
+            dns.clone(),
+            out(1337, 1000, POD, 53),
+            (Pass, Some(UID_1337)),
+        ),
+    ];
+    let mut cases = vec![
         (
             sidecar(),
             out(1000, 1000, REMOTE, 80),
@@ -1390,7 +1578,9 @@ fn outbound_hand_cases() -> Vec<(Policy, Outbound, Expect)> {
             out(1000, 1000, REMOTE, 80),
             (Pass, None),
         ),
-    ]
+    ];
+    cases.append(&mut dns_cases);
+    cases
 }
 
 fn inbound_hand_cases() -> Vec<(Policy, Inbound, Expect)> {
@@ -1558,6 +1748,24 @@ const PORTS: [u16; 13] = [
     22, 53, 80, 443, 8080, 15001, 15006, 15008, 15020, 15021, 15090, 31000, 32000,
 ];
 const EXTRA_LOCALS: [u32; 3] = [ip(10, 200, 0, 3), ip(192, 168, 1, 5), ip(172, 16, 0, 9)];
+/// Nameservers: a local resolver, kube-dns, a public one, the pod's own
+/// address and 127.0.0.1.
+const NAMESERVERS: [u32; 5] = [
+    ip(127, 0, 0, 53),
+    ip(10, 96, 0, 10),
+    ip(8, 8, 8, 8),
+    POD,
+    LOCALHOST,
+];
+
+/// DNS capture off, on for some nameservers, or on for all.
+fn dns() -> impl Strategy<Value = Option<(bool, Vec<u32>)>> {
+    prop_oneof![
+        2 => Just(None),
+        2 => prop::collection::vec(select(&NAMESERVERS[..]), 0..=2).prop_map(|s| Some((false, s))),
+        1 => Just(Some((true, vec![]))),
+    ]
+}
 
 fn id() -> impl Strategy<Value = u32> {
     prop_oneof![4 => select(&IDS[..]), 1 => any::<u32>()]
@@ -1630,6 +1838,7 @@ fn policy(loopback_includes: bool) -> impl Strategy<Value = Policy> {
             prop::collection::vec(select(&EXTRA_LOCALS[..]), 0..=1),
             any::<bool>(),
         ),
+        dns(),
     )
         .prop_map(
             |(
@@ -1639,6 +1848,7 @@ fn policy(loopback_includes: bool) -> impl Strategy<Value = Policy> {
                 (exclude_cidrs, include_cidrs),
                 (inbound_ports, exclude_in_ports),
                 (extra, with_localhost),
+                dns,
             )| {
                 let mut local = vec![Ip(POD)];
                 local.extend(extra.into_iter().map(Ip));
@@ -1658,6 +1868,7 @@ fn policy(loopback_includes: bool) -> impl Strategy<Value = Policy> {
                     inbound_ports,
                     exclude_in_ports,
                     local,
+                    dns,
                 }
             },
         )
@@ -1704,6 +1915,8 @@ enum DstPick {
     Local(Index),
     InExclude(Index, u32),
     InInclude(Index, u32),
+    /// One of the policy's nameservers, or of [`NAMESERVERS`].
+    Nameserver(Index),
     /// Any unicast address (1.0.0.0 up to 223.255.255.255).
     Remote(u32),
 }
@@ -1724,6 +1937,10 @@ impl DstPick {
                 IncludeCidrs::List(l) => nth(l, i).map_or(remote, |c| c.pick(*bits)),
                 IncludeCidrs::All => remote,
             },
+            DstPick::Nameserver(i) => match &p.dns {
+                Some((_, servers)) if !servers.is_empty() => nth(servers, i).unwrap(),
+                _ => nth(&NAMESERVERS, i).unwrap(),
+            },
             DstPick::Remote(a) => *a,
         }
     }
@@ -1738,6 +1955,7 @@ fn dst_pick() -> impl Strategy<Value = DstPick> {
         4 => any::<Index>().prop_map(DstPick::Local),
         3 => (any::<Index>(), any::<u32>()).prop_map(|(i, b)| DstPick::InExclude(i, b)),
         3 => (any::<Index>(), any::<u32>()).prop_map(|(i, b)| DstPick::InInclude(i, b)),
+        3 => any::<Index>().prop_map(DstPick::Nameserver),
         4 => (0x0100_0000u32..0xe000_0000).prop_map(DstPick::Remote),
     ]
 }
@@ -1751,6 +1969,7 @@ enum PortPick {
     Tunnel,
     Proxy,
     InboundCapture,
+    Dns,
     Other(u16),
 }
 
@@ -1768,6 +1987,7 @@ impl PortPick {
             PortPick::Tunnel => p.tunnel_port,
             PortPick::Proxy => p.proxy_port,
             PortPick::InboundCapture => p.inbound_port,
+            PortPick::Dns => 53,
             PortPick::Other(port) => *port,
         }
     }
@@ -1782,6 +2002,7 @@ fn port_pick() -> impl Strategy<Value = PortPick> {
         2 => Just(PortPick::Tunnel),
         1 => Just(PortPick::Proxy),
         1 => Just(PortPick::InboundCapture),
+        3 => Just(PortPick::Dns),
         4 => port().prop_map(PortPick::Other),
     ]
 }
@@ -1817,6 +2038,7 @@ fn bound_pick() -> impl Strategy<Value = BoundPick> {
 /// How to build an outbound connect from a policy.
 #[derive(Clone, Debug)]
 struct OutboundPick {
+    udp: bool,
     uid: IdPick,
     gid: IdPick,
     bound: BoundPick,
@@ -1827,7 +2049,7 @@ struct OutboundPick {
 impl OutboundPick {
     fn resolve(&self, p: &Policy) -> Outbound {
         Outbound {
-            udp: false,
+            udp: self.udp,
             uid: self.uid.resolve(p),
             gid: self.gid.resolve(p),
             mark: 0,
@@ -1840,15 +2062,22 @@ impl OutboundPick {
 }
 
 fn outbound_pick() -> impl Strategy<Value = OutboundPick> {
-    (id_pick(), id_pick(), bound_pick(), dst_pick(), port_pick()).prop_map(
-        |(uid, gid, bound, dst, port)| OutboundPick {
+    (
+        prop::bool::weighted(0.3),
+        id_pick(),
+        id_pick(),
+        bound_pick(),
+        dst_pick(),
+        port_pick(),
+    )
+        .prop_map(|(udp, uid, gid, bound, dst, port)| OutboundPick {
+            udp,
             uid,
             gid,
             bound,
             dst,
             port,
-        },
-    )
+        })
 }
 
 #[derive(Clone, Debug)]

@@ -13,9 +13,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     layout::default_pin_dir,
     policy::{
-        DnsCapture, OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_dns_servers, parse_ids,
-        parse_inbound_ports, resolv_conf_servers,
-        parse_include, parse_mark, parse_port, parse_ports, parse_services, resolve_proxy_cgroup,
+        DnsCapture, OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_dns_servers,
+        parse_ids, parse_inbound_ports, parse_include, parse_mark, parse_port, parse_ports,
+        parse_services, resolv_conf_servers, resolve_proxy_cgroup,
     },
 };
 
@@ -385,7 +385,7 @@ pub struct ApplyArgs {
 
 /// The ids of every [`PolicyArgs`] argument (its field names), which
 /// `explain --pin-dir` excludes. A unit test keeps the list complete.
-pub const POLICY_ARG_IDS: [&str; 18] = [
+pub const POLICY_ARG_IDS: [&str; 22] = [
     "proxy_port",
     "inbound_capture_port",
     "tunnel_port",
@@ -404,6 +404,10 @@ pub const POLICY_ARG_IDS: [&str; 18] = [
     "owner_groups_exclude",
     "service",
     "services_file",
+    "redirect_dns",
+    "capture_all_dns",
+    "dns_servers",
+    "resolv_conf",
 ];
 
 /// `explain --direction`.
@@ -452,6 +456,10 @@ pub struct ExplainArgs {
     /// The destination asked for, IP:PORT.
     #[arg(long)]
     pub dst: SocketAddr,
+    /// A UDP datagram (a DNS query) rather than a TCP connect; outbound
+    /// only. Only DNS capture (--redirect-dns) ever takes UDP.
+    #[arg(long)]
+    pub udp: bool,
     /// An address the pod's network namespace owns (repeatable or
     /// comma-separated). Default: none besides 127.0.0.0/8, or with
     /// --pin-dir the addresses recorded there.
@@ -599,6 +607,13 @@ pub struct PolicyArgs {
     /// Owner-group filter: capture traffic of every GID except these.
     #[arg(long = "owner-groups-exclude", default_value = "")]
     pub owner_groups_exclude: String,
+    /// Explicit services to capture, IP:PORT ([IPv6]:PORT), repeatable or
+    /// comma-separated: one map entry each, any number at the same cost.
+    #[arg(long = "service")]
+    pub service: Vec<String>,
+    /// A file of further services, one IP:PORT per line (`#` comments).
+    #[arg(long = "services-file")]
+    pub services_file: Option<PathBuf>,
     /// DNS capture (istio's rule 5): TCP and UDP to port 53 of the pod's
     /// nameservers go to the DNS proxy on 15053 (istio-agent's), except the
     /// proxy's own.
@@ -620,13 +635,6 @@ pub struct PolicyArgs {
     /// in an init container, its own).
     #[arg(long = "resolv-conf", default_value = "/etc/resolv.conf")]
     pub resolv_conf: PathBuf,
-    /// Explicit services to capture, IP:PORT ([IPv6]:PORT), repeatable or
-    /// comma-separated: one map entry each, any number at the same cost.
-    #[arg(long = "service")]
-    pub service: Vec<String>,
-    /// A file of further services, one IP:PORT per line (`#` comments).
-    #[arg(long = "services-file")]
-    pub services_file: Option<PathBuf>,
 }
 
 /// A policy flag problem, or an unreadable CIDR file.
@@ -936,6 +944,66 @@ mod tests {
         assert!(e.contains("--include-cidrs"), "{e}");
         let e = parse(&["--bogus"]).unwrap_err();
         assert!(e.contains("--bogus"), "{e}");
+    }
+
+    #[test]
+    fn dns_capture_flags() {
+        assert_eq!(parse(&[]).unwrap().dns, None);
+        // --capture-all-dns alone does nothing, as in istio-iptables.
+        assert_eq!(parse(&["--capture-all-dns"]).unwrap().dns, None);
+        let d = parse(&[
+            "--redirect-dns",
+            "--dns-servers",
+            "10.96.0.10, fd00::a,10.96.0.10",
+        ])
+        .unwrap()
+        .dns
+        .unwrap();
+        assert!(!d.capture_all);
+        assert_eq!(
+            d.servers,
+            ["10.96.0.10", "fd00::a"].map(|a| a.parse::<std::net::IpAddr>().unwrap())
+        );
+        let dir = std::env::temp_dir().join(format!("rdt-resolv-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "search default.svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\noptions ndots:5\n",
+        )
+        .unwrap();
+        let d = parse(&[
+            "--redirect-dns=true",
+            "--capture-all-dns",
+            "--resolv-conf",
+            dir.to_str().unwrap(),
+        ])
+        .unwrap()
+        .dns
+        .unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert!(d.capture_all);
+        assert_eq!(
+            d.servers,
+            ["10.96.0.10", "fe80::1"].map(|a| a.parse::<std::net::IpAddr>().unwrap())
+        );
+        let e = parse(&["--redirect-dns", "--dns-servers", "10.96.0.0/12"]).unwrap_err();
+        assert!(
+            e.contains("--dns-servers") && e.contains("10.96.0.0/12"),
+            "{e}"
+        );
+        let e = parse(&[
+            "--redirect-dns",
+            "--resolv-conf",
+            "/nonexistent/resolv.conf",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--resolv-conf") && e.contains("/nonexistent"),
+            "{e}"
+        );
+        // Rendered and explained, but not loaded yet.
+        let spec = parse(&["--redirect-dns", "--dns-servers", "10.96.0.10"]).unwrap();
+        let e = spec.check_loadable().unwrap_err().to_string();
+        assert!(e.contains("--redirect-dns"), "{e}");
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct Connection {
     /// Outbound: whether the calling task is in the proxy's cgroup (or
     /// below it), as `bpf_get_current_ancestor_cgroup_id` tells the hook.
     pub in_proxy_cgroup: bool,
+    /// Outbound: a UDP datagram (only DNS capture takes UDP), not a TCP
+    /// connect.
+    pub udp: bool,
 }
 
 /// A connection that cannot be explained as given. Names the flag and value.
@@ -108,6 +111,7 @@ impl Connection {
             dst,
             mark: 0,
             in_proxy_cgroup: false,
+            udp: false,
         })
     }
 }
@@ -153,6 +157,8 @@ pub struct ConnectionView {
     pub mark: Option<u32>,
     /// Outbound: whether the task is in the proxy's cgroup or below.
     pub in_proxy_cgroup: Option<bool>,
+    /// Outbound: UDP (a DNS query), not TCP.
+    pub udp: Option<bool>,
 }
 
 /// What redirect does with a connection, and why.
@@ -205,7 +211,7 @@ pub fn explain(
     let (verdict, over_lo) = match conn.direction {
         Direction::Out => {
             let v = policy.decide(&Outbound {
-                udp: false,
+                udp: conn.udp,
                 uid: conn.uid,
                 gid: conn.gid,
                 mark: conn.mark,
@@ -231,6 +237,8 @@ pub fn explain(
         Action::Redirect(p) => {
             let role = if verdict.rule == Rule::ProxyToLocal || verdict.rule.is_inbound() {
                 "inbound"
+            } else if verdict.rule == Rule::Dns {
+                "DNS capture"
             } else {
                 "proxy"
             };
@@ -265,6 +273,7 @@ pub fn explain(
             family,
             mark: outbound.then_some(conn.mark),
             in_proxy_cgroup: outbound.then_some(conn.in_proxy_cgroup),
+            udp: outbound.then_some(conn.udp),
         },
         action,
         port,
@@ -288,7 +297,8 @@ impl fmt::Display for Explanation {
         match c.direction {
             Direction::Out => write!(
                 f,
-                "connection  outbound TCP, uid {} gid {}{}{}, {} -> {}",
+                "connection  outbound {}, uid {} gid {}{}{}, {} -> {}",
+                if c.udp == Some(true) { "UDP" } else { "TCP" },
                 c.uid.unwrap_or(0),
                 c.gid.unwrap_or(0),
                 match c.mark {
@@ -360,7 +370,11 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
             return Err(ConnectionError::OutboundOnly { flag: "--cgroup" }.into());
         }
     }
+    if direction == Direction::In && args.udp {
+        return Err(ConnectionError::OutboundOnly { flag: "--udp" }.into());
+    }
     conn.mark = args.mark.unwrap_or(0);
+    conn.udp = args.udp;
     let (spec, pinned_facts, policy_from) = match (&args.pin_dir, &args.netns) {
         (Some(dir), _) => {
             let (spec, facts, generation) = pinned_policy(dir)?;

@@ -240,7 +240,9 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
             ));
         }
         if keep_3b && dns.is_some() {
-            rule(format!("-A {OUTPUT} -o lo -p tcp ! --dport 53 {is_not} -j RETURN"));
+            rule(format!(
+                "-A {OUTPUT} -o lo -p tcp ! --dport 53 {is_not} -j RETURN"
+            ));
         } else if keep_3b {
             rule(format!("-A {OUTPUT} -o lo {is_not} -j RETURN"));
         }
@@ -614,7 +616,11 @@ mod tests {
             assert_eq!(want[2 * i].0, "nat");
             assert_eq!(nat_rules(&spec, family), want[2 * i].1, "{family:?} nat");
             assert_eq!(want[2 * i + 1].0, "raw");
-            assert_eq!(raw_rules(&spec, family), want[2 * i + 1].1, "{family:?} raw");
+            assert_eq!(
+                raw_rules(&spec, family),
+                want[2 * i + 1].1,
+                "{family:?} raw"
+            );
         }
     }
 
@@ -649,7 +655,9 @@ mod tests {
                 assert!(nat.contains(&line.to_string()), "{family:?}: {nat:#?}");
             }
             let raw = raw_rules(&spec, family);
-            assert!(raw.contains(&"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2".to_string()));
+            assert!(
+                raw.contains(&"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2".to_string())
+            );
             assert!(raw.contains(&"-A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1".to_string()));
         }
         // Without DNS capture there is no raw table at all.

@@ -1,8 +1,8 @@
 //! The scripts `redirect iptables --family 4|6` prints load into real
 //! iptables: each one goes through `iptables-restore` (legacy and nft
 //! backends) or `ip6tables-restore` in a fresh network namespace of its own,
-//! and the table read back with `*-save` holds the same rules, chain by
-//! chain.
+//! and each table read back with `*-save` (`nat`, and `raw` with DNS
+//! capture) holds the same rules, chain by chain.
 
 use std::{
     collections::BTreeMap,
@@ -64,6 +64,29 @@ const POLICIES: &[&[&str]] = &[
         "--service",
         "10.9.0.1:80,[fd00::1]:443",
         "-u",
+        "",
+    ],
+    // DNS capture: nameservers of both families (the raw table's zones
+    // too), and every address.
+    &[
+        "-i",
+        "*",
+        "-u",
+        "3,4",
+        "-g",
+        "1,2",
+        "--redirect-dns",
+        "--dns-servers",
+        "127.0.0.53,::127.0.0.53,10.96.0.10",
+    ],
+    &[
+        "-i",
+        "10.0.0.0/8",
+        "--owner-groups-exclude",
+        "7",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
         "",
     ],
 ];
@@ -159,7 +182,12 @@ fn rules_by_chain(text: &str) -> BTreeMap<String, Vec<Vec<String>>> {
                 i += 2;
                 continue;
             }
-            kept.push(words[i].to_string());
+            // istio's UDP REDIRECT says `--to-port`; `*-save` prints
+            // `--to-ports`.
+            kept.push(match words[i] {
+                "--to-port" => "--to-ports".to_string(),
+                w => canonical(w),
+            });
             i += 1;
         }
         kept.sort();
@@ -182,18 +210,46 @@ fn load(family: Family, backend: &str, script: &str, policy: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     let save = format!("{prefix}-{backend}-save");
-    let out = ns.exec(&save, &["-t", "nat"], "");
-    assert!(
-        out.status.success(),
-        "{save}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let saved = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        rules_by_chain(&saved),
-        rules_by_chain(script),
-        "{save} after {restore} for {policy:?}:\n{saved}\nscript:\n{script}"
-    );
+    for (table, lines) in tables(script) {
+        let out = ns.exec(&save, &["-t", &table], "");
+        assert!(
+            out.status.success(),
+            "{save}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let saved = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            rules_by_chain(&saved),
+            rules_by_chain(&lines),
+            "{save} -t {table} after {restore} for {policy:?}:\n{saved}\nscript:\n{script}"
+        );
+    }
+}
+
+/// An IPv6 prefix in canonical form (`ip6tables-save` prints
+/// `::127.0.0.53/128` for redirect's `::7f00:35/128`); any other word as is.
+fn canonical(w: &str) -> String {
+    match w.split_once('/') {
+        Some((a, len)) if a.contains(':') => match a.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) => format!("{ip}/{len}"),
+            Err(_) => w.to_string(),
+        },
+        _ => w.to_string(),
+    }
+}
+
+/// The script's tables: (name, its lines).
+fn tables(script: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in script.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            out.push((t.to_string(), String::new()));
+        } else if let Some((_, text)) = out.last_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    out
 }
 
 /// A cgroup directory, removed on drop.
