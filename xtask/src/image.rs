@@ -63,6 +63,9 @@ pub struct Config<'a> {
     pub title: &'a str,
 }
 
+/// Files by absolute path, with their contents.
+pub type Files = Vec<(String, Vec<u8>)>;
+
 /// The layer of the end-to-end test's images (tests/tests/kubernetes.rs):
 /// a static busybox (`sh`, `sleep`) and, when given, `redirect-sample` with
 /// the shared libraries it links (`libs`: their absolute paths and
