@@ -70,10 +70,7 @@ pub type Files = Vec<(String, Vec<u8>)>;
 /// a static busybox (`sh`, `sleep`) and, when given, `redirect-sample` with
 /// the shared libraries it links (`libs`: their absolute paths and
 /// contents), as a distroless image would hold them.
-pub fn test_entries(
-    busybox: Vec<u8>,
-    sample: Option<(Vec<u8>, Vec<(String, Vec<u8>)>)>,
-) -> Vec<Entry> {
+pub fn test_entries(busybox: Vec<u8>, sample: Option<(Vec<u8>, Files)>) -> Vec<Entry> {
     let mut e = vec![
         dir("bin/"),
         Entry::Exe("bin/busybox".into(), busybox),
