@@ -283,7 +283,8 @@ state = "{d}/state"
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("connect {to}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
     /// RunPodSandbox: a pod `name` (namespace `default`) with
