@@ -442,8 +442,8 @@ state = "{d}/state"
             .arg(crate::built_bin("redirect-sample")?)
             .args(["connect", "--to", to])
             .output()?;
-        Ok(serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("connect {to}: {}", String::from_utf8_lossy(&out.stderr)))?)
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("connect {to}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
     /// `redirect pod list --json` of the node install.
