@@ -283,8 +283,7 @@ state = "{d}/state"
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("connect {to}: {}", String::from_utf8_lossy(&out.stderr)))
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// RunPodSandbox: a pod `name` (namespace `default`) with
