@@ -469,6 +469,7 @@ impl std::fmt::Display for Status {
                     "redirected"
                 }
                 Rule::InboundAll | Rule::InboundIncludedPort => "redirected (inbound)",
+                Rule::Dns => "redirected (DNS port)",
                 r if r.is_inbound() => "passed (inbound)",
                 _ => "passed",
             };
