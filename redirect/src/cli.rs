@@ -800,7 +800,16 @@ impl PolicyArgs {
                         source,
                     }
                 })?;
-                resolv_conf_servers(&text)
+                let servers = resolv_conf_servers(&text);
+                if servers.len() > crate::policy::MAX_DNS_SERVERS {
+                    return Err(PolicyError::TooMany {
+                        flag: "--resolv-conf",
+                        count: servers.len(),
+                        max: crate::policy::MAX_DNS_SERVERS,
+                    }
+                    .into());
+                }
+                servers
             }
         };
         Ok(Some(DnsCapture {

@@ -91,8 +91,6 @@ pub enum PolicyError {
         /// The other.
         b: &'static str,
     },
-    /// Outbound capture with nothing to tell the proxy's own connections
-    /// apart: they would be captured and loop back to the proxy.
     /// DNS capture asked of the kernel programs, which do not do it yet.
     #[error(
         "--redirect-dns: DNS capture is decided and rendered (redirect iptables, explain) but \
@@ -100,6 +98,8 @@ pub enum PolicyError {
          use redirect (ISTIO_META_DNS_CAPTURE=false), or keep istio-iptables for them"
     )]
     DnsNotLoadable,
+    /// Outbound capture with nothing to tell the proxy's own connections
+    /// apart: they would be captured and loop back to the proxy.
     #[error(
         "this policy captures outbound connections ({capture}) but exempts no proxy: no \
          --proxy-uid, no --proxy-gid, no --proxy-mark, no --proxy-cgroup. The proxy's own \
@@ -320,27 +320,16 @@ pub fn resolv_conf_servers(text: &str) -> Vec<IpAddr> {
     out
 }
 
-/// Parses `--dns-servers` (comma-separated addresses).
+/// Parses `--dns-servers` (comma-separated addresses), keeping order and
+/// dropping repeats.
 pub fn parse_dns_servers(flag: &'static str, value: &str) -> Result<Vec<IpAddr>, PolicyError> {
-    let mut out = Vec::new();
-    for item in items(value) {
-        let ip = item.parse::<IpAddr>().map_err(|_| PolicyError::BadCidr {
+    ordered_list(flag, value, MAX_DNS_SERVERS, |item| {
+        item.parse::<IpAddr>().map_err(|_| PolicyError::BadCidr {
             flag,
             value: item.to_string(),
             reason: "a nameserver is one address, IPv4 or IPv6",
-        })?;
-        if !out.contains(&ip) {
-            out.push(ip);
-        }
-    }
-    if out.len() > MAX_DNS_SERVERS {
-        return Err(PolicyError::TooMany {
-            flag,
-            count: out.len(),
-            max: MAX_DNS_SERVERS,
-        });
-    }
-    Ok(out)
+        })
+    })
 }
 
 impl Default for PolicySpec {
@@ -397,31 +386,40 @@ pub fn parse_ports(flag: &'static str, value: &str) -> Result<Vec<u16>, PolicyEr
     Ok(set.into_iter().collect())
 }
 
-/// Parses a comma-separated id list, keeping order and dropping repeats.
-pub fn parse_ids(flag: &'static str, value: &str) -> Result<Vec<u32>, PolicyError> {
+/// Parses a comma-separated list with `parse`, keeping order and dropping
+/// repeats; at most `max` entries.
+fn ordered_list<T: PartialEq>(
+    flag: &'static str,
+    value: &str,
+    max: usize,
+    parse: impl Fn(&str) -> Result<T, PolicyError>,
+) -> Result<Vec<T>, PolicyError> {
     let mut out = Vec::new();
     for item in items(value) {
-        let id = match item.parse::<u32>() {
-            Ok(id) if id != u32::MAX => id,
-            _ => {
-                return Err(PolicyError::BadId {
-                    flag,
-                    value: item.to_string(),
-                });
-            }
-        };
-        if !out.contains(&id) {
-            out.push(id);
+        let v = parse(item)?;
+        if !out.contains(&v) {
+            out.push(v);
         }
     }
-    if out.len() > MAX_IDS {
+    if out.len() > max {
         return Err(PolicyError::TooMany {
             flag,
             count: out.len(),
-            max: MAX_IDS,
+            max,
         });
     }
     Ok(out)
+}
+
+/// Parses a comma-separated id list, keeping order and dropping repeats.
+pub fn parse_ids(flag: &'static str, value: &str) -> Result<Vec<u32>, PolicyError> {
+    ordered_list(flag, value, MAX_IDS, |item| match item.parse::<u32>() {
+        Ok(id) if id != u32::MAX => Ok(id),
+        _ => Err(PolicyError::BadId {
+            flag,
+            value: item.to_string(),
+        }),
+    })
 }
 
 /// Parses a comma-separated CIDR list (bare addresses are /32 or /128).

@@ -200,12 +200,15 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
     let keep_3b = !include_has_loopback(spec);
     let lo = family.host_loopback();
     let tunnel = spec.tunnel_port;
-    let mut owners: Vec<(String, String)> = Vec::new();
+    // (match, negated match, whether rule a keeps port 53 with DNS
+    // capture: a GID's does, as istio writes it).
+    let mut owners: Vec<(String, String, bool)> = Vec::new();
     for (kind, ids) in [("uid", &spec.proxy_uids), ("gid", &spec.proxy_gids)] {
         for id in ids {
             owners.push((
                 format!("-m owner --{kind}-owner {id}"),
                 format!("-m owner ! --{kind}-owner {id}"),
+                kind == "gid",
             ));
         }
     }
@@ -213,6 +216,7 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         owners.push((
             format!("-m mark --mark {m:#x}"),
             format!("-m mark ! --mark {m:#x}"),
+            false,
         ));
     }
     if let Some(c) = &spec.proxy_cgroup {
@@ -224,13 +228,13 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         owners.push((
             format!("-m cgroup --path {path}"),
             format!("-m cgroup ! --path {path}"),
+            false,
         ));
     }
-    for (is, is_not) in &owners {
+    for (is, is_not, a_keeps_53) in &owners {
         // With DNS capture, rule a of every owner but a GID leaves port 53
         // out, and rule b is TCP-only and leaves it out too (istio's forms).
-        let gid = is.contains("--gid-owner");
-        if dns.is_some() && !gid {
+        if dns.is_some() && !a_keeps_53 {
             rule(format!(
                 "-A {OUTPUT} -o lo ! -d {lo} -p tcp -m multiport ! --dports 53,{tunnel} {is} -j {IN_REDIRECT}"
             ));

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{containerd::remove_cgroup, redirect_bin};
+use crate::{containerd::remove_cgroup, redirect_bin, target_dir};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -34,18 +34,6 @@ pub const SUBNET: &str = "10.213.0.0/24";
 pub const GATEWAY: &str = "10.213.0.1";
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The build's target dir.
-fn target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .unwrap()
-                .join("target")
-        })
-}
 
 /// The pause image (the CRI sandbox image) and the app image (busybox and
 /// `redirect-sample`), as `cargo xtask test` writes them.
@@ -57,7 +45,7 @@ pub fn app_image() -> String {
 }
 
 fn image_archive(name: &str) -> Result<PathBuf> {
-    let p = target().join(format!("image/{name}.oci.tar"));
+    let p = target_dir().join(format!("image/{name}.oci.tar"));
     if !p.exists() {
         bail!(
             "{} is missing: run `cargo xtask image --test-images` (cargo xtask test writes it)",
@@ -69,7 +57,7 @@ fn image_archive(name: &str) -> Result<PathBuf> {
 
 /// The Python with the CRI client's packages, from `cargo xtask setup`.
 fn python() -> Result<PathBuf> {
-    let p = target().join("tools/python/bin/python");
+    let p = target_dir().join("tools/python/bin/python");
     if !p.exists() {
         bail!(
             "{} is missing: run `cargo xtask setup` (it installs the CRI client's packages)",

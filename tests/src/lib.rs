@@ -67,6 +67,20 @@ pub fn redirect_bin() -> PathBuf {
     built_bin("redirect").unwrap_or_else(|e| panic!("{e:#}: run the tests with `cargo xtask test`"))
 }
 
+/// The build's target directory: `$CARGO_TARGET_DIR`, else the workspace's
+/// `target/` (where `cargo xtask` writes the images and the tools
+/// virtualenv).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("the tests crate is in the workspace")
+                .join("target")
+        })
+}
+
 /// The workspace binary `name` of the running build: next to the running
 /// executable (a binary, `target/<profile>/`) or one directory up (a test
 /// executable, `target/<profile>/deps/`).

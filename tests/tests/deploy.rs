@@ -17,15 +17,11 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn target() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-}
-
 /// The virtualenv `cargo xtask setup` makes (kubernetes-validate, PyYAML).
 fn venv_bin(name: &str) -> PathBuf {
-    let p = target().join("tools/python/bin").join(name);
+    let p = redirect_tests::target_dir()
+        .join("tools/python/bin")
+        .join(name);
     assert!(
         p.exists(),
         "{} is missing: run `cargo xtask setup` (it installs kubernetes-validate)",

@@ -28,15 +28,7 @@ fn image() -> String {
 /// The archive `cargo xtask image` writes (`cargo xtask test` builds it
 /// before the tests).
 fn archive() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .unwrap()
-                .join("target")
-        });
-    let p = target.join(format!("image/redirect-{VERSION}.oci.tar"));
+    let p = redirect_tests::target_dir().join(format!("image/redirect-{VERSION}.oci.tar"));
     assert!(
         p.exists(),
         "{} is missing: run `cargo xtask image` (cargo xtask test builds it)",
