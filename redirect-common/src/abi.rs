@@ -41,6 +41,9 @@ pub mod map_names {
     /// `HashMap<PolicyServiceKey, u8>`: explicitly listed services
     /// (`ip:port`).
     pub const SERVICES: &str = "SERVICES";
+    /// `HashMap<PolicyServiceKey, u8>`: the nameservers DNS capture takes
+    /// (rule 5), each as `address:53`.
+    pub const DNS_SERVERS: &str = "DNS_SERVERS";
     /// `LpmTrie<[u8; 24], u8>`: IPv6 outbound CIDRs that are never captured
     /// (policy id, then the address).
     pub const EXCLUDE_V6: &str = "EXCLUDE_V6";
@@ -61,6 +64,11 @@ pub mod map_names {
     /// handshake completes; lives and dies with that socket, so it answers
     /// as long as the proxy holds the socket, whatever the application did.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// `SkStorage<DnsSocket>`: on an application's UDP socket that sent a
+    /// captured DNS query, the nameservers its queries went to, so that the
+    /// answers are shown coming from them. Fixed size, freed with the
+    /// socket.
+    pub const DNS_SOCKETS: &str = "DNS_SOCKETS";
     /// `HashMap<u64, Conn>` (no preallocation): every captured outbound
     /// connection under its application socket's cookie, from `connect4`
     /// until the application releases the socket (or, for a connection whose
@@ -88,7 +96,7 @@ pub mod map_names {
 
     /// Maps whose content is the policy: a one-shot apply makes a new set
     /// each time; a node install keeps one set.
-    pub const POLICY: [&str; 13] = [
+    pub const POLICY: [&str; 14] = [
         CONFIGS,
         POD_ADDRS,
         PORTS,
@@ -96,6 +104,7 @@ pub mod map_names {
         PROXY_GIDS,
         OWNER_GROUPS,
         SERVICES,
+        DNS_SERVERS,
         EXCLUDE_V4,
         INCLUDE_V4,
         LOCAL_V4,
@@ -106,7 +115,15 @@ pub mod map_names {
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
     /// destination.
-    pub const STATE: [&str; 6] = [LAYOUT, ORIG_DST, CONNS, TUPLES, COUNTERS, INBOUND_LISTENER];
+    pub const STATE: [&str; 7] = [
+        LAYOUT,
+        ORIG_DST,
+        DNS_SOCKETS,
+        CONNS,
+        TUPLES,
+        COUNTERS,
+        INBOUND_LISTENER,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -135,8 +152,24 @@ pub mod program_names {
     /// `sk_lookup` (on the pod's network namespace): steers captured inbound
     /// connections to the proxy's listener.
     pub const SK_LOOKUP: &str = "redirect_sk_lookup";
+    /// `cgroup_skb/egress`: notes the DNS id of each captured query as it
+    /// leaves, with the nameserver it was for.
+    pub const DNS_EGRESS: &str = "redirect_dns_egress";
+    /// `cgroup_skb/ingress`: matches each answer from the DNS proxy to its
+    /// query by DNS id, in the order the socket receives them.
+    pub const DNS_INGRESS: &str = "redirect_dns_ingress";
+    /// `cgroup/recvmsg4`: shows a DNS answer coming from the nameserver
+    /// its query was sent to.
+    pub const RECVMSG4: &str = "redirect_recvmsg4";
+    /// `cgroup/recvmsg6`: the IPv6 counterpart of [`RECVMSG4`].
+    pub const RECVMSG6: &str = "redirect_recvmsg6";
+    /// `cgroup/sendmsg4`: decides and rewrites each UDP datagram sent with
+    /// an address (DNS capture).
+    pub const SENDMSG4: &str = "redirect_sendmsg4";
+    /// `cgroup/sendmsg6`: the IPv6 counterpart of [`SENDMSG4`].
+    pub const SENDMSG6: &str = "redirect_sendmsg6";
     /// All programs, in the order they are attached.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 16] = [
         SOCK_OPS,
         SOCK_RELEASE,
         GETSOCKOPT,
@@ -144,7 +177,13 @@ pub mod program_names {
         GETPEERNAME6,
         GETSOCKNAME4,
         GETSOCKNAME6,
+        DNS_EGRESS,
+        DNS_INGRESS,
+        RECVMSG4,
+        RECVMSG6,
         SK_LOOKUP,
+        SENDMSG4,
+        SENDMSG6,
         CONNECT4,
         CONNECT6,
     ];
@@ -230,7 +269,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 17;
 /// Version of the layout of the state maps ([`map_names::STATE`]): bumped
 /// whenever a key or value there changes, so that a pin of another layout is
 /// refused rather than reused.
-pub const STATE_LAYOUT: u64 = 4;
+pub const STATE_LAYOUT: u64 = 5;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -342,7 +381,13 @@ impl Config {
     /// connected to it; no other socket has a hand-over entry.
     #[inline(always)]
     pub const fn is_capture_port(&self, port: u16) -> bool {
-        port == self.proxy_port || port == self.inbound_port
+        port == self.proxy_port || port == self.inbound_port || self.is_dns_port(port)
+    }
+
+    /// Whether `port` is where DNS capture sends queries (never with DNS
+    /// capture off).
+    pub const fn is_dns_port(&self, port: u16) -> bool {
+        self.flags & config_flags::DNS_CAPTURE != 0 && port == self.dns_port
     }
 }
 
@@ -415,6 +460,76 @@ pub struct ProxySide {
     /// The client address to show as the socket's peer (`accept`,
     /// `getpeername`), as [`Conn::shown_src`]; all zero: the real one.
     pub shown_peer: [u32; 4],
+}
+
+/// A nameserver as a UDP socket's DNS state remembers it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DnsPeer {
+    /// Address in network order; IPv4 in word 0.
+    pub ip: [u32; 4],
+    /// Port in network order.
+    pub port_be: u16,
+    /// `AF_INET` or `AF_INET6`; 0: none.
+    pub family: u16,
+}
+
+/// A captured query on its way: its DNS id and where the application sent
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DnsQuery {
+    /// The nameserver; family 0: a free slot.
+    pub peer: DnsPeer,
+    /// The query's DNS id (as on the wire).
+    pub id: u16,
+    /// Padding, zero.
+    pub reserved: [u8; 6],
+}
+
+/// Queries a UDP socket may have in flight, per socket, whose answers are
+/// still to be matched: the oldest slot is reused when more are sent.
+pub const DNS_QUERY_SLOTS: usize = 16;
+/// Matched answers waiting in a socket's receive queue to be read, per
+/// socket (a power of two).
+pub const DNS_ANSWER_SLOTS: usize = 16;
+
+/// What [`map_names::DNS_SOCKETS`] keeps on an application's UDP socket
+/// with captured DNS. The sending path notes each query (`pending` or
+/// `connected`, then a slot of `queries` by DNS id); the receiving path
+/// matches each answer to its slot as it arrives and queues the nameserver
+/// in `answers`, which `recvmsg` takes in the same order as the socket's
+/// datagrams. Fixed size: a socket that sends millions of queries reuses
+/// the same slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DnsSocket {
+    /// The nameserver of a captured `connect()`.
+    pub connected: DnsPeer,
+    /// The nameserver of the `sendmsg()` under way (with an address).
+    pub pending: DnsPeer,
+    /// Queries sent, waiting for their answers.
+    pub queries: [DnsQuery; DNS_QUERY_SLOTS],
+    /// Nameservers of the answers received and not yet read (family 0: an
+    /// answer that matched no query).
+    pub answers: [DnsPeer; DNS_ANSWER_SLOTS],
+    /// Next slot of `queries` to use.
+    pub next_query: u32,
+    /// Answers queued in `answers` so far (its tail).
+    pub answers_in: u32,
+    /// Answers taken from `answers` so far (its head).
+    pub answers_out: u32,
+    /// The pod's [`Config::dns_port`] when the socket's state was made:
+    /// answers come from there.
+    pub dns_port: u16,
+    /// Padding, zero.
+    pub reserved: u16,
+    /// For a captured `connect()`: the local address to show where the
+    /// socket could not be bound to the pod's (as [`Conn::shown_src`]).
+    pub shown_src: [u32; 4],
 }
 
 /// Key of the tuple map: one TCP connection, from the client's side.
@@ -607,13 +722,21 @@ pub enum Counter {
     /// pod's policy cannot be found from it), never let through uncaptured.
     /// Registering the pod again (`pod add --replace`) learns its addresses.
     InboundUnknownAddr,
+    /// A captured DNS query over UDP left with its id noted (rule 5).
+    DnsQueryNoted,
+    /// A DNS answer was shown coming from the nameserver its query went to.
+    DnsAnswerShown,
+    /// An answer from the DNS proxy matched no noted query (the socket sent
+    /// it there itself, or more than [`super::DNS_QUERY_SLOTS`] queries were
+    /// in flight): shown as it came.
+    DnsAnswerUnmatched,
 }
 
 impl Counter {
     /// Number of counter slots (rules plus the extra counters).
-    pub const TOTAL: u32 = Counter::InboundUnknownAddr as u32 + 1;
+    pub const TOTAL: u32 = Counter::DnsAnswerUnmatched as u32 + 1;
     /// All extra counters, in index order.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 16] = [
         Counter::BindFailed,
         Counter::CapacityFull,
         Counter::StorageFailed,
@@ -627,6 +750,9 @@ impl Counter {
         Counter::ListenerSet,
         Counter::InboundNoListener,
         Counter::InboundUnknownAddr,
+        Counter::DnsQueryNoted,
+        Counter::DnsAnswerShown,
+        Counter::DnsAnswerUnmatched,
     ];
 
     /// Stable snake_case name, as `redirect status --json` prints it.
@@ -645,6 +771,9 @@ impl Counter {
             Counter::ListenerSet => "listener_set",
             Counter::InboundNoListener => "inbound_no_listener",
             Counter::InboundUnknownAddr => "inbound_unknown_addr",
+            Counter::DnsQueryNoted => "dns_query_noted",
+            Counter::DnsAnswerShown => "dns_answer_shown",
+            Counter::DnsAnswerUnmatched => "dns_answer_unmatched",
         }
     }
 }
@@ -658,6 +787,7 @@ mod pod {
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::ProxySide {}
+    unsafe impl aya::Pod for super::DnsSocket {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::IdKey {}

@@ -50,10 +50,11 @@ use crate::{
 const BPF_NOEXIST: u64 = 1;
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 /// Returned to let the syscall proceed.
-const ALLOW: i32 = 1;
+pub const ALLOW: i32 = 1;
 /// Returned to fail the syscall with `EPERM`.
-const DENY: i32 = 0;
+pub const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -67,14 +68,16 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     unsafe { connect6(ctx.sock_addr) }
 }
 
-/// The connect as the decision sees it.
+/// The connect as the decision sees it; `bound_src`: the socket's bound
+/// address, unspecified (`0.0.0.0`, `::`) if none.
 #[inline(always)]
-fn outbound(
+pub fn outbound(
     cfg: &Config,
     sa: &bpf_sock_addr,
-    bound_src: Option<Addr>,
+    bound_src: &Addr,
     dst: Addr,
     port_be: u32,
+    udp: bool,
 ) -> Outbound {
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let (uid, gid) = if cfg.has(config_flags::OWNER_FROM_FILE) {
@@ -86,16 +89,29 @@ fn outbound(
     let in_proxy_cgroup = cfg.has(config_flags::HAS_CGROUP)
         && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.proxy_cgroup_level as i32) }
             == cfg.proxy_cgroup_id;
-    Outbound {
-        udp: false,
-        uid,
-        gid,
-        mark: unsafe { (*sk).mark },
-        in_proxy_cgroup,
-        bound_src,
-        dst,
-        dport: u16::from_be(port_be as u16),
+    // Built in zeroed memory, field by field: a `None` built as a value
+    // leaves its payload undefined, and the compiler may then copy any
+    // register there (an uninitialised one, or the context pointer), which
+    // the verifier refuses.
+    // SAFETY: all-zero bytes are a valid `Outbound`.
+    let mut o: Outbound = unsafe { core::mem::zeroed() };
+    o.udp = udp;
+    o.uid = uid;
+    o.gid = gid;
+    o.mark = unsafe { (*sk).mark };
+    o.in_proxy_cgroup = in_proxy_cgroup;
+    let unbound = match bound_src {
+        Addr::V4(a) => *a == 0,
+        Addr::V6(b) => *b == [0; 16],
+    };
+    if unbound {
+        o.bound_src = None;
+    } else {
+        o.bound_src = Some(*bound_src);
     }
+    o.dst = dst;
+    o.dport = u16::from_be(port_be as u16);
+    o
 }
 
 /// The owner iptables' `-m owner` sees: the file system UID and GID of the
@@ -145,7 +161,7 @@ fn socket_owner(cfg: &Config, sk: *mut bpf_sock) -> (u32, u32) {
 /// Decides. `Ok(None)`: leave the connect alone; `Ok(Some((port,
 /// over_lo)))`: capture it, to `port`.
 #[inline(always)]
-fn decide(cfg: &Config, conn: &Outbound) -> (Option<(u16, bool)>, u16) {
+pub fn decide(cfg: &Config, conn: &Outbound) -> (Option<(u16, bool)>, u16) {
     let verdict = decide_outbound(cfg, &KernelPolicy { id: cfg.policy }, conn);
     count(verdict.rule as u32);
     match verdict.action {
@@ -194,7 +210,7 @@ fn record(sa: &bpf_sock_addr, orig: OrigDst, shown_src: [u32; 4]) -> bool {
 /// namespace owns it, the route's source otherwise; none (0) for 127/8,
 /// where the kernel picks 127.0.0.1 as it would have.
 #[inline(always)]
-fn source_v4(cfg: &Config, dst: &Addr, dst_be: u32, over_lo: bool) -> u32 {
+pub fn source_v4(cfg: &Config, dst: &Addr, dst_be: u32, over_lo: bool) -> u32 {
     if dst.is_loopback_range() {
         0
     } else if over_lo {
@@ -251,7 +267,7 @@ unsafe fn bind6(sa: &mut bpf_sock_addr, src: [u32; 4]) -> bool {
 /// be bound again; otherwise `bpf_bind` (`mapped`: as `::ffff:a.b.c.d`, for
 /// an IPv6 socket).
 #[inline(always)]
-unsafe fn ipv4_source(
+pub unsafe fn ipv4_source(
     sa: &mut bpf_sock_addr,
     src_be: u32,
     bound_be: u32,
@@ -276,7 +292,7 @@ unsafe fn ipv4_source(
 /// (a namespace no pod registered: the host, a pod without a sidecar) means
 /// hands off.
 #[inline(always)]
-fn sock_addr_pod(sa: &mut bpf_sock_addr) -> Option<&'static Config> {
+pub fn sock_addr_pod(sa: &mut bpf_sock_addr) -> Option<&'static Config> {
     // SAFETY: `sa` is this program's context.
     pod_config(unsafe { bpf_get_netns_cookie((sa as *mut bpf_sock_addr).cast()) })
 }
@@ -284,21 +300,25 @@ fn sock_addr_pod(sa: &mut bpf_sock_addr) -> Option<&'static Config> {
 #[inline(always)]
 unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
     let sa = unsafe { &mut *sa };
-    if sa.protocol != IPPROTO_TCP {
+    if sa.protocol != IPPROTO_TCP && sa.protocol != IPPROTO_UDP {
         return ALLOW;
     }
     let Some(cfg) = sock_addr_pod(sa) else {
         return ALLOW;
     };
+    if sa.protocol == IPPROTO_UDP {
+        return unsafe { crate::dns::connect4(sa, cfg) };
+    }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let (bound_src_be, bound_port) = unsafe { ((*sk).src_ip4, (*sk).src_port) };
     let dst_be = sa.user_ip4;
     let conn = outbound(
         cfg,
         sa,
-        (bound_src_be != 0).then(|| Addr::V4(u32::from_be(bound_src_be))),
+        &Addr::V4(u32::from_be(bound_src_be)),
         Addr::V4(u32::from_be(dst_be)),
         sa.user_port,
+        false,
     );
     let (Some((port, over_lo)), rule) = decide(cfg, &conn) else {
         return ALLOW;
@@ -323,12 +343,15 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
 #[inline(always)]
 unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     let sa = unsafe { &mut *sa };
-    if sa.protocol != IPPROTO_TCP {
+    if sa.protocol != IPPROTO_TCP && sa.protocol != IPPROTO_UDP {
         return ALLOW;
     }
     let Some(cfg) = sock_addr_pod(sa) else {
         return ALLOW;
     };
+    if sa.protocol == IPPROTO_UDP {
+        return unsafe { crate::dns::connect6(sa, cfg) };
+    }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     let (bound, bound_port) = unsafe {
         (
@@ -351,9 +374,10 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     let conn = outbound(
         cfg,
         sa,
-        (!unbound).then(|| Addr::from_ip6_words(bound)),
+        &Addr::from_ip6_words(bound),
         Addr::from_ip6_words(dst),
         sa.user_port,
+        false,
     );
     let (Some((port, over_lo)), rule) = decide(cfg, &conn) else {
         return ALLOW;

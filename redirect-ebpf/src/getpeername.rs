@@ -3,7 +3,8 @@
 //! it would see under iptables REDIRECT.
 //!
 //! - The application's socket (connected to a capture port) sees the peer it
-//!   asked for: its connection's original destination.
+//!   asked for: its connection's original destination (for a UDP socket
+//!   connected to a nameserver DNS capture took, that nameserver).
 //! - The proxy's accepted socket (bound to a capture port) sees the
 //!   application's address, where the connection could not be made from it
 //!   (IPv6, or a socket the application had bound to a wildcard address): the
@@ -19,7 +20,7 @@ use aya_ebpf::{
 };
 use redirect_common::{AF_INET, Config};
 
-use crate::maps::{CONNS, pod_config, proxy_side_of, put_ip6};
+use crate::maps::{CONNS, dns_socket, pod_config, proxy_side_of, put_ip6};
 
 /// What the socket should be shown as its peer: `(family, address words,
 /// port)`, the port in network order (`None`: keep the kernel's).
@@ -32,10 +33,20 @@ fn shown_peer(sa: &mut bpf_sock_addr) -> Option<(u16, [u32; 4], Option<u16>)> {
     if cfg.is_capture_port(u16::from_be(sa.user_port as u16)) {
         // SAFETY: `sa` is this program's context.
         let cookie = unsafe { bpf_get_socket_cookie((sa as *mut bpf_sock_addr).cast()) };
-        let conn = CONNS.get_ptr(cookie)?;
-        // SAFETY: a live map value, copied out.
-        let orig = unsafe { (*conn).orig };
-        return Some((orig.family, orig.ip, Some(orig.port_be)));
+        if let Some(conn) = CONNS.get_ptr(cookie) {
+            // SAFETY: a live map value, copied out.
+            let orig = unsafe { (*conn).orig };
+            return Some((orig.family, orig.ip, Some(orig.port_be)));
+        }
+        // A UDP socket whose connect() DNS capture took.
+        let sk = unsafe { sa.__bindgen_anon_1.sk };
+        let state = dns_socket(sk, false)?;
+        // SAFETY: the socket's live storage, copied out.
+        let peer = unsafe { (*state).connected };
+        if peer.family == 0 {
+            return None;
+        }
+        return Some((peer.family, peer.ip, Some(peer.port_be)));
     }
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // SAFETY: the kernel's socket of this call.

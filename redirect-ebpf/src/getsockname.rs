@@ -2,7 +2,8 @@
 //! captured connection could not be made from the pod's address (IPv6, where
 //! the kernel cannot answer a loopback peer from it; or a socket the
 //! application had already bound to a wildcard address and a port) still
-//! sees the pod's address as its local address, as under iptables REDIRECT.
+//! sees the pod's address as its local address, as under iptables REDIRECT;
+//! so does a UDP socket whose `connect()` to a nameserver DNS capture took.
 //! The port is the real one. Other sockets are left alone after a port
 //! comparison.
 
@@ -14,7 +15,7 @@ use aya_ebpf::{
 };
 use redirect_common::AF_INET;
 
-use crate::maps::{CONNS, pod_config, put_ip6};
+use crate::maps::{CONNS, dns_socket, pod_config, put_ip6};
 
 /// The local address to show: `(family of the connection, address words)`.
 #[inline(always)]
@@ -28,9 +29,15 @@ fn shown_local(sa: &mut bpf_sock_addr) -> Option<(u16, [u32; 4])> {
     }
     // SAFETY: `sa` is this program's context.
     let cookie = unsafe { bpf_get_socket_cookie((sa as *mut bpf_sock_addr).cast()) };
-    let conn = CONNS.get_ptr(cookie)?;
-    // SAFETY: a live map value, copied out.
-    let (family, shown) = unsafe { ((*conn).orig.family, (*conn).shown_src) };
+    let (family, shown) = if let Some(conn) = CONNS.get_ptr(cookie) {
+        // SAFETY: a live map value, copied out.
+        unsafe { ((*conn).orig.family, (*conn).shown_src) }
+    } else {
+        // A UDP socket whose connect() DNS capture took.
+        let state = dns_socket(sk, false)?;
+        // SAFETY: the socket's live storage, copied out.
+        unsafe { ((*state).connected.family, (*state).shown_src) }
+    };
     if shown == [0; 4] {
         return None;
     }

@@ -3,7 +3,9 @@
 //! and `getsockname.rs` (`cgroup/getpeername4/6`, `getsockname4/6`: what the
 //! application and the proxy are shown), `sockops.rs` (`sockops`),
 //! `sock_release.rs` (`cgroup/sock_release`), `getsockopt.rs`
-//! (`cgroup/getsockopt`), `sk_lookup.rs` (`sk_lookup`, inbound). Maps and the
+//! (`cgroup/getsockopt`), `sk_lookup.rs` (`sk_lookup`, inbound), `dns.rs`
+//! (DNS capture over UDP: `cgroup/sendmsg4/6`, `recvmsg4/6`,
+//! `cgroup_skb/egress` and `ingress`, and `connect4/6`'s UDP side). Maps and the
 //! glue to the shared decision code live in `maps.rs` and `policy.rs`; the
 //! 4-tuple key, built alike by both ends of a connection, in `tuple.rs`. The
 //! decision itself is in `redirect-common`.
@@ -16,6 +18,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod dns;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]

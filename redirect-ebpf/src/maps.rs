@@ -10,6 +10,7 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AddrKey, BPF_F_NO_PREALLOC, Cidr4Key, Cidr6Key, Config, Conn, Counter, DEFAULT_CIDR_CAPACITY,
+    DnsSocket,
     DEFAULT_MAX_CONNECTIONS, IdKey, Ip6Key, ListenerKey, PolicyServiceKey, PortKey, ProxySide,
     SET_CAPACITY, TupleKey,
 };
@@ -42,6 +43,10 @@ pub static SERVICES: HashMap<PolicyServiceKey, u8> =
     HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
+pub static DNS_SERVERS: HashMap<PolicyServiceKey, u8> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+#[map]
 pub static LOCAL_V4: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
@@ -63,6 +68,9 @@ pub static LAYOUT: Array<u64> = Array::with_max_entries(1, 0);
 
 #[btf_map]
 pub static ORIG_DST: SkStorage<ProxySide> = SkStorage::new();
+
+#[btf_map]
+pub static DNS_SOCKETS: SkStorage<DnsSocket> = SkStorage::new();
 
 #[map]
 pub static CONNS: HashMap<u64, Conn> =
@@ -167,6 +175,25 @@ pub fn set_proxy_side(sk: *mut bpf_sock, value: &ProxySide) -> Option<()> {
     let p = storage(sk, true)?;
     unsafe { *p = *value };
     Some(())
+}
+
+/// The DNS state of socket `sk`; with `create`, a zeroed one is made if
+/// there is none. `None` if absent or not allocatable.
+#[inline(always)]
+pub fn dns_socket(sk: *mut bpf_sock, create: bool) -> Option<*mut DnsSocket> {
+    if sk.is_null() {
+        return None;
+    }
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE.into()
+    } else {
+        0
+    };
+    let map = core::ptr::addr_of!(DNS_SOCKETS).cast_mut().cast();
+    // SAFETY: `sk` is a non-null full socket pointer handed to us by the
+    // kernel.
+    let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) };
+    if p.is_null() { None } else { Some(p.cast()) }
 }
 
 /// `struct sockaddr_in6`, as `bpf_bind` takes it and

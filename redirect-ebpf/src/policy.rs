@@ -8,7 +8,7 @@ use redirect_common::{
 };
 
 use crate::maps::{
-    EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
+    DNS_SERVERS, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
     PROXY_GIDS, PROXY_UIDS, SERVICES,
 };
 
@@ -100,7 +100,20 @@ impl PolicyMaps for KernelPolicy {
     }
 
     #[inline(always)]
+    fn is_dns_server(&self, dst: &Addr) -> bool {
+        DNS_SERVERS.get_ptr(self.service_key(dst, 53)).is_some()
+    }
+
+    #[inline(always)]
     fn is_service(&self, dst: &Addr, port: u16) -> bool {
+        SERVICES.get_ptr(self.service_key(dst, port)).is_some()
+    }
+}
+
+impl KernelPolicy {
+    /// `dst:port` as a key of this policy's `SERVICES` or `DNS_SERVERS`.
+    #[inline(always)]
+    fn service_key(&self, dst: &Addr, port: u16) -> PolicyServiceKey {
         let service = match dst {
             Addr::V4(a) => ServiceKey {
                 ip: [a.to_be(), 0, 0, 0],
@@ -113,12 +126,10 @@ impl PolicyMaps for KernelPolicy {
                 family: AF_INET6,
             },
         };
-        SERVICES
-            .get_ptr(PolicyServiceKey {
-                policy: self.id,
-                service,
-                reserved: 0,
-            })
-            .is_some()
+        PolicyServiceKey {
+            policy: self.id,
+            service,
+            reserved: 0,
+        }
     }
 }

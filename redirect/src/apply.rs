@@ -55,7 +55,7 @@ pub static EBPF_OBJECT: &[u8] =
 /// Programs in attach order, with their hook and short pin name. Connect4 and
 /// sk_lookup come last so nothing is redirected before the hand-over path,
 /// the release path and the listener registration are in place.
-pub const PROGRAMS: [(&str, AttachType, &str); 10] = [
+pub const PROGRAMS: [(&str, AttachType, &str); 16] = [
     (program_names::SOCK_OPS, AttachType::SockOps, "sockops"),
     (
         program_names::SOCK_RELEASE,
@@ -87,7 +87,21 @@ pub const PROGRAMS: [(&str, AttachType, &str); 10] = [
         AttachType::GetSockName6,
         "getsockname6",
     ),
+    (
+        program_names::DNS_EGRESS,
+        AttachType::SkbEgress,
+        "dns_egress",
+    ),
+    (
+        program_names::DNS_INGRESS,
+        AttachType::SkbIngress,
+        "dns_ingress",
+    ),
+    (program_names::RECVMSG4, AttachType::RecvMsg4, "recvmsg4"),
+    (program_names::RECVMSG6, AttachType::RecvMsg6, "recvmsg6"),
     (program_names::SK_LOOKUP, AttachType::SkLookup, "sk_lookup"),
+    (program_names::SENDMSG4, AttachType::SendMsg4, "sendmsg4"),
+    (program_names::SENDMSG6, AttachType::SendMsg6, "sendmsg6"),
     (program_names::CONNECT4, AttachType::Connect4, "connect4"),
     (program_names::CONNECT6, AttachType::Connect6, "connect6"),
 ];
@@ -157,7 +171,6 @@ pub fn apply(req: &ApplyRequest) -> Result<ApplyReport> {
     if !req.allow_no_proxy_exemption {
         req.policy.check_proxy_exemption()?;
     }
-    req.policy.check_loadable()?;
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
     refuse_bpffs_root(&req.pin_dir)?;
@@ -423,6 +436,7 @@ pub fn load_and_pin<'a>(
         Program::CgroupSock(p) => p.load(),
         Program::CgroupSockopt(p) => p.load(),
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         Program::SkLookup(p) => p.load(),
         _ => bail!("program {name} has an unexpected type"),
     };

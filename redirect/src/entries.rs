@@ -40,6 +40,8 @@ pub struct PolicyEntries {
     pub owner_groups: Vec<u32>,
     /// `SERVICES`.
     pub services: Vec<ServiceKey>,
+    /// `DNS_SERVERS`: each nameserver DNS capture takes, as `address:53`.
+    pub dns_servers: Vec<ServiceKey>,
     /// `EXCLUDE_V4`: `(address, prefix)`.
     pub exclude_v4: Vec<(Ipv4Addr, u8)>,
     /// `INCLUDE_V4`.
@@ -231,6 +233,7 @@ impl PolicyEntries {
             proxy_gids: spec.proxy_gids.clone(),
             owner_groups: spec.owner_group_ids().to_vec(),
             services: spec.service_keys().collect(),
+            dns_servers: spec.dns_server_keys().collect(),
             exclude_v4: PolicySpec::v4_cidrs(&spec.exclude_cidrs).collect(),
             include_v4: PolicySpec::v4_cidrs(include).collect(),
             exclude_v6: PolicySpec::v6_cidrs(&spec.exclude_cidrs).collect(),
@@ -238,6 +241,14 @@ impl PolicyEntries {
             local_v4,
             local_v6,
         }
+    }
+
+    /// The maps of `ip:port` keys and their entries.
+    fn service_lists(&self) -> [(&'static str, &Vec<ServiceKey>); 2] {
+        [
+            (map_names::SERVICES, &self.services),
+            (map_names::DNS_SERVERS, &self.dns_servers),
+        ]
     }
 
     /// The policy id.
@@ -277,6 +288,7 @@ impl PolicyEntries {
             (map_names::PROXY_GIDS, self.proxy_gids.len()),
             (map_names::OWNER_GROUPS, self.owner_groups.len()),
             (map_names::SERVICES, self.services.len()),
+            (map_names::DNS_SERVERS, self.dns_servers.len()),
             (map_names::LOCAL_V4, self.local_v4.len()),
             (map_names::LOCAL_V6, self.local_v6.len()),
         ]
@@ -309,16 +321,16 @@ impl PolicyEntries {
                 set.insert(id_key(id, *x), 1, 0).context(full(name))?;
             }
         }
-        let mut services = maps.hash::<PolicyServiceKey, u8>(map_names::SERVICES)?;
-        for s in &self.services {
-            let key = PolicyServiceKey {
-                policy: id,
-                service: *s,
-                reserved: 0,
-            };
-            services
-                .insert(key, 1, 0)
-                .context(full(map_names::SERVICES))?;
+        for (name, list) in self.service_lists() {
+            let mut services = maps.hash::<PolicyServiceKey, u8>(name)?;
+            for s in list {
+                let key = PolicyServiceKey {
+                    policy: id,
+                    service: *s,
+                    reserved: 0,
+                };
+                services.insert(key, 1, 0).context(full(name))?;
+            }
         }
         for (name, list) in [
             (map_names::EXCLUDE_V4, &self.exclude_v4),
@@ -409,14 +421,16 @@ impl PolicyEntries {
                 ignore_missing(set.remove(&id_key(id, *x)), name)?;
             }
         }
-        let mut services = maps.hash::<PolicyServiceKey, u8>(map_names::SERVICES)?;
-        for s in &self.services {
-            let key = PolicyServiceKey {
-                policy: id,
-                service: *s,
-                reserved: 0,
-            };
-            ignore_missing(services.remove(&key), map_names::SERVICES)?;
+        for (name, list) in self.service_lists() {
+            let mut services = maps.hash::<PolicyServiceKey, u8>(name)?;
+            for s in list {
+                let key = PolicyServiceKey {
+                    policy: id,
+                    service: *s,
+                    reserved: 0,
+                };
+                ignore_missing(services.remove(&key), name)?;
+            }
         }
         for (name, list) in [
             (map_names::EXCLUDE_V4, &self.exclude_v4),
@@ -503,17 +517,18 @@ impl PolicyEntries {
                 out.insert(0, x);
             }
         }
-        for k in maps
-            .hash::<PolicyServiceKey, u8>(map_names::SERVICES)?
-            .keys()
-        {
-            let k = k.context("reading SERVICES")?;
-            if k.policy == id {
-                e.services.push(k.service);
+        for (name, out) in [
+            (map_names::SERVICES, &mut e.services),
+            (map_names::DNS_SERVERS, &mut e.dns_servers),
+        ] {
+            for k in maps.hash::<PolicyServiceKey, u8>(name)?.keys() {
+                let k = k.with_context(|| format!("reading {name}"))?;
+                if k.policy == id {
+                    out.push(k.service);
+                }
             }
+            sort_services(out);
         }
-        e.services
-            .sort_unstable_by_key(|s| (s.family, s.ip.map(u32::from_be), s.port));
         for (name, out) in [
             (map_names::EXCLUDE_V4, &mut e.exclude_v4),
             (map_names::INCLUDE_V4, &mut e.include_v4),
@@ -587,9 +602,10 @@ impl PolicyEntries {
         }
         self.owner_groups.sort_unstable();
         self.owner_groups.dedup();
-        self.services
-            .sort_unstable_by_key(|s| (s.family, s.ip.map(u32::from_be), s.port));
+        sort_services(&mut self.services);
         self.services.dedup();
+        sort_services(&mut self.dns_servers);
+        self.dns_servers.dedup();
         for l in [&mut self.exclude_v4, &mut self.include_v4] {
             l.sort_unstable();
             l.dedup();
@@ -622,9 +638,11 @@ impl PolicyEntries {
                 w.extend_from_slice(&x.to_le_bytes());
             }
         }
-        len(&mut w, self.services.len());
-        for s in &self.services {
-            w.extend_from_slice(bytemuck::bytes_of(s));
+        for list in [&self.services, &self.dns_servers] {
+            len(&mut w, list.len());
+            for s in list {
+                w.extend_from_slice(bytemuck::bytes_of(s));
+            }
         }
         for l in [&self.exclude_v4, &self.include_v4] {
             len(&mut w, l.len());
@@ -672,10 +690,12 @@ impl PolicyEntries {
                 ids.push(u32::from_le_bytes(r.array()?));
             }
         }
-        for _ in 0..r.len()? {
-            e.services.push(bytemuck::pod_read_unaligned(
-                r.take(size_of::<ServiceKey>())?,
-            ));
+        for list in [&mut e.services, &mut e.dns_servers] {
+            for _ in 0..r.len()? {
+                list.push(bytemuck::pod_read_unaligned(
+                    r.take(size_of::<ServiceKey>())?,
+                ));
+            }
         }
         for l in [&mut e.exclude_v4, &mut e.include_v4] {
             for _ in 0..r.len()? {
@@ -704,8 +724,13 @@ impl PolicyEntries {
     }
 }
 
+/// Sorts `ip:port` keys as [`PolicyEntries::read`] returns them.
+fn sort_services(list: &mut [ServiceKey]) {
+    list.sort_unstable_by_key(|s| (s.family, s.ip.map(u32::from_be), s.port));
+}
+
 /// First bytes of a policy record.
-const MAGIC: &[u8; 8] = b"rdpol001";
+const MAGIC: &[u8; 8] = b"rdpol002";
 
 struct Reader<'a> {
     b: &'a [u8],

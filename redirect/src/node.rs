@@ -47,7 +47,7 @@ pub const MAX_PODS_LIMIT: u32 = 1 << 16;
 /// Node-wide entries a pod's policy may use on average, per map: the pools
 /// the node's policy maps are sized to (`--max-pods` times these). One pod
 /// may use more as long as the pool has room.
-pub const PER_POD: [(&str, u32); 9] = [
+pub const PER_POD: [(&str, u32); 10] = [
     (map_names::CONFIGS, 1),
     (map_names::POD_ADDRS, 8),
     (map_names::PORTS, 32),
@@ -55,6 +55,7 @@ pub const PER_POD: [(&str, u32); 9] = [
     (map_names::PROXY_GIDS, 4),
     (map_names::OWNER_GROUPS, 4),
     (map_names::SERVICES, 16),
+    (map_names::DNS_SERVERS, 4),
     (map_names::LOCAL_V4, 8),
     (map_names::LOCAL_V6, 8),
 ];

@@ -307,7 +307,6 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     if !req.allow_no_proxy_exemption {
         req.policy.check_proxy_exemption()?;
     }
-    req.policy.check_loadable()?;
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
     refuse_bpffs_root(&req.pin_dir)?;

@@ -236,7 +236,6 @@ fn check_pod_input(req: &AddRequest) -> Result<(File, crate::policy::NetnsFacts)
     if !req.allow_no_proxy_exemption {
         req.policy.check_proxy_exemption()?;
     }
-    req.policy.check_loadable()?;
     let netns_file = pod_netns(&req.netns)?;
     let facts = netns::probe(Some(&req.netns))?;
     for v4 in [true, false] {

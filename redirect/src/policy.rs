@@ -91,13 +91,6 @@ pub enum PolicyError {
         /// The other.
         b: &'static str,
     },
-    /// DNS capture asked of the kernel programs, which do not do it yet.
-    #[error(
-        "--redirect-dns: DNS capture is decided and rendered (redirect iptables, explain) but \
-         the kernel programs do not capture DNS yet (UDP); turn DNS proxying off for pods that \
-         use redirect (ISTIO_META_DNS_CAPTURE=false), or keep istio-iptables for them"
-    )]
-    DnsNotLoadable,
     /// Outbound capture with nothing to tell the proxy's own connections
     /// apart: they would be captured and loop back to the proxy.
     #[error(
@@ -621,14 +614,6 @@ impl PolicySpec {
             || self.proxy_cgroup.is_some()
     }
 
-    /// Refuses what the kernel programs cannot do yet: DNS capture.
-    pub fn check_loadable(&self) -> Result<(), PolicyError> {
-        if self.dns.is_some() {
-            return Err(PolicyError::DnsNotLoadable);
-        }
-        Ok(())
-    }
-
     /// Refuses a policy that captures outbound traffic with no proxy
     /// exemption at all: the proxy's own connections would loop back to it.
     pub fn check_proxy_exemption(&self) -> Result<(), PolicyError> {
@@ -751,6 +736,15 @@ impl PolicySpec {
             OwnerGroups::All => &[],
             OwnerGroups::Include(l) | OwnerGroups::Exclude(l) => l,
         }
+    }
+
+    /// The keys of the nameservers DNS capture takes (`address:53`); none
+    /// without DNS capture.
+    pub fn dns_server_keys(&self) -> impl Iterator<Item = redirect_common::ServiceKey> + '_ {
+        self.dns
+            .iter()
+            .flat_map(|d| d.servers.iter())
+            .map(|ip| service_key(&std::net::SocketAddr::new(*ip, 53)))
     }
 
     /// The service map's keys.

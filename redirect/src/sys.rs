@@ -28,12 +28,24 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
 pub enum AttachType {
+    /// `BPF_CGROUP_INET_INGRESS`.
+    SkbIngress = 0,
+    /// `BPF_CGROUP_INET_EGRESS`.
+    SkbEgress = 1,
     /// `BPF_CGROUP_SOCK_OPS`.
     SockOps = 3,
     /// `BPF_CGROUP_INET4_CONNECT`.
     Connect4 = 10,
     /// `BPF_CGROUP_INET6_CONNECT`.
     Connect6 = 11,
+    /// `BPF_CGROUP_UDP4_SENDMSG`.
+    SendMsg4 = 14,
+    /// `BPF_CGROUP_UDP6_SENDMSG`.
+    SendMsg6 = 15,
+    /// `BPF_CGROUP_UDP4_RECVMSG`.
+    RecvMsg4 = 19,
+    /// `BPF_CGROUP_UDP6_RECVMSG`.
+    RecvMsg6 = 20,
     /// `BPF_CGROUP_GETSOCKOPT`.
     GetSockopt = 21,
     /// `BPF_CGROUP_INET4_GETPEERNAME`.
@@ -54,6 +66,12 @@ impl AttachType {
     /// The hook's name as `bpftool` and the docs write it.
     pub fn hook(self) -> &'static str {
         match self {
+            Self::SkbIngress => "cgroup_skb/ingress",
+            Self::SkbEgress => "cgroup_skb/egress",
+            Self::SendMsg4 => "cgroup/sendmsg4",
+            Self::SendMsg6 => "cgroup/sendmsg6",
+            Self::RecvMsg4 => "cgroup/recvmsg4",
+            Self::RecvMsg6 => "cgroup/recvmsg6",
             Self::SockOps => "sock_ops",
             Self::Connect4 => "cgroup/connect4",
             Self::Connect6 => "cgroup/connect6",

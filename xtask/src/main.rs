@@ -356,6 +356,15 @@ fn setup() -> Result<()> {
     if !Path::new("/bin/busybox").exists() {
         missing.push("busybox-static");
     }
+    // DNS capture is checked with real resolvers and servers: glibc's
+    // (`getent`), dig (bind9-dnsutils) and dnsmasq (as the upstream
+    // nameserver and as a stand-in for the mesh's DNS proxy).
+    if output("dig", &["-v"]).is_none() {
+        missing.push("bind9-dnsutils");
+    }
+    if output("dnsmasq", &["--version"]).is_none() {
+        missing.push("dnsmasq-base");
+    }
     if !missing.is_empty() {
         apt_install(&missing)?;
     }
