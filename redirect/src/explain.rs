@@ -29,7 +29,8 @@ use serde::Serialize;
 use crate::{
     cli::{DirectionArg, ExplainArgs},
     policy::{
-        Cidr, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy, parse_inbound_ports,
+        Cidr, DnsCapture, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy,
+        parse_inbound_ports,
         parse_include, to_addr,
     },
 };
@@ -520,8 +521,22 @@ fn spec_of(p: &crate::status::PolicyStatus, pin_dir: &Path) -> Result<(PolicySpe
             (true, true) => OwnerGroups::All,
         },
         services,
-        // A pinned policy never has DNS capture (apply refuses it).
-        dns: None,
+        dns: p
+            .dns
+            .as_ref()
+            .map(|d| {
+                let servers = d
+                    .servers
+                    .iter()
+                    .map(|a| a.parse::<IpAddr>().map_err(|e| anyhow::anyhow!("{a}: {e}")))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok::<_, anyhow::Error>(DnsCapture {
+                    capture_all: d.capture_all,
+                    servers,
+                })
+            })
+            .transpose()
+            .with_context(ctx)?,
     };
     let facts = NetnsFacts {
         local_addrs,

@@ -68,10 +68,23 @@ pub struct PolicyStatus {
     pub owner_groups_exclude: Vec<u32>,
     /// Explicit services (`ip:port`).
     pub services: Vec<String>,
+    /// DNS capture (rule 5): `None` if off.
+    pub dns: Option<DnsStatus>,
     /// Addresses the pod's namespace owns.
     pub local_addrs: Vec<String>,
     /// Source address bound on redirected sockets.
     pub source_v4: Option<String>,
+}
+
+/// DNS capture as `status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DnsStatus {
+    /// Where queries go (15053).
+    pub port: u16,
+    /// Queries to any address are captured (`--capture-all-dns`).
+    pub capture_all: bool,
+    /// The nameservers whose queries are captured.
+    pub servers: Vec<String>,
 }
 
 /// What `status` says of a generation that was started and not completed.
@@ -335,19 +348,30 @@ impl PolicyStatus {
             } else {
                 (Vec::new(), Vec::new())
             };
-        let mut services: Vec<std::net::SocketAddr> = e
-            .services
-            .iter()
-            .map(|k| {
-                let ip = if k.family == redirect_common::AF_INET {
-                    IpAddr::from(k.ip[0].to_ne_bytes())
-                } else {
-                    IpAddr::from(ip6_bytes(k.ip))
-                };
-                std::net::SocketAddr::new(ip, k.port)
-            })
-            .collect();
-        services.sort();
+        let socket_addrs = |keys: &[redirect_common::ServiceKey]| {
+            let mut out: Vec<std::net::SocketAddr> = keys
+                .iter()
+                .map(|k| {
+                    let ip = if k.family == redirect_common::AF_INET {
+                        IpAddr::from(k.ip[0].to_ne_bytes())
+                    } else {
+                        IpAddr::from(ip6_bytes(k.ip))
+                    };
+                    std::net::SocketAddr::new(ip, k.port)
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        let services = socket_addrs(&e.services);
+        let dns = cfg.has(config_flags::DNS_CAPTURE).then(|| DnsStatus {
+            port: cfg.dns_port,
+            capture_all: cfg.has(config_flags::DNS_CAPTURE_ALL),
+            servers: socket_addrs(&e.dns_servers)
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect(),
+        });
         PolicyStatus {
             proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
             proxy_cgroup_id: cfg
@@ -356,6 +380,7 @@ impl PolicyStatus {
             owner_groups_include,
             owner_groups_exclude,
             services: services.iter().map(ToString::to_string).collect(),
+            dns,
             proxy_port: cfg.proxy_port,
             inbound_port: cfg.inbound_port,
             tunnel_port: cfg.tunnel_port,
@@ -454,6 +479,14 @@ impl std::fmt::Display for Status {
             writeln!(f, "owner grps  all but {}", joined(&p.owner_groups_exclude))?;
         }
         writeln!(f, "services    {}", p.services.len())?;
+        if let Some(d) = &p.dns {
+            let to = if d.capture_all {
+                "any address".to_string()
+            } else {
+                joined(&d.servers)
+            };
+            writeln!(f, "dns         port 53 of {to} -> {}", d.port)?;
+        }
         writeln!(
             f,
             "pod addrs   {} (source {})",

@@ -234,12 +234,6 @@ fn what_is_not_implemented_is_refused_by_name_and_nothing_is_applied() {
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
         (vec!["-m", "TPROXY"], vec![], "TPROXY"),
-        (
-            vec![],
-            vec![("ISTIO_META_DNS_CAPTURE", "true")],
-            "--redirect-dns",
-        ),
-        (vec!["--redirect-dns"], vec![], "--redirect-dns"),
         (vec!["-c", "eth1"], vec![], "--istio-exclude-interfaces"),
         (vec!["-k", "net0ps2"], vec![], "--kube-virt-interfaces"),
         (
@@ -263,6 +257,36 @@ fn what_is_not_implemented_is_refused_by_name_and_nothing_is_applied() {
     }
     // Nothing captured.
     assert_eq!(f.who_answers(As::APP, &upstream(80)), "upstream");
+}
+
+#[test]
+fn dns_capture_takes_the_nameservers_of_resolv_conf() {
+    need_root!();
+    let bin = IstioBin::new();
+    // What the init container reads is the pod's /etc/resolv.conf: here
+    // the machine's, which the test process shares.
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let expected: Vec<String> = redirect::policy::resolv_conf_servers(&conf)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for (args, env) in [
+        (vec![], vec![("ISTIO_META_DNS_CAPTURE", "true")]),
+        (vec!["--redirect-dns"], vec![]),
+    ] {
+        let f = Fixture::new();
+        let mut all = DEFAULT_ARGS.to_vec();
+        all.extend_from_slice(&args);
+        let out = istio_iptables(&f, &bin, INIT, &all, &env, &no_node(&f));
+        assert!(out.status.success(), "{args:?} {env:?}: {}", text(&out));
+        let status = f.status().expect("status");
+        let dns = &status["policy"]["dns"];
+        assert_eq!(dns["port"], 15053, "{status}");
+        assert_eq!(dns["capture_all"], false, "{status}");
+        assert_eq!(dns["servers"], serde_json::json!(expected), "{status}");
+        // TCP is captured as before.
+        assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+    }
 }
 
 #[test]

@@ -1578,7 +1578,7 @@ fn floor_section(w: &mut String, r: &Value) {
         "### The hooks themselves: no-op programs\n\n\
          Is the gap the hooks or the work? A third pod, `noop-hooks`, is \
          `direct` with a program that only returns (`r0 = 1; exit`) at each \
-         of redirect's ten hooks. The three are measured in turns, {} \
+         of redirect's hooks. The three are measured in turns, {} \
          rounds, as above.\n",
         r["plan"]["setup_rounds"]
     );

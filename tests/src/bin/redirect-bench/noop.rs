@@ -1,4 +1,4 @@
-//! The floor of any design on redirect's hooks: the same ten hooks with
+//! The floor of any design on redirect's hooks: the same hooks with
 //! programs that only return "go on" (two instructions each), attached to a
 //! `direct` pod. What such a pod costs over plain `direct` is what the
 //! kernel charges for running the hooks at all, before any program does
@@ -30,6 +30,9 @@ fn prog_type(attach: AttachType) -> u32 {
         AttachType::GetPeerName4 | AttachType::GetPeerName6 => 18,
         AttachType::GetSockName4 | AttachType::GetSockName6 => 18,
         AttachType::SockRelease => 9, // BPF_PROG_TYPE_CGROUP_SOCK
+        AttachType::SkbIngress | AttachType::SkbEgress => 8, // BPF_PROG_TYPE_CGROUP_SKB
+        AttachType::SendMsg4 | AttachType::SendMsg6 => 18,
+        AttachType::RecvMsg4 | AttachType::RecvMsg6 => 18,
     }
 }
 
