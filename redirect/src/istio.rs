@@ -483,7 +483,12 @@ impl IstioArgs {
         }
         if !self.kube_virt_interfaces.is_empty() {
             bail!(
-                "-k/--kube-virt-interfaces {:?}: interface rules are not implemented yet",
+                "-k/--kube-virt-interfaces {:?}: not possible without NAT. Traffic from a VM \
+                 in the pod is forwarded through the pod's namespace to other hosts; no socket \
+                 hook sees a forwarded packet (sk_lookup runs only for packets delivered \
+                 locally), so sending it to the proxy means rewriting its destination, which \
+                 is what iptables REDIRECT does. Keep istio-iptables for pods running VMs \
+                 (see docs/semantics.md)",
                 self.kube_virt_interfaces
             );
         }

@@ -74,6 +74,9 @@ enum Cmd {
         /// (every pod registered with `pod add` in a node install).
         #[arg(long)]
         node_mode: bool,
+        /// Run only this suite (repeat for several); default: all of them.
+        #[arg(long)]
+        suite: Vec<String>,
     },
     /// Regenerate the pin layout in docs/design.md from the code.
     Docs,
@@ -166,10 +169,11 @@ fn main() -> Result<()> {
         Cmd::VmTest {
             kernel_package,
             node_mode,
+            suite,
         } => {
             setup()?;
             require_root("the VM tests")?;
-            vm::run_tests(kernel_package, node_mode)
+            vm::run_tests(kernel_package, node_mode, &suite)
         }
         Cmd::Docs => docs(),
         Cmd::Image { out, test_images } => {

@@ -65,13 +65,20 @@ const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
 /// Runs the VM tests on each of `packages` (Debian kernel image packages,
 /// or meta-packages standing for the one they depend on; default
-/// `linux-image-amd64`), one VM after the other.
-pub fn run_tests(mut packages: Vec<String>, node_mode: bool) -> Result<()> {
+/// `linux-image-amd64`), one VM after the other; only `suites` of
+/// [`TESTS`] if any are named.
+pub fn run_tests(mut packages: Vec<String>, node_mode: bool, suites: &[String]) -> Result<()> {
     prerequisites()?;
     if packages.is_empty() {
         packages.push("linux-image-amd64".into());
     }
+    if let Some(unknown) = suites.iter().find(|s| !TESTS.contains(&s.as_str())) {
+        bail!("--suite {unknown}: the VM runs only {TESTS:?}");
+    }
     let mut tests = build_tests()?;
+    if !suites.is_empty() {
+        tests.retain(|(name, _)| suites.contains(name));
+    }
     if node_mode {
         // Node mode's own suite (node) runs in the one-shot VM run.
         tests.retain(|(name, _)| crate::NODE_MODE_SUITES.contains(&name.as_str()));
