@@ -366,6 +366,7 @@ const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<Conn>() == 96);
+const _: () = assert!(core::mem::size_of::<DnsSocket>() == 840);
 const _: () = assert!(core::mem::size_of::<ProxySide>() == 40);
 
 impl Config {
