@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use redirect_common::{
-    AF_INET, AF_INET6, Addr, Config, Counter, DNS_ANSWER_SLOTS, DNS_QUERY_SLOTS, DnsPeer,
-    DnsQuery, DnsSocket, V4_LOCALHOST, config_flags, is_v4_mapped,
+    AF_INET, AF_INET6, Addr, Config, Counter, DNS_ANSWER_SLOTS, DNS_QUERY_SLOTS, DnsPeer, DnsQuery,
+    DnsSocket, V4_LOCALHOST, config_flags, is_v4_mapped,
 };
 
 use crate::{
@@ -80,13 +80,7 @@ fn state_of(sk: *mut bpf_sock, cfg: &Config) -> Option<*mut DnsSocket> {
 /// programs, the compiler packed a copy of the context pointer with other
 /// values, which the verifier refuses.
 #[inline(never)]
-fn capture(
-    cfg: &Config,
-    sa: *mut bpf_sock_addr,
-    bound: &Addr,
-    dst: &Addr,
-    port_be: u32,
-) -> u32 {
+fn capture(cfg: &Config, sa: *mut bpf_sock_addr, bound: &Addr, dst: &Addr, port_be: u32) -> u32 {
     if !cfg.has(config_flags::DNS_CAPTURE) || u16::from_be(port_be as u16) != 53 {
         return 0;
     }

@@ -10,9 +10,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AddrKey, BPF_F_NO_PREALLOC, Cidr4Key, Cidr6Key, Config, Conn, Counter, DEFAULT_CIDR_CAPACITY,
-    DnsSocket,
-    DEFAULT_MAX_CONNECTIONS, IdKey, Ip6Key, ListenerKey, PolicyServiceKey, PortKey, ProxySide,
-    SET_CAPACITY, TupleKey,
+    DEFAULT_MAX_CONNECTIONS, DnsSocket, IdKey, Ip6Key, ListenerKey, PolicyServiceKey, PortKey,
+    ProxySide, SET_CAPACITY, TupleKey,
 };
 
 // ---- policy: per pod, found by network namespace (the loader sizes them) ----

@@ -8,8 +8,8 @@ use redirect_common::{
 };
 
 use crate::maps::{
-    DNS_SERVERS, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS, PORTS,
-    PROXY_GIDS, PROXY_UIDS, SERVICES,
+    DNS_SERVERS, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS,
+    PORTS, PROXY_GIDS, PROXY_UIDS, SERVICES,
 };
 
 /// One pod's policy as stored in this object's maps: its entries are those

@@ -30,8 +30,7 @@ use crate::{
     cli::{DirectionArg, ExplainArgs},
     policy::{
         Cidr, DnsCapture, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy,
-        parse_inbound_ports,
-        parse_include, to_addr,
+        parse_inbound_ports, parse_include, to_addr,
     },
 };
 
