@@ -23,7 +23,7 @@
 //! the socket's receive order. The limits are in `docs/semantics.md`.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
+    bindings::{BPF_TCP_ESTABLISHED, __sk_buff, bpf_sock, bpf_sock_addr},
     helpers::generated::bpf_sk_fullsock,
     macros::{cgroup_skb, cgroup_sock_addr},
     programs::{SkBuffContext, SockAddrContext},
@@ -359,9 +359,9 @@ fn datagram(ctx: &SkBuffContext, egress: bool) -> Option<Datagram> {
     })
 }
 
-/// The DNS state of the UDP socket sending or receiving `ctx`'s packet.
+/// The UDP socket sending or receiving `ctx`'s packet, and its DNS state.
 #[inline(always)]
-fn skb_state(ctx: &SkBuffContext) -> Option<*mut DnsSocket> {
+fn skb_state(ctx: &SkBuffContext) -> Option<(*mut bpf_sock, *mut DnsSocket)> {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // SAFETY: the kernel's packet of this call.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
@@ -374,7 +374,15 @@ fn skb_state(ctx: &SkBuffContext) -> Option<*mut DnsSocket> {
     if sk.is_null() || unsafe { (*sk).protocol } != u32::from(IPPROTO_UDP) {
         return None;
     }
-    dns_socket(sk, false)
+    Some((sk, dns_socket(sk, false)?))
+}
+
+/// Whether UDP socket `sk` is connected now: a captured `connect()` it
+/// undid (`connect(AF_UNSPEC)`, which no hook sees) no longer counts.
+#[inline(always)]
+fn is_connected(sk: *mut bpf_sock) -> bool {
+    // SAFETY: a full socket of this call.
+    unsafe { (*sk).state == BPF_TCP_ESTABLISHED }
 }
 
 #[cgroup_skb(egress)]
@@ -387,7 +395,7 @@ pub fn redirect_dns_egress(ctx: SkBuffContext) -> i32 {
 /// `sendmsg` (or `connect`) noted.
 #[inline(always)]
 fn dns_egress(ctx: &SkBuffContext) -> Option<()> {
-    let state = skb_state(ctx)?;
+    let (sk, state) = skb_state(ctx)?;
     let d = datagram(ctx, true)?;
     // SAFETY: the socket's live storage.
     unsafe {
@@ -398,7 +406,7 @@ fn dns_egress(ctx: &SkBuffContext) -> Option<()> {
             let p = (*state).pending;
             (*state).pending = DnsPeer::default();
             p
-        } else if (*state).connected.family != 0 {
+        } else if (*state).connected.family != 0 && is_connected(sk) {
             (*state).connected
         } else {
             return None;
@@ -428,7 +436,7 @@ pub fn redirect_dns_ingress(ctx: SkBuffContext) -> i32 {
 /// its id) and queues that query's nameserver for `recvmsg`.
 #[inline(always)]
 fn dns_ingress(ctx: &SkBuffContext) -> Option<()> {
-    let state = skb_state(ctx)?;
+    let (_, state) = skb_state(ctx)?;
     let d = datagram(ctx, false)?;
     // SAFETY: the socket's live storage.
     unsafe {
@@ -484,8 +492,10 @@ fn answer_source(sa: &mut bpf_sock_addr, port: u16) -> Option<DnsPeer> {
                 .answers
                 .as_ptr()
                 .add((out as usize) & (DNS_ANSWER_SLOTS - 1))
-        } else {
+        } else if is_connected(sk) {
             (*state).connected
+        } else {
+            DnsPeer::default()
         }
     };
     if peer.family == 0 {
