@@ -187,7 +187,7 @@ fn main() -> Result<()> {
 }
 
 /// Suites `cargo xtask test` runs a second time in node mode.
-const NODE_MODE_SUITES: [&str; 8] = [
+const NODE_MODE_SUITES: [&str; 9] = [
     "inbound",
     "outbound",
     "ipv6",
@@ -196,6 +196,7 @@ const NODE_MODE_SUITES: [&str; 8] = [
     "lifetime",
     "differential",
     "haproxy",
+    "dns",
 ];
 
 /// Tests of those suites about one-shot `apply` itself (its flags, its

@@ -37,7 +37,7 @@ use crate::{apt_install, env_cargo, output, root, run, target_dir};
 /// (under emulation `istio_init` alone took seven minutes, `apply_safety`'s
 /// forty-eight concurrent applies about as long, and CI has two VM runs to
 /// fit).
-const TESTS: [&str; 7] = [
+const TESTS: [&str; 8] = [
     "inbound",
     "ipv6",
     "exemptions",
@@ -45,6 +45,7 @@ const TESTS: [&str; 7] = [
     "lifetime",
     "owner",
     "node",
+    "dns",
 ];
 /// Tests that need iptables (skipped in the VM).
 const SKIP: [&str; 2] = [
