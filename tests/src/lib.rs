@@ -31,6 +31,7 @@ use crate::{
 
 pub mod containerd;
 pub mod cri;
+pub mod dns;
 pub mod fleet;
 pub mod haproxy;
 pub mod peer;
