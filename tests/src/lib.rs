@@ -407,3 +407,16 @@ pub fn other(uid: u32, gid: u32) -> As {
         cgroup: Some("app"),
     }
 }
+
+/// Fewer connections (or queries) where `REDIRECT_TEST_QUICK` is set: a tenth in `cargo
+/// xtask test`'s node-mode pass (the state these tests stress is the same
+/// code in both modes), or `1/N` with `REDIRECT_TEST_QUICK=N`, as `cargo
+/// xtask vm-test` sets it where the kernel runs under software emulation
+/// (there they check the kernel's behaviour, not volume); the full counts
+/// in the first pass.
+pub fn scaled(n: u64) -> u64 {
+    match std::env::var("REDIRECT_TEST_QUICK") {
+        Ok(v) => n / v.parse::<u64>().ok().filter(|d| *d > 1).unwrap_or(10),
+        Err(_) => n,
+    }
+}

@@ -30,7 +30,7 @@ use redirect_tests::{
     },
     other,
     pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6},
-    redirect_bin, state_entries_after_close,
+    redirect_bin, scaled, state_entries_after_close,
 };
 use serde_json::{Value, json};
 
@@ -633,8 +633,7 @@ fn many_queries_on_one_socket_and_many_sockets() {
         (6, [mapped(UPSTREAM_IP), mapped(upstream_extra(1))]),
     ];
     for (family, [a, b]) in cases {
-        for (rounds, fresh) in [(2000, false), (300, true)] {
-            let started = std::time::Instant::now();
+        for (rounds, fresh) in [(scaled(2000), false), (scaled(300), true)] {
             let v = d.python(
                 As::APP,
                 "unconnected",
@@ -648,11 +647,6 @@ fn many_queries_on_one_socket_and_many_sockets() {
             assert_eq!(v["rounds"], rounds, "{ctx}");
             assert_eq!(v["error_count"], 0, "{ctx}");
             assert_eq!(v["first"][0]["answers"], json!([PROXY_A]), "{ctx}");
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(20),
-                "{ctx}: took {:?}",
-                started.elapsed()
-            );
         }
     }
     // TCP queries too, then nothing of any connection is left.

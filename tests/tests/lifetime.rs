@@ -9,7 +9,7 @@ use redirect_tests::{
     Fixture, can_run,
     peer::ServerView,
     pod::{As, Side, upstream_extra, upstream_extra6},
-    state_entries_after_close,
+    scaled, state_entries_after_close,
 };
 
 macro_rules! need_root {
@@ -127,19 +127,6 @@ fn proxy_asking_after_app_closed_or_reset_gets_destination() {
 
 /// The adversary tool (`tests/src/bin/redirect-adversary.rs`).
 const ADVERSARY: &str = env!("CARGO_BIN_EXE_redirect-adversary");
-
-/// Fewer connections where `REDIRECT_TEST_QUICK` is set: a tenth in `cargo
-/// xtask test`'s node-mode pass (the state these tests stress is the same
-/// code in both modes), or `1/N` with `REDIRECT_TEST_QUICK=N`, as `cargo
-/// xtask vm-test` sets it where the kernel runs under software emulation
-/// (there they check the kernel's behaviour, not volume); the full counts
-/// in the first pass.
-fn scaled(n: u64) -> u64 {
-    match std::env::var("REDIRECT_TEST_QUICK") {
-        Ok(v) => n / v.parse::<u64>().ok().filter(|d| *d > 1).unwrap_or(10),
-        Err(_) => n,
-    }
-}
 
 /// A process started in the pod, killed and reaped on drop.
 struct Running(std::process::Child);
