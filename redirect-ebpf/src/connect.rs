@@ -42,7 +42,10 @@ use redirect_common::{
 };
 
 use crate::{
-    maps::{CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, pod_config, v4_mapped},
+    maps::{
+        CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, pod_config, target_v4, target_v6,
+        v4_mapped,
+    },
     policy::KernelPolicy,
 };
 
@@ -324,7 +327,7 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
         return ALLOW;
     };
     let orig = OrigDst {
-        ip: [dst_be, 0, 0, 0],
+        ip: [target_v4(dst_be), 0, 0, 0],
         port_be: sa.user_port as u16,
         family: AF_INET,
         rule,
@@ -386,7 +389,7 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     let to = if mapped {
         // An IPv4 connection: bound like connect4's (mapped addresses).
         let orig = OrigDst {
-            ip: [dst[3], 0, 0, 0],
+            ip: [target_v4(dst[3]), 0, 0, 0],
             port_be: sa.user_port as u16,
             family: AF_INET,
             rule,
@@ -402,7 +405,7 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     } else {
         // IPv6 runs from ::1 (see the module docs); show the pod's address.
         let orig = OrigDst {
-            ip: dst,
+            ip: target_v6(dst),
             port_be: sa.user_port as u16,
             family: AF_INET6,
             rule,

@@ -35,7 +35,7 @@ use redirect_common::{
 
 use crate::{
     connect::{ALLOW, DENY, decide, ipv4_source, outbound, sock_addr_pod, source_v4},
-    maps::{count, dns_socket, put_ip6, v4_mapped},
+    maps::{count, dns_socket, put_ip6, target_v4, target_v6, v4_mapped},
 };
 
 const IPPROTO_UDP: u8 = 17;
@@ -110,7 +110,7 @@ pub unsafe fn connect4(sa: &mut bpf_sock_addr, cfg: &Config) -> i32 {
     // SAFETY: the socket's live storage.
     unsafe {
         (*state).connected = DnsPeer {
-            ip: [dst_be, 0, 0, 0],
+            ip: [target_v4(dst_be), 0, 0, 0],
             port_be: port_be as u16,
             family: AF_INET,
         };
@@ -144,7 +144,7 @@ pub unsafe fn connect6(sa: &mut bpf_sock_addr, cfg: &Config) -> i32 {
         let shown = unsafe { ipv4_source(sa, src_be, bound_be, bound_port, true) };
         (
             DnsPeer {
-                ip: [dst[3], 0, 0, 0],
+                ip: [target_v4(dst[3]), 0, 0, 0],
                 port_be: port_be as u16,
                 family: AF_INET,
             },
@@ -156,7 +156,7 @@ pub unsafe fn connect6(sa: &mut bpf_sock_addr, cfg: &Config) -> i32 {
         let shown = if unbound { cfg.source_v6 } else { [0; 4] };
         (
             DnsPeer {
-                ip: dst,
+                ip: target_v6(dst),
                 port_be: port_be as u16,
                 family: AF_INET6,
             },
@@ -254,7 +254,7 @@ pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let peer = DnsPeer {
-        ip: [dst_be, 0, 0, 0],
+        ip: [target_v4(dst_be), 0, 0, 0],
         port_be: port_be as u16,
         family: AF_INET,
     };
@@ -291,7 +291,7 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     let (peer, proxy) = if is_v4_mapped(dst) {
         (
             DnsPeer {
-                ip: [dst[3], 0, 0, 0],
+                ip: [target_v4(dst[3]), 0, 0, 0],
                 port_be: port_be as u16,
                 family: AF_INET,
             },
@@ -300,7 +300,7 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     } else {
         (
             DnsPeer {
-                ip: dst,
+                ip: target_v6(dst),
                 port_be: port_be as u16,
                 family: AF_INET6,
             },

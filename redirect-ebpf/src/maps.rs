@@ -230,6 +230,28 @@ pub fn put_ip6(user_ip6: &mut [u32; 4], family: u16, ip: [u32; 4]) -> bool {
     true
 }
 
+/// The IPv4 address (network order) a connect or send to `addr_be` goes
+/// to: the kernel turns the unspecified address into 127.0.0.1 before
+/// netfilter sees it, so that is the original destination iptables keeps.
+#[inline(always)]
+pub fn target_v4(addr_be: u32) -> u32 {
+    if addr_be == 0 {
+        redirect_common::V4_LOCALHOST.to_be()
+    } else {
+        addr_be
+    }
+}
+
+/// The IPv6 counterpart of [`target_v4`]: `::` goes to `::1`.
+#[inline(always)]
+pub fn target_v6(addr: [u32; 4]) -> [u32; 4] {
+    if addr == [0; 4] {
+        [0, 0, 0, 1u32.to_be()]
+    } else {
+        addr
+    }
+}
+
 /// `::ffff:a.b.c.d` as network-order words, from `a.b.c.d` network order.
 #[inline(always)]
 pub fn v4_mapped(addr_be: u32) -> [u32; 4] {

@@ -7,17 +7,34 @@
 //! The matrix: owners × destination classes × ports × bound source for
 //! outbound connections from the pod, plus inbound connections from outside
 //! to every pod port. Run once per policy of the corpus.
+//!
+//! DNS capture (`--redirect-dns`, rule 5) has a corpus and a matrix of its
+//! own ([`dns_capture_same_outcomes_as_iptables_legacy_and_nft`]): the same
+//! owners send DNS over UDP (unconnected `sendto`/`recvfrom`, and connected)
+//! and TCP to listed and unlisted nameservers, to port 53 and to another
+//! port, over IPv4, IPv6 and IPv4-mapped; the iptables pods load istio's
+//! `nat` *and* `raw` tables (its conntrack zones, without which the DNS
+//! proxy's answers would not be un-NATed). Compared for UDP: which listener
+//! answered, at which of its addresses, and the answer's source address as
+//! the application saw it (`recvfrom`), and for connected sockets also
+//! `getpeername`; under iptables conntrack rewrites the answer's source
+//! back to the nameserver asked, and redirect must show the same.
 
 use std::{
     collections::BTreeMap,
     io::Write as _,
+    path::Path,
     process::{Command, Stdio},
+    sync::Mutex,
 };
 
 use redirect_tests::{
     APP_PORT, Fixture, can_run, other,
-    peer::ClientView,
-    pod::{As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, upstream_extra, upstream_extra6},
+    peer::{ClientView, ProbeView, Proto},
+    pod::{
+        As, POD_IP, POD_IP6, Side, UPSTREAM_IP, UPSTREAM_IP6, sample_bin, upstream_extra,
+        upstream_extra6,
+    },
     redirect_bin,
 };
 
@@ -91,8 +108,198 @@ const POLICIES: &[&[&str]] = &[
     &["-i", "::1/128"],
 ];
 
+/// The DNS capture policies. Every one names its nameservers
+/// (`--dns-servers`: the machine's resolv.conf is no part of the test),
+/// from the upstream host's addresses (10.200.0.1, fd00:200::1) and
+/// loopback ones (127.0.0.53, ::1); 10.201.0.1 and fd00:201::1 are never
+/// listed. The DNS proxy runs as UID and GID 1337 and every policy keeps
+/// one of them a proxy owner: istio's conntrack zones (the `raw` table)
+/// key the proxy's answers on its UID or GID, and without them iptables
+/// does not un-NAT the answers at all.
+const DNS_POLICIES: &[&[&str]] = &[
+    // Capture of DNS alone: no TCP include, no inbound.
+    &["--redirect-dns", "--dns-servers", "10.200.0.1,fd00:200::1"],
+    &[
+        "-i",
+        "*",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,fd00:200::1,127.0.0.53",
+    ],
+    &[
+        "-i",
+        "*",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "10.200.0.1",
+    ],
+    // Rule 5 comes before the excluded CIDRs (7): an excluded nameserver
+    // is still captured.
+    &[
+        "-i",
+        "10.201.0.0/30",
+        "-x",
+        "10.200.0.0/24,fd00:200::/64",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,fd00:200::1",
+    ],
+    &[
+        "-i",
+        "*",
+        "-x",
+        "10.201.0.0/24,fd00:201::/64",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "127.0.0.53",
+    ],
+    // Owner exemptions: several UIDs and GIDs.
+    &[
+        "-i",
+        "*",
+        "-u",
+        "1337,3",
+        "-g",
+        "1337,4",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,fd00:200::1,127.0.0.53",
+    ],
+    // GIDs only: a GID's rule 3a keeps port 53 (TCP over lo to the
+    // inbound port), a UID's leaves it out.
+    &[
+        "-i",
+        "*",
+        "-u",
+        "",
+        "-g",
+        "1337",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,127.0.0.53,::1",
+    ],
+    &[
+        "-i",
+        "*",
+        "-u",
+        "1337",
+        "-g",
+        "",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "fd00:200::1",
+    ],
+    // The owner-group filter (rule 4) comes before rule 5.
+    &[
+        "-i",
+        "*",
+        "--owner-groups-include",
+        "1000,4",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,fd00:200::1,127.0.0.53",
+    ],
+    &[
+        "-i",
+        "*",
+        "--owner-groups-exclude",
+        "4",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "10.200.0.1",
+    ],
+    // redirect's owners: the mark, the cgroup.
+    &[
+        "-i",
+        "*",
+        "--proxy-mark",
+        "0x1",
+        "--redirect-dns",
+        "--dns-servers",
+        "10.200.0.1,fd00:200::1",
+    ],
+    &[
+        "-i",
+        "*",
+        "--proxy-cgroup",
+        "{proxy_cgroup}",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "10.200.0.1",
+    ],
+    // An excluded port 53 (rule 1) leaves nothing for rule 5.
+    &[
+        "-i",
+        "*",
+        "-o",
+        "53",
+        "--redirect-dns",
+        "--capture-all-dns",
+        "--dns-servers",
+        "10.200.0.1",
+    ],
+    // A loopback include: no rule 3b at all.
+    &[
+        "-i",
+        "127.0.0.0/8",
+        "-u",
+        "1000",
+        "-g",
+        "1337",
+        "--redirect-dns",
+        "--dns-servers",
+        "127.0.0.53,10.200.0.1",
+    ],
+    // An included port 53 (rule 8) comes after rule 5: TCP to an unlisted
+    // nameserver goes to the outbound proxy.
+    &["-q", "53", "--redirect-dns", "--dns-servers", "fd00:200::1"],
+];
+
 /// Ports the pod's servers listen on besides [`APP_PORT`].
 const POD_PORTS: [u16; 3] = [2222, 9090, 15008];
+
+/// The DNS proxy's port (istio-agent's).
+const DNS_PROXY_PORT: u16 = 15053;
+
+/// The pod's own resolver's addresses (port 53, TCP and UDP): a stub on
+/// 127.0.0.53 (systemd-resolved's), and the loopback and pod addresses.
+fn pod_resolver_addrs() -> Vec<String> {
+    vec![
+        "127.0.0.53:53".to_string(),
+        "127.0.0.1:53".to_string(),
+        format!("{POD_IP}:53"),
+        "[::1]:53".to_string(),
+        format!("[{POD_IP6}]:53"),
+    ]
+}
+
+/// A listed nameserver (in some policies) and one never listed, per family.
+fn nameservers() -> [String; 4] {
+    [
+        UPSTREAM_IP.to_string(),
+        upstream_extra(1).to_string(),
+        format!("[{UPSTREAM_IP6}]"),
+        format!("[{}]", upstream_extra6(1)),
+    ]
+}
+
+/// The addresses the DNS matrix sends to outside the pod on a port other
+/// than 53 (UDP; TCP has the upstream services on every address).
+fn other_port_addrs() -> [String; 3] {
+    [
+        UPSTREAM_IP.to_string(),
+        upstream_extra(1).to_string(),
+        format!("[{UPSTREAM_IP6}]"),
+    ]
+}
+
+/// A port that is not 53, with TCP and UDP listeners upstream.
+const OTHER_PORT: u16 = 81;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
@@ -117,10 +324,27 @@ impl Backend {
 struct World {
     backend: Backend,
     f: Fixture,
+    /// Whether the DNS servers run (and the `raw` table is always loaded).
+    dns: bool,
+}
+
+/// `args` as `--udp ADDR` pairs.
+fn udp_args(addrs: &[String]) -> Vec<String> {
+    addrs
+        .iter()
+        .flat_map(|a| ["--udp".to_string(), a.clone()])
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 impl World {
-    fn new(backend: Backend) -> World {
+    /// A pod for `backend`; with `dns`, also the DNS servers: the DNS
+    /// proxy in the pod, a resolver of the pod's own, the nameservers
+    /// upstream (TCP and UDP port 53) and UDP listeners on another port.
+    fn new(backend: Backend, dns: bool) -> World {
         let mut f = Fixture::new();
         let listen: Vec<String> = POD_PORTS
             .iter()
@@ -130,7 +354,58 @@ impl World {
         f.pod
             .start_server(Side::Pod, As::APP, "app2", &refs)
             .expect("second app server");
-        World { backend, f }
+        if dns {
+            // istio-agent's place: the proxy's owner, on the loopback
+            // addresses REDIRECT (and redirect) send to.
+            let at = [
+                format!("127.0.0.1:{DNS_PROXY_PORT}"),
+                format!("[::1]:{DNS_PROXY_PORT}"),
+            ];
+            f.pod
+                .start_server_with(
+                    Side::Pod,
+                    As::PROXY,
+                    "dns-proxy",
+                    &strs(&at),
+                    &strs(&udp_args(&at)),
+                )
+                .expect("DNS proxy");
+            // Port 53 takes root; it answers from app/.
+            let at = pod_resolver_addrs();
+            f.pod
+                .start_server_with(
+                    Side::Pod,
+                    other(0, 0),
+                    "pod-dns",
+                    &strs(&at),
+                    &strs(&udp_args(&at)),
+                )
+                .expect("the pod's resolver");
+            let udp: Vec<String> = nameservers().iter().map(|a| format!("{a}:53")).collect();
+            f.pod
+                .start_server_with(
+                    Side::Upstream,
+                    As::PROXY_LESS,
+                    "ns",
+                    &["0.0.0.0:53", "[::]:53"],
+                    &strs(&udp_args(&udp)),
+                )
+                .expect("nameservers");
+            let udp: Vec<String> = other_port_addrs()
+                .iter()
+                .map(|a| format!("{a}:{OTHER_PORT}"))
+                .collect();
+            f.pod
+                .start_server_with(
+                    Side::Upstream,
+                    As::PROXY_LESS,
+                    "upstream",
+                    &[],
+                    &strs(&udp_args(&udp)),
+                )
+                .expect("upstream UDP");
+        }
+        World { backend, f, dns }
     }
 
     /// The policy with this pod's own paths filled in.
@@ -156,14 +431,28 @@ impl World {
             }
             b => {
                 for v6 in [false, true] {
-                    let script = render(policy, v6);
+                    let mut script = render(policy, v6);
+                    if self.dns && !script.contains("*raw\n") {
+                        // Replace the raw table of an earlier DNS policy.
+                        script.push_str("*raw\nCOMMIT\n");
+                    }
                     self.restore(b.restore(v6), &script, policy);
                 }
+                // Each policy starts with no connection tracked: a UDP
+                // socket of this policy that drew the same port as one of
+                // an earlier policy would otherwise take that one's NAT.
+                flush_conntrack(&self.f.pod.netns_path(Side::Pod))
+                    .expect("flushing the pod's conntrack table");
             }
         }
     }
 
     fn restore(&self, cmd: &str, script: &str, policy: &[&str]) {
+        // The worlds, and the tests of this file, restore side by side;
+        // iptables-legacy-restore takes the machine's xtables lock and
+        // fails if another holds it.
+        static RESTORE: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = RESTORE.lock().unwrap_or_else(|e| e.into_inner());
         let ns = self.f.pod.netns_name(Side::Pod);
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns, cmd])
@@ -290,6 +579,86 @@ fn matrix() -> Vec<Case> {
     out
 }
 
+/// The DNS matrix: every owner sends over UDP (unconnected and connected)
+/// and TCP to the nameservers (listed and not), to the loopback and pod
+/// addresses (where the pod's own resolver is), and to the unspecified
+/// address, at port 53; to the nameservers' addresses at another port; over
+/// IPv4, IPv6 and IPv4-mapped; and from 127.0.0.6 (IPv4). Also TCP over lo
+/// to other ports, where DNS capture changes the form of rules 3a and 3b
+/// (their decision must not change).
+fn dns_matrix() -> Vec<Case> {
+    let [ns, unlisted, ns6, unlisted6] = nameservers();
+    let v4 = [
+        format!("{ns}:53"),
+        format!("{unlisted}:53"),
+        "127.0.0.53:53".to_string(),
+        "127.0.0.1:53".to_string(),
+        format!("{POD_IP}:53"),
+        "0.0.0.0:53".to_string(),
+        format!("{ns}:{OTHER_PORT}"),
+        format!("{unlisted}:{OTHER_PORT}"),
+    ];
+    let v6 = [
+        format!("{ns6}:53"),
+        format!("{unlisted6}:53"),
+        "[::1]:53".to_string(),
+        format!("[{POD_IP6}]:53"),
+        "[::]:53".to_string(),
+        format!("{ns6}:{OTHER_PORT}"),
+        format!("[::ffff:{ns}]:53"),
+        format!("[::ffff:{unlisted}]:53"),
+        "[::ffff:127.0.0.53]:53".to_string(),
+        "[::ffff:0.0.0.0]:53".to_string(),
+        format!("[::ffff:{ns}]:{OTHER_PORT}"),
+    ];
+    // TCP only: UDP to a port nobody listens on costs an ICMP error each,
+    // which the kernel rate-limits.
+    let tcp4 = [
+        format!("{POD_IP}:{APP_PORT}"),
+        format!("{POD_IP}:15008"),
+        format!("127.0.0.1:{APP_PORT}"),
+        format!("127.0.0.2:{APP_PORT}"),
+    ];
+    let tcp6 = [
+        format!("[{POD_IP6}]:{APP_PORT}"),
+        format!("[::1]:{APP_PORT}"),
+        format!("[::ffff:{POD_IP}]:{APP_PORT}"),
+    ];
+    let all = [Proto::Udp, Proto::UdpConnected, Proto::Tcp];
+    let mut out = Vec::new();
+    for (who, _, _) in owners() {
+        for (bind, dsts) in [
+            (None, [&v4[..], &v6[..]].concat()),
+            (Some("127.0.0.6"), v4.to_vec()),
+        ] {
+            for d in &dsts {
+                for proto in all {
+                    out.push(Case {
+                        dir: "dns",
+                        who,
+                        bind,
+                        to: format!("{}:{d}", proto.prefix()),
+                    });
+                }
+            }
+        }
+        for (bind, dsts) in [
+            (None, [&tcp4[..], &tcp6[..]].concat()),
+            (Some("127.0.0.6"), tcp4.to_vec()),
+        ] {
+            for d in dsts {
+                out.push(Case {
+                    dir: "dns",
+                    who,
+                    bind,
+                    to: format!("tcp:{d}"),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// What a connection ended as: who answered, and what the proxy learned.
 fn outcome(v: &ClientView) -> String {
     match &v.reply {
@@ -306,6 +675,79 @@ fn outcome(v: &ClientView) -> String {
     }
 }
 
+/// What a probe of the DNS matrix ended as. TCP: who answered, and what
+/// either proxy learned. UDP: who answered at which of its addresses, and
+/// where the answer came from as the application saw it (`recvfrom`; and
+/// `getpeername` on a connected socket). A failure by its error number.
+fn probe_outcome(v: &ProbeView) -> String {
+    let Some(r) = &v.reply else {
+        return match v.errno {
+            Some(libc::EAGAIN) => "no answer (timeout)".to_string(),
+            Some(e) => format!("failed (errno {e})"),
+            None => format!("failed ({})", v.error.as_deref().unwrap_or("?")),
+        };
+    };
+    let from = v.reply_from.as_deref().unwrap_or("none");
+    match v.proto {
+        Proto::Tcp if r.server == "proxy" || r.server == "dns-proxy" => format!(
+            "{}(orig_dst={})",
+            r.server,
+            r.orig_dst.as_deref().unwrap_or("none")
+        ),
+        Proto::Tcp => r.server.clone(),
+        Proto::Udp => format!("{}@{} from {from}", r.server, r.local),
+        Proto::UdpConnected => format!(
+            "{}@{} from {from}, peer {}",
+            r.server,
+            r.local,
+            v.peer.as_deref().unwrap_or("none")
+        ),
+    }
+}
+
+/// Runs one `redirect-sample probe` in the pod as `who` over `targets`
+/// (`PROTO:ADDR`), one view each, in order.
+fn probe(
+    w: &World,
+    who: As,
+    targets: &[&str],
+    bind: Option<&str>,
+    mark: Option<u32>,
+) -> Vec<ProbeView> {
+    let bin = sample_bin().expect("redirect-sample");
+    let mut cmd =
+        w.f.pod
+            .command(Side::Pod, who, &bin)
+            .expect("probe command");
+    // An answer lost is a difference; it should not cost 3 s each.
+    cmd.args(["probe", "--timeout-ms", "1500"]);
+    for t in targets {
+        cmd.arg("--to").arg(t);
+    }
+    if let Some(b) = bind {
+        cmd.args(["--bind", b]);
+    }
+    if let Some(m) = mark {
+        cmd.args(["--mark", &m.to_string()]);
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("sample probe");
+    assert!(
+        out.status.success(),
+        "sample probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let views: Vec<ProbeView> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("probe printed {l:?}: {e}")))
+        .collect();
+    assert_eq!(
+        views.len(),
+        targets.len(),
+        "probe answered for every target"
+    );
+    views
+}
+
 fn run_matrix(w: &World, cases: &[Case]) -> BTreeMap<Case, String> {
     let mut groups: BTreeMap<(&str, &str, Option<&str>), Vec<&Case>> = BTreeMap::new();
     for c in cases {
@@ -320,6 +762,21 @@ fn run_matrix(w: &World, cases: &[Case]) -> BTreeMap<Case, String> {
             (Side::Pod, a, m)
         };
         let targets: Vec<&str> = group.iter().map(|c| c.to.as_str()).collect();
+        if dir == "dns" {
+            if w.backend != Backend::Redirect {
+                // A probe's UDP sockets have ports of their own (it keeps
+                // them open), but may draw one an earlier probe of this
+                // policy used: conntrack would give the new socket that
+                // one's flow, and its NAT.
+                flush_conntrack(&w.f.pod.netns_path(Side::Pod))
+                    .expect("flushing the pod's conntrack table");
+            }
+            let views = probe(w, as_, &targets, bind, mark);
+            for (c, v) in group.into_iter().zip(views) {
+                out.insert(c.clone(), probe_outcome(&v));
+            }
+            continue;
+        }
         let views =
             w.f.pod
                 .connect_many_marked(side, as_, &targets, bind, mark)
@@ -329,6 +786,80 @@ fn run_matrix(w: &World, cases: &[Case]) -> BTreeMap<Case, String> {
         }
     }
     out
+}
+
+/// Empties the conntrack table of the network namespace at `netns` (both
+/// families, every zone): a `ctnetlink` delete without a tuple, sent from a
+/// thread that entered the namespace.
+fn flush_conntrack(netns: &Path) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+    const IPCTNL_MSG_CT_DELETE: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLMSG_ERROR: u16 = 2;
+    let ns = std::fs::File::open(netns)?;
+    let last = std::io::Error::last_os_error;
+    std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<()> {
+            // SAFETY: setns on this thread only, with a namespace fd we own.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(last());
+            }
+            // SAFETY: a new socket; owned at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    NETLINK_NETFILTER,
+                )
+            };
+            if fd < 0 {
+                return Err(last());
+            }
+            // SAFETY: fd is a socket this thread just opened.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            for (seq, family) in [(1u32, libc::AF_INET), (2, libc::AF_INET6)] {
+                // nlmsghdr (16 bytes), then nfgenmsg (family, version 0,
+                // resource id 0).
+                let mut msg = [0u8; 20];
+                msg[0..4].copy_from_slice(&20u32.to_ne_bytes());
+                msg[4..6].copy_from_slice(
+                    &((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes(),
+                );
+                msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+                msg[8..12].copy_from_slice(&seq.to_ne_bytes());
+                msg[16] = family as u8;
+                // SAFETY: sending a buffer we own, of its length.
+                let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+                if n != msg.len() as isize {
+                    return Err(last());
+                }
+                let mut ack = [0u8; 256];
+                // SAFETY: receiving into a buffer we own, of its length.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+                if n < 20 {
+                    return Err(last());
+                }
+                let kind = u16::from_ne_bytes([ack[4], ack[5]]);
+                let err = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+                if kind != NLMSG_ERROR {
+                    return Err(std::io::Error::other(format!(
+                        "conntrack flush: answer of type {kind}"
+                    )));
+                }
+                // ENOENT: nothing to flush.
+                if err != 0 && err != -libc::ENOENT {
+                    return Err(std::io::Error::from_raw_os_error(-err));
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .expect("conntrack flush thread")
+    })
 }
 
 fn render(policy: &[&str], v6: bool) -> String {
@@ -346,29 +877,43 @@ fn render(policy: &[&str], v6: bool) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn same_outcomes_as_iptables_legacy_and_nft() {
-    if !can_run() {
-        return;
-    }
-    let worlds: Vec<World> = [Backend::Redirect, Backend::Legacy, Backend::Nft]
-        .into_iter()
-        .map(World::new)
-        .collect();
-    let cases = matrix();
+/// Each backend's outcomes of one policy, as the worlds are ordered.
+type Outcomes = Vec<BTreeMap<Case, String>>;
+
+/// Every policy in the three worlds (redirect first), every case; the
+/// differences between redirect and each iptables backend, how many cases
+/// were compared with each, and every policy's outcomes.
+struct Comparison {
+    compared: BTreeMap<&'static str, usize>,
+    diffs: Vec<String>,
+    runs: Vec<(&'static [&'static str], Outcomes)>,
+}
+
+fn compare(worlds: &[World], policies: &[&'static [&'static str]], cases: &[Case]) -> Comparison {
+    // The worlds are independent: each runs the whole corpus at its own
+    // pace (one world's apply overlaps another's connections).
+    let per_world: Vec<Vec<BTreeMap<Case, String>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = worlds
+            .iter()
+            .map(|w| {
+                s.spawn(|| {
+                    policies
+                        .iter()
+                        .map(|policy| {
+                            w.apply(policy);
+                            run_matrix(w, cases)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
     let mut compared: BTreeMap<&str, usize> = BTreeMap::new();
     let mut diffs = Vec::new();
-    for policy in POLICIES {
-        for w in &worlds {
-            w.apply(policy);
-        }
-        let results: Vec<BTreeMap<Case, String>> = std::thread::scope(|s| {
-            let handles: Vec<_> = worlds
-                .iter()
-                .map(|w| s.spawn(|| run_matrix(w, &cases)))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+    let mut runs = Vec::new();
+    for (i, policy) in policies.iter().enumerate() {
+        let results: Outcomes = per_world.iter().map(|r| r[i].clone()).collect();
         let ebpf = &results[0];
         for (w, res) in worlds.iter().zip(&results).skip(1) {
             let name = if w.backend == Backend::Legacy {
@@ -376,7 +921,7 @@ fn same_outcomes_as_iptables_legacy_and_nft() {
             } else {
                 "nft"
             };
-            for c in &cases {
+            for c in cases {
                 *compared.entry(name).or_default() += 1;
                 if ebpf[c] != res[c] {
                     diffs.push(format!(
@@ -386,7 +931,32 @@ fn same_outcomes_as_iptables_legacy_and_nft() {
                 }
             }
         }
+        runs.push((*policy, results));
     }
+    Comparison {
+        compared,
+        diffs,
+        runs,
+    }
+}
+
+fn worlds(dns: bool) -> Vec<World> {
+    [Backend::Redirect, Backend::Legacy, Backend::Nft]
+        .into_iter()
+        .map(|b| World::new(b, dns))
+        .collect()
+}
+
+#[test]
+fn same_outcomes_as_iptables_legacy_and_nft() {
+    if !can_run() {
+        return;
+    }
+    let worlds = worlds(false);
+    let cases = matrix();
+    let Comparison {
+        compared, diffs, ..
+    } = compare(&worlds, POLICIES, &cases);
     eprintln!(
         "differential: {} policies x {} connections; compared {compared:?}; {} difference(s)",
         POLICIES.len(),
@@ -401,4 +971,105 @@ fn same_outcomes_as_iptables_legacy_and_nft() {
     );
     assert!(POLICIES.len() >= 20);
     assert!(compared.values().all(|n| *n >= 1000), "{compared:?}");
+}
+
+/// The address an answer to `to` comes from when the nameserver asked
+/// answers (or the DNS proxy, un-NATed): `to` itself, but the unspecified
+/// address is the host loopback one.
+fn expected_source(to: &str) -> String {
+    to.replacen("0.0.0.0]:", "127.0.0.1]:", 1)
+        .replacen("0.0.0.0:", "127.0.0.1:", 1)
+        .replacen("[::]:", "[::1]:", 1)
+}
+
+#[test]
+fn dns_capture_same_outcomes_as_iptables_legacy_and_nft() {
+    if !can_run() {
+        return;
+    }
+    let worlds = worlds(true);
+    let dns = dns_matrix();
+    let Comparison {
+        compared,
+        diffs,
+        runs,
+    } = compare(&worlds, DNS_POLICIES, &dns);
+    // What the DNS cases ended as, per backend; and where iptables did not
+    // do what this test takes for granted.
+    let mut tally: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    for (policy, results) in &runs {
+        for (w, res) in worlds.iter().zip(results) {
+            let name = match w.backend {
+                Backend::Redirect => "redirect",
+                Backend::Legacy => "legacy",
+                Backend::Nft => "nft",
+            };
+            for c in &dns {
+                let out = &res[c];
+                let (proto, to) = c.to.split_once(':').unwrap();
+                let server = out.split(['@', '(', ' ']).next().unwrap_or("");
+                *tally
+                    .entry((name, format!("{proto} {server}")))
+                    .or_default() += 1;
+                // Under iptables conntrack shows every UDP answer from the
+                // address asked (the DNS proxy's too), and nothing is lost.
+                let from = out
+                    .split_once(" from ")
+                    .map(|(_, f)| f.split(',').next().unwrap_or(f));
+                let udp_answer_elsewhere =
+                    proto != "tcp" && from.is_some_and(|f| f != expected_source(to));
+                if w.backend != Backend::Redirect
+                    && (out.contains("timeout") || udp_answer_elsewhere)
+                {
+                    wrong.push(format!(
+                        "{policy:?} {} bind={:?} -> {}: iptables-{name}={out}",
+                        c.who, c.bind, c.to
+                    ));
+                }
+            }
+        }
+    }
+    let iptables: BTreeMap<&String, &usize> = tally
+        .iter()
+        .filter(|((b, _), _)| *b == "legacy")
+        .map(|((_, k), n)| (k, n))
+        .collect();
+    eprintln!(
+        "differential (DNS): {} policies x {} connections; compared {compared:?}; {} \
+         difference(s); outcomes under iptables-legacy {iptables:?}",
+        DNS_POLICIES.len(),
+        dns.len(),
+        diffs.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "iptables did not answer as this test expects ({}):\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert!(
+        diffs.is_empty(),
+        "{} difference(s):\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+    // The corpus captures DNS, and leaves some alone, over both protocols.
+    for (proto, server, least) in [
+        ("udp", "dns-proxy", 200),
+        ("udp-connected", "dns-proxy", 200),
+        ("tcp", "dns-proxy", 200),
+        ("udp", "ns", 200),
+        ("udp-connected", "ns", 200),
+        ("tcp", "ns", 200),
+        ("udp", "pod-dns", 100),
+        ("tcp", "proxy", 100),
+        ("tcp", "app", 100),
+    ] {
+        let n = tally
+            .get(&("legacy", format!("{proto} {server}")))
+            .copied()
+            .unwrap_or(0);
+        assert!(n >= least, "{proto} answered by {server}: {n} < {least}");
+    }
 }
