@@ -275,6 +275,47 @@ fn proxy_own_queries_are_not_captured() {
     );
 }
 
+/// A proxy exempted by its cgroup alone (no UID or GID owner): its own
+/// queries go out, and the app's answers come from the nameserver. A
+/// difference from istio's rules, whose conntrack zones key on the proxy's
+/// UID and GID: without them the app's answers come from 127.0.0.1:15053
+/// (unconnected) or never (connected) under iptables; redirect needs no
+/// zones (docs/semantics.md).
+#[test]
+fn proxy_exempted_by_its_cgroup_alone() {
+    need_root!();
+    if iptables_backend().is_some() {
+        // The difference itself: see the doc comment.
+        return;
+    }
+    let f = Fixture::new();
+    let d = Dns::with_servers(&f);
+    let proxy_cgroup = f.pod.cgroup.join("proxy").display().to_string();
+    apply(
+        &f,
+        &[
+            "-u",
+            "",
+            "-g",
+            "",
+            "--proxy-cgroup",
+            &proxy_cgroup,
+            "--redirect-dns",
+            "--dns-servers",
+            &upstream_servers(),
+        ],
+    );
+    check_queries(&d, As::APP, true);
+    check_queries(&d, As::PROXY, false);
+    let v4 = UPSTREAM_IP.to_string();
+    assert_dig(
+        &d.dig(As::APP, &v4, &[FORWARDED_NAME, "A"]),
+        FORWARDED_A,
+        &v4,
+        "UDP",
+    );
+}
+
 /// Only the listed nameservers are captured (`--dns-servers`); with
 /// `--capture-all-dns` every address's port 53 is.
 #[test]
