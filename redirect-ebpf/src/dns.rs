@@ -23,7 +23,7 @@
 //! the socket's receive order. The limits are in `docs/semantics.md`.
 
 use aya_ebpf::{
-    bindings::{BPF_TCP_ESTABLISHED, __sk_buff, bpf_sock, bpf_sock_addr},
+    bindings::{__sk_buff, BPF_TCP_ESTABLISHED, bpf_sock, bpf_sock_addr},
     helpers::generated::bpf_sk_fullsock,
     macros::{cgroup_skb, cgroup_sock_addr},
     programs::{SkBuffContext, SockAddrContext},
