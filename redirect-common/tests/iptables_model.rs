@@ -902,7 +902,20 @@ fn config(p: &Policy) -> Config {
 /// the connect cannot happen (nothing to compare).
 fn check_outbound(p: &Policy, c: &Outbound) -> Result<bool, String> {
     let nat = nat_table(p);
-    let verdict = decide_outbound(&config(p), p, c);
+    let cfg = config(p);
+    let verdict = decide_outbound(&cfg, p, c);
+    // The kernel's UDP paths (`redirect-ebpf/src/connect.rs`, `dns.rs`) skip
+    // the walk, and pass, for any port but 53 and without DNS capture: the
+    // decision must pass all of those too.
+    if c.udp
+        && (c.dport != 53 || !cfg.has(redirect_common::config_flags::DNS_CAPTURE))
+        && verdict.action != Action::Pass
+    {
+        return Err(format!(
+            "UDP the kernel never walks was captured\n  connection: {}\n  decide_outbound: {verdict:?}",
+            show_outbound(c)
+        ));
+    }
     let Some(model) = model_outbound(p, &nat, c) else {
         // The kernel refuses this connect before any rule: the decision
         // must not capture it (a capture would make it succeed).
