@@ -43,8 +43,8 @@ use redirect_common::{
 
 use crate::{
     maps::{
-        CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, count, pod_config, target_v4, target_v6,
-        v4_mapped,
+        CONNS, SCRATCH, SockaddrIn, SockaddrIn6, TUPLES, V6_LOCALHOST_WORDS, count, pod_config,
+        target_v4, target_v6, v4_mapped,
     },
     policy::KernelPolicy,
 };
@@ -421,8 +421,7 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
         if !record(sa, orig, shown) {
             return DENY;
         }
-        // ::1
-        [0, 0, 0, 1u32.to_be()]
+        V6_LOCALHOST_WORDS
     };
     sa.user_ip6[0] = to[0];
     sa.user_ip6[1] = to[1];

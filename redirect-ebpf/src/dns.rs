@@ -35,12 +35,10 @@ use redirect_common::{
 
 use crate::{
     connect::{ALLOW, DENY, decide, ipv4_source, outbound, sock_addr_pod, source_v4},
-    maps::{count, dns_socket, put_ip6, target_v4, target_v6, v4_mapped},
+    maps::{V6_LOCALHOST_WORDS, count, dns_socket, put_ip6, target_v4, target_v6, v4_mapped},
 };
 
 const IPPROTO_UDP: u8 = 17;
-/// `::1`, network-order words.
-const V6_LOCALHOST: [u32; 4] = [0, 0, 0, 1u32.to_be()];
 
 /// Forgets a socket's captured `connect()` (it connected elsewhere).
 #[inline(always)]
@@ -109,11 +107,7 @@ pub unsafe fn connect4(sa: &mut bpf_sock_addr, cfg: &Config) -> i32 {
     let shown = unsafe { ipv4_source(sa, src_be, bound_be, bound_port, false) };
     // SAFETY: the socket's live storage.
     unsafe {
-        (*state).connected = DnsPeer {
-            ip: [target_v4(dst_be), 0, 0, 0],
-            port_be: port_be as u16,
-            family: AF_INET,
-        };
+        (*state).connected = peer4(dst_be, port_be);
         (*state).shown_src = [shown, 0, 0, 0];
     }
     sa.user_ip4 = V4_LOCALHOST.to_be();
@@ -138,31 +132,21 @@ pub unsafe fn connect6(sa: &mut bpf_sock_addr, cfg: &Config) -> i32 {
     let Some(state) = state_of(sk, cfg) else {
         return DENY;
     };
-    let (peer, shown, proxy) = if is_v4_mapped(dst) {
+    let (peer, proxy) = peer6(dst, port_be);
+    let shown = if is_v4_mapped(dst) {
         let src_be = source_v4(cfg, &to, dst[3], false);
         let bound_be = if unbound { 0 } else { bound[3] };
-        let shown = unsafe { ipv4_source(sa, src_be, bound_be, bound_port, true) };
-        (
-            DnsPeer {
-                ip: [target_v4(dst[3]), 0, 0, 0],
-                port_be: port_be as u16,
-                family: AF_INET,
-            },
-            [shown, 0, 0, 0],
-            v4_mapped(V4_LOCALHOST.to_be()),
-        )
-    } else {
+        [
+            unsafe { ipv4_source(sa, src_be, bound_be, bound_port, true) },
+            0,
+            0,
+            0,
+        ]
+    } else if unbound {
         // From ::1, as TCP (see connect.rs); show the pod's address.
-        let shown = if unbound { cfg.source_v6 } else { [0; 4] };
-        (
-            DnsPeer {
-                ip: target_v6(dst),
-                port_be: port_be as u16,
-                family: AF_INET6,
-            },
-            shown,
-            V6_LOCALHOST,
-        )
+        cfg.source_v6
+    } else {
+        [0; 4]
     };
     // SAFETY: the socket's live storage.
     unsafe {
@@ -219,6 +203,33 @@ fn set_user_ip6(sa: &mut bpf_sock_addr, ip: [u32; 4]) {
     sa.user_ip6[3] = ip[3];
 }
 
+/// The nameserver of a captured IPv4 query (the unspecified address as the
+/// loopback one it goes to).
+#[inline(always)]
+fn peer4(dst_be: u32, port_be: u32) -> DnsPeer {
+    DnsPeer {
+        ip: [target_v4(dst_be), 0, 0, 0],
+        port_be: port_be as u16,
+        family: AF_INET,
+    }
+}
+
+/// The nameserver of a captured query from an IPv6 socket, and the proxy
+/// address it goes to: an IPv4-mapped destination is an IPv4 query.
+#[inline(always)]
+fn peer6(dst: [u32; 4], port_be: u32) -> (DnsPeer, [u32; 4]) {
+    if is_v4_mapped(dst) {
+        (peer4(dst[3], port_be), v4_mapped(V4_LOCALHOST.to_be()))
+    } else {
+        let peer = DnsPeer {
+            ip: target_v6(dst),
+            port_be: port_be as u16,
+            family: AF_INET6,
+        };
+        (peer, V6_LOCALHOST_WORDS)
+    }
+}
+
 /// Notes the nameserver of a captured `sendmsg()` for `egress`; `false` if
 /// the socket's state could not be made.
 #[inline(always)]
@@ -253,12 +264,7 @@ pub fn redirect_sendmsg4(ctx: SockAddrContext) -> i32 {
         forget_pending(sk);
         return ALLOW;
     };
-    let peer = DnsPeer {
-        ip: [target_v4(dst_be), 0, 0, 0],
-        port_be: port_be as u16,
-        family: AF_INET,
-    };
-    if !note_pending(sk, cfg, peer) {
+    if !note_pending(sk, cfg, peer4(dst_be, port_be)) {
         return DENY;
     }
     sa.user_ip4 = V4_LOCALHOST.to_be();
@@ -288,25 +294,7 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
         forget_pending(sk);
         return ALLOW;
     };
-    let (peer, proxy) = if is_v4_mapped(dst) {
-        (
-            DnsPeer {
-                ip: [target_v4(dst[3]), 0, 0, 0],
-                port_be: port_be as u16,
-                family: AF_INET,
-            },
-            v4_mapped(V4_LOCALHOST.to_be()),
-        )
-    } else {
-        (
-            DnsPeer {
-                ip: target_v6(dst),
-                port_be: port_be as u16,
-                family: AF_INET6,
-            },
-            V6_LOCALHOST,
-        )
-    };
+    let (peer, proxy) = peer6(dst, port_be);
     if !note_pending(sk, cfg, peer) {
         return DENY;
     }
@@ -315,18 +303,11 @@ pub fn redirect_sendmsg6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// A UDP datagram between the socket and the DNS proxy: the proxy's end
-/// (address words, IPv4 in word 0, and port, host order) and the DNS id.
-struct Datagram {
-    proxy_port: u16,
-    proxy_is_loopback: bool,
-    id: u16,
-}
-
-/// Reads the datagram of `ctx` (from its network header): `egress` wants
-/// its destination, `ingress` its source.
+/// The DNS id of `ctx`'s datagram (read from its network header) if it
+/// goes to (`egress`) or comes from the DNS proxy, the loopback address at
+/// `dns_port`.
 #[inline(always)]
-fn datagram(ctx: &SkBuffContext, egress: bool) -> Option<Datagram> {
+fn proxy_dns_id(ctx: &SkBuffContext, egress: bool, dns_port: u16) -> Option<u16> {
     let first: u8 = ctx.load(0).ok()?;
     let (udp, is_loopback) = match first >> 4 {
         4 => {
@@ -346,17 +327,15 @@ fn datagram(ctx: &SkBuffContext, egress: bool) -> Option<Datagram> {
                 return None;
             }
             let addr: [u32; 4] = ctx.load(if egress { 24 } else { 8 }).ok()?;
-            (40, addr == V6_LOCALHOST)
+            (40, addr == V6_LOCALHOST_WORDS)
         }
         _ => return None,
     };
     let port_be: u16 = ctx.load(udp + if egress { 2 } else { 0 }).ok()?;
-    let id: u16 = ctx.load(udp + 8).ok()?;
-    Some(Datagram {
-        proxy_port: u16::from_be(port_be),
-        proxy_is_loopback: is_loopback,
-        id,
-    })
+    if !is_loopback || u16::from_be(port_be) != dns_port {
+        return None;
+    }
+    ctx.load(udp + 8).ok()
 }
 
 /// The UDP socket sending or receiving `ctx`'s packet, and its DNS state.
@@ -396,12 +375,10 @@ pub fn redirect_dns_egress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn dns_egress(ctx: &SkBuffContext) -> Option<()> {
     let (sk, state) = skb_state(ctx)?;
-    let d = datagram(ctx, true)?;
     // SAFETY: the socket's live storage.
+    let id = proxy_dns_id(ctx, true, unsafe { (*state).dns_port })?;
+    // SAFETY: as above.
     unsafe {
-        if !d.proxy_is_loopback || d.proxy_port != (*state).dns_port {
-            return None;
-        }
         let peer = if (*state).pending.family != 0 {
             let p = (*state).pending;
             (*state).pending = DnsPeer::default();
@@ -418,7 +395,7 @@ fn dns_egress(ctx: &SkBuffContext) -> Option<()> {
         let slot = (n as usize) & (DNS_QUERY_SLOTS - 1);
         *(*state).queries.as_mut_ptr().add(slot) = DnsQuery {
             peer,
-            id: d.id,
+            id,
             reserved: [0; 6],
         };
     }
@@ -437,12 +414,10 @@ pub fn redirect_dns_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn dns_ingress(ctx: &SkBuffContext) -> Option<()> {
     let (_, state) = skb_state(ctx)?;
-    let d = datagram(ctx, false)?;
     // SAFETY: the socket's live storage.
+    let id = proxy_dns_id(ctx, false, unsafe { (*state).dns_port })?;
+    // SAFETY: as above.
     unsafe {
-        if !d.proxy_is_loopback || d.proxy_port != (*state).dns_port {
-            return None;
-        }
         let oldest = (*state).next_query as usize;
         let mut peer = DnsPeer::default();
         for i in 0..DNS_QUERY_SLOTS {
@@ -450,7 +425,7 @@ fn dns_ingress(ctx: &SkBuffContext) -> Option<()> {
                 .queries
                 .as_mut_ptr()
                 .add((oldest + i) & (DNS_QUERY_SLOTS - 1));
-            if (*q).peer.family != 0 && (*q).id == d.id {
+            if (*q).peer.family != 0 && (*q).id == id {
                 peer = (*q).peer;
                 (*q).peer = DnsPeer::default();
                 break;
@@ -528,7 +503,7 @@ pub fn redirect_recvmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     let from = user_ip6(sa);
-    if from != V6_LOCALHOST && from != v4_mapped(V4_LOCALHOST.to_be()) {
+    if from != V6_LOCALHOST_WORDS && from != v4_mapped(V4_LOCALHOST.to_be()) {
         return 1;
     }
     let port_be = user_port(sa);

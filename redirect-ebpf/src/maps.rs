@@ -242,11 +242,14 @@ pub fn target_v4(addr_be: u32) -> u32 {
     }
 }
 
+/// `::1` as the words of `user_ip6` (network order).
+pub const V6_LOCALHOST_WORDS: [u32; 4] = [0, 0, 0, 1u32.to_be()];
+
 /// The IPv6 counterpart of [`target_v4`]: `::` goes to `::1`.
 #[inline(always)]
 pub fn target_v6(addr: [u32; 4]) -> [u32; 4] {
     if addr == [0; 4] {
-        [0, 0, 0, 1u32.to_be()]
+        V6_LOCALHOST_WORDS
     } else {
         addr
     }
