@@ -52,6 +52,17 @@ pub mod map_names {
     /// `HashMap<Ip6Key, u8>`: the IPv6 addresses the namespace owns (the
     /// words of `user_ip6`, network order).
     pub const LOCAL_V6: &str = "LOCAL_V6";
+    /// `HashMap<IdKey, u8>`: the ifindexes of the interfaces `-c`
+    /// excludes (in the pod's network namespace, when the policy was
+    /// applied): inbound connections arriving on them are not captured.
+    pub const EXCLUDED_IFACES: &str = "EXCLUDED_IFACES";
+    /// `LpmTrie<[u8; 12], u8>`, with `-c`: the pod's IPv4 routes (policy id,
+    /// then the prefix) when the policy was applied, each with 1 if it
+    /// leaves through an excluded interface, else 0. Its local addresses
+    /// and 127.0.0.0/8 are routes through `lo`.
+    pub const ROUTES_V4: &str = "ROUTES_V4";
+    /// `LpmTrie<[u8; 24], u8>`: the IPv6 counterpart of [`ROUTES_V4`].
+    pub const ROUTES_V6: &str = "ROUTES_V6";
     /// `HashMap<AddrKey, u64>` (no preallocation): each pod's own addresses
     /// (loopback left out) under which its network namespace's cookie is
     /// found. `sk_lookup` cannot ask for the namespace it runs in (not
@@ -96,7 +107,7 @@ pub mod map_names {
 
     /// Maps whose content is the policy: a one-shot apply makes a new set
     /// each time; a node install keeps one set.
-    pub const POLICY: [&str; 14] = [
+    pub const POLICY: [&str; 17] = [
         CONFIGS,
         POD_ADDRS,
         PORTS,
@@ -111,6 +122,9 @@ pub mod map_names {
         EXCLUDE_V6,
         INCLUDE_V6,
         LOCAL_V6,
+        EXCLUDED_IFACES,
+        ROUTES_V4,
+        ROUTES_V6,
     ];
     /// Maps that hold connection state and counters: kept across re-apply so
     /// that connections in flight during a re-apply keep their original
@@ -269,7 +283,7 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 17;
 /// Version of the layout of the state maps ([`map_names::STATE`]): bumped
 /// whenever a key or value there changes, so that a pin of another layout is
 /// refused rather than reused.
-pub const STATE_LAYOUT: u64 = 5;
+pub const STATE_LAYOUT: u64 = 6;
 /// Capacity of the service map in the object; the loader sizes it to the
 /// list.
 pub const DEFAULT_SERVICE_CAPACITY: u32 = 1 << 17;
@@ -311,8 +325,13 @@ pub struct Config {
     pub source_v4: u32,
     /// Where captured DNS goes (15053), with [`config_flags::DNS_CAPTURE`].
     pub dns_port: u16,
-    /// Reserved, zero.
-    pub reserved: u16,
+    /// With `-c` (excluded interfaces): where the kernel's `sk_lookup`
+    /// context (`struct bpf_sk_lookup_kern`) keeps `ingress_ifindex`, read
+    /// from BTF by the loader (`sk_lookup` reads it there rather than from
+    /// its context fields, which have it only since Linux 5.17). Nonzero
+    /// if and only if the policy excludes interfaces
+    /// ([`Config::excludes_interfaces`]).
+    pub ifindex_offset: u16,
     /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`): only a
     /// listener opened there becomes the inbound capture socket.
     pub netns_cookie: u64,
@@ -383,6 +402,12 @@ impl Config {
     #[inline(always)]
     pub const fn is_capture_port(&self, port: u16) -> bool {
         port == self.proxy_port || port == self.inbound_port || self.is_dns_port(port)
+    }
+
+    /// Whether the policy excludes interfaces (`-c`).
+    #[inline(always)]
+    pub const fn excludes_interfaces(&self) -> bool {
+        self.ifindex_offset != 0
     }
 
     /// Whether `port` is where DNS capture sends queries (never with DNS

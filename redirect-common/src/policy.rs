@@ -152,6 +152,19 @@ pub trait PolicyMaps {
     fn is_dns_server(&self, _dst: &Addr) -> bool {
         false
     }
+    /// Whether `ifindex` is one of the interfaces the policy excludes
+    /// (`-c`). Only asked when [`Config::excludes_interfaces`]; the default
+    /// is none.
+    fn is_excluded_interface(&self, _ifindex: u32) -> bool {
+        false
+    }
+    /// Whether the pod's route to `dst` leaves through an interface the
+    /// policy excludes (`-c`): the longest-prefix match over the pod's
+    /// routes as they were when the policy was applied. Only asked when
+    /// [`Config::excludes_interfaces`]; the default is no.
+    fn routed_via_excluded_interface(&self, _dst: &Addr) -> bool {
+        false
+    }
     /// Whether `dst:port` is one of the explicitly listed services. Only
     /// asked when [`config_flags::HAS_SERVICES`] is set; the default is an
     /// empty list.
@@ -235,13 +248,20 @@ pub enum Rule {
     InboundIncludedPort,
     /// Inbound 3/4: not in the list (or the list is empty) → pass.
     InboundNotCaptured,
+    /// Outbound c: the route to the destination leaves through an excluded
+    /// interface (`-c`; istio's `nat OUTPUT -o IFACE -j RETURN`, before
+    /// its jump to `ISTIO_OUTPUT`) → pass.
+    ExcludedInterface,
+    /// Inbound c: arrived on an excluded interface (`-c`; istio's `nat
+    /// PREROUTING -i IFACE -j RETURN`) → pass.
+    InboundExcludedInterface,
 }
 
 impl Rule {
     /// Number of rules (and of per-rule counters).
-    pub const COUNT: u32 = Rule::InboundNotCaptured as u32 + 1;
+    pub const COUNT: u32 = Rule::ALL.len() as u32;
     /// All rules, in index order.
-    pub const ALL: [Rule; 21] = [
+    pub const ALL: [Rule; 23] = [
         Rule::LoopbackSourceOffLo,
         Rule::ExcludedPort,
         Rule::PassthroughSource,
@@ -263,6 +283,8 @@ impl Rule {
         Rule::InboundAll,
         Rule::InboundIncludedPort,
         Rule::InboundNotCaptured,
+        Rule::ExcludedInterface,
+        Rule::InboundExcludedInterface,
     ];
 
     /// The rule with index `n` (as stored in `OrigDst::rule`), if any.
@@ -276,7 +298,16 @@ impl Rule {
 
     /// Whether it is a rule of the inbound chain.
     pub const fn is_inbound(self) -> bool {
-        self as u32 >= Rule::InboundLocalSource as u32
+        matches!(
+            self,
+            Rule::InboundLocalSource
+                | Rule::InboundTunnel
+                | Rule::InboundExcludedPort
+                | Rule::InboundAll
+                | Rule::InboundIncludedPort
+                | Rule::InboundNotCaptured
+                | Rule::InboundExcludedInterface
+        )
     }
 
     /// The rule's number in `docs/iptables-rules.md` (as `status` and
@@ -302,6 +333,8 @@ impl Rule {
             Rule::InboundExcludedPort | Rule::InboundAll => "in-2",
             Rule::InboundIncludedPort => "in-3",
             Rule::InboundNotCaptured => "in-end",
+            Rule::ExcludedInterface => "c",
+            Rule::InboundExcludedInterface => "in-c",
         }
     }
 
@@ -329,6 +362,8 @@ impl Rule {
             Rule::InboundAll => "inbound_all",
             Rule::InboundIncludedPort => "inbound_included_port",
             Rule::InboundNotCaptured => "inbound_not_captured",
+            Rule::ExcludedInterface => "excluded_interface",
+            Rule::InboundExcludedInterface => "inbound_excluded_interface",
         }
     }
 
@@ -362,6 +397,10 @@ impl Rule {
             Rule::InboundAll => "inbound ports '*': every other port is captured",
             Rule::InboundIncludedPort => "destination port is in the inbound-ports list",
             Rule::InboundNotCaptured => "inbound port not listed (or no inbound capture)",
+            Rule::ExcludedInterface => {
+                "the route to the destination leaves through an excluded interface"
+            }
+            Rule::InboundExcludedInterface => "arrived on an excluded interface",
         }
     }
 }
@@ -506,6 +545,11 @@ fn walk<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Outbound, over_lo: bool) -> V
     {
         return Verdict::pass(Rule::LoopbackSourceOffLo);
     }
+    // c. the route leaves through an excluded interface: istio returns
+    // from `nat OUTPUT` before its jump to ISTIO_OUTPUT.
+    if cfg.excludes_interfaces() && maps.routed_via_excluded_interface(&c.dst) {
+        return Verdict::pass(Rule::ExcludedInterface);
+    }
     let ports = maps.port_flags(c.dport);
     // 1. exclude outbound ports.
     if ports & port_flags::OUT_EXCLUDE != 0 {
@@ -615,6 +659,9 @@ pub struct Inbound {
     pub dst: Addr,
     /// The local port asked for, host order.
     pub dport: u16,
+    /// The interface the packet arrived on (its ifindex). Only read when
+    /// [`Config::excludes_interfaces`].
+    pub ifindex: u32,
 }
 
 /// Decide an inbound TCP connection the way istio-iptables' `nat PREROUTING`
@@ -640,6 +687,11 @@ fn walk_inbound<P: PolicyMaps>(cfg: &Config, maps: &P, c: &Inbound) -> Verdict {
     }
     if c.src.is_loopback_range() || maps.is_local_addr(&c.src) {
         return Verdict::pass(Rule::InboundLocalSource);
+    }
+    // c. an excluded interface: istio returns from `nat PREROUTING` before
+    // its jump to ISTIO_INBOUND.
+    if cfg.excludes_interfaces() && maps.is_excluded_interface(c.ifindex) {
+        return Verdict::pass(Rule::InboundExcludedInterface);
     }
     // 1. the tunnel port.
     if c.dport == cfg.tunnel_port {

@@ -84,7 +84,7 @@ fn config(m: &Maps, include_all: bool) -> Config {
         first_gid: m.gids.first().copied().unwrap_or(0),
         source_v4: 0,
         dns_port: 0,
-        reserved: 0,
+        ifindex_offset: 0,
         netns_cookie: 0,
         source_v6: [0; 4],
         proxy_cgroup_id: 0,

@@ -58,6 +58,15 @@ pub static INCLUDE_V6: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT
 pub static LOCAL_V6: HashMap<Ip6Key, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 #[map]
+pub static EXCLUDED_IFACES: HashMap<IdKey, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static ROUTES_V4: LpmTrie<Cidr4Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+#[map]
+pub static ROUTES_V6: LpmTrie<Cidr6Key, u8> = LpmTrie::with_max_entries(DEFAULT_CIDR_CAPACITY, 0);
+
+#[map]
 pub static POD_ADDRS: HashMap<AddrKey, u64> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 // ---- connection state and counters (kept across re-apply) ----

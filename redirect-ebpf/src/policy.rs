@@ -8,8 +8,8 @@ use redirect_common::{
 };
 
 use crate::maps::{
-    DNS_SERVERS, EXCLUDE_V4, EXCLUDE_V6, INCLUDE_V4, INCLUDE_V6, LOCAL_V4, LOCAL_V6, OWNER_GROUPS,
-    PORTS, PROXY_GIDS, PROXY_UIDS, SERVICES,
+    DNS_SERVERS, EXCLUDE_V4, EXCLUDE_V6, EXCLUDED_IFACES, INCLUDE_V4, INCLUDE_V6, LOCAL_V4,
+    LOCAL_V6, OWNER_GROUPS, PORTS, PROXY_GIDS, PROXY_UIDS, ROUTES_V4, ROUTES_V6, SERVICES,
 };
 
 /// One pod's policy as stored in this object's maps: its entries are those
@@ -102,6 +102,20 @@ impl PolicyMaps for KernelPolicy {
     #[inline(always)]
     fn is_dns_server(&self, dst: &Addr) -> bool {
         DNS_SERVERS.get_ptr(self.service_key(dst, 53)).is_some()
+    }
+
+    #[inline(always)]
+    fn is_excluded_interface(&self, ifindex: u32) -> bool {
+        EXCLUDED_IFACES.get_ptr(self.id_key(ifindex)).is_some()
+    }
+
+    #[inline(always)]
+    fn routed_via_excluded_interface(&self, dst: &Addr) -> bool {
+        let v = match dst {
+            Addr::V4(a) => ROUTES_V4.get(self.key4(*a)),
+            Addr::V6(b) => ROUTES_V6.get(self.key6(b)),
+        };
+        v.is_some_and(|v| *v != 0)
     }
 
     #[inline(always)]

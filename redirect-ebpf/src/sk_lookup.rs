@@ -16,7 +16,10 @@
 //! as iptables REDIRECT to a closed port refuses it: never delivered
 //! uncaptured.
 
-use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::sk_action, helpers::bpf_probe_read_kernel, macros::sk_lookup,
+    programs::SkLookupContext,
+};
 use redirect_common::{
     AF_INET, AF_INET6, Action, Addr, AddrKey, Counter, Inbound, LISTENER_V4, LISTENER_V6,
     ListenerKey, decide_inbound,
@@ -42,7 +45,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     if !v6 && l.family != u32::from(AF_INET) {
         return PASS;
     }
-    let (conn, local) = if v6 {
+    let (mut conn, local) = if v6 {
         let local = [
             l.local_ip6[0],
             l.local_ip6[1],
@@ -59,6 +62,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
                 ]),
                 dst: Addr::from_ip6_words(local),
                 dport: l.local_port as u16,
+                ifindex: 0,
             },
             local,
         )
@@ -68,6 +72,7 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
                 src: Addr::V4(u32::from_be(l.remote_ip4)),
                 dst: Addr::V4(u32::from_be(l.local_ip4)),
                 dport: l.local_port as u16,
+                ifindex: 0,
             },
             [l.local_ip4, 0, 0, 0],
         )
@@ -94,6 +99,14 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
         // Registered, but its policy is not in force (yet, or any more).
         return PASS;
     };
+    if cfg.excludes_interfaces() {
+        // The interface the packet arrived on (`-c`). The context's own
+        // `ingress_ifindex` field exists only since Linux 5.17 (reading it
+        // would keep the program from loading on older kernels), so it is
+        // read from the kernel's context struct, at the offset the loader
+        // found in BTF (it refuses `-c` on a kernel without the field).
+        conn.ifindex = ingress_ifindex(ctx.lookup as *const u8, cfg.ifindex_offset);
+    }
     let verdict = decide_inbound(cfg, &KernelPolicy { id: cfg.policy }, &conn);
     count(verdict.rule as u32);
     if let Action::Pass = verdict.action {
@@ -117,4 +130,15 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     count(Counter::InboundNoListener as u32);
     DROP
+}
+
+/// `ingress_ifindex` of the kernel's sk_lookup context at `lookup`, which
+/// is `offset` bytes in (0 if it cannot be read). A function of its own:
+/// inlined, the compiler left a register uninitialised on the IPv6 path,
+/// which the verifier refused (`R6 !read_ok`).
+#[inline(never)]
+fn ingress_ifindex(lookup: *const u8, offset: u16) -> u32 {
+    let at = lookup.wrapping_add(usize::from(offset));
+    // SAFETY: bpf_probe_read_kernel checks the address itself.
+    unsafe { bpf_probe_read_kernel(at as *const u32) }.unwrap_or(0)
 }

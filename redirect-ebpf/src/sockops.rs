@@ -226,10 +226,16 @@ fn on_inbound_accepted(ops: *mut bpf_sock_ops) {
         (Addr::from_ip6_words(remote), Addr::from_ip6_words(local))
     };
     let port = unsafe { (*ops).local_port } as u16;
+    // The interface the connection arrived on is not known here: one that
+    // `-c` kept from the proxy (sk_lookup passed it) is taken as captured,
+    // and the application's socket gets its own address as original
+    // destination, which is what conntrack answers for a connection nobody
+    // redirected.
     let conn = Inbound {
         src,
         dst,
         dport: port,
+        ifindex: 0,
     };
     let verdict = decide_inbound(cfg, &KernelPolicy { id: cfg.policy }, &conn);
     if let Action::Pass = verdict.action {

@@ -357,8 +357,10 @@ fn install(
     for (name, path) in &state_paths {
         loader.map_pin_path(name, path.as_path());
     }
+    crate::policy::warn_absent_interfaces(&req.policy, facts);
     let mut entries = PolicyEntries::new(&req.policy, facts, new_policy_id()?);
     entries.config = crate::btf::with_owner_path(entries.config);
+    entries.config = crate::btf::with_ifindex_offset(entries.config)?;
     // Size each policy map to this one pod: a hash map's bucket array is
     // allocated up front even though its entries are not.
     for (name, n) in entries.counts() {

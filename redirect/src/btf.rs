@@ -188,6 +188,30 @@ pub fn with_owner_path(mut cfg: redirect_common::Config) -> redirect_common::Con
     cfg
 }
 
+/// `cfg` with `-c`'s offset of `ingress_ifindex` in the running kernel's
+/// `struct bpf_sk_lookup_kern` (where `sk_lookup` reads the interface a
+/// connection arrives on); unchanged without `-c`. An error on a kernel
+/// whose `sk_lookup` does not know the interface (before Linux 5.17).
+pub fn with_ifindex_offset(mut cfg: redirect_common::Config) -> Result<redirect_common::Config> {
+    if !cfg.excludes_interfaces() {
+        return Ok(cfg);
+    }
+    let found =
+        Btf::kernel().and_then(|btf| btf.member_offset("bpf_sk_lookup_kern", "ingress_ifindex"));
+    let off = match found {
+        Ok(o) => o,
+        Err(e) => bail!(
+            "--exclude-interfaces needs Linux 5.17 or later, whose sk_lookup knows the \
+             interface a connection arrives on; this kernel's does not ({e:#})"
+        ),
+    };
+    cfg.ifindex_offset = u16::try_from(off)
+        .ok()
+        .filter(|o| *o != 0)
+        .with_context(|| format!("bpf_sk_lookup_kern.ingress_ifindex at offset {off}"))?;
+    Ok(cfg)
+}
+
 /// The path from a `struct sock` to its file's credentials on the running
 /// kernel.
 pub fn owner_path() -> Result<redirect_common::OwnerPath> {
@@ -224,5 +248,15 @@ mod tests {
             assert!(off > 0, "{s}.{m}");
         }
         assert!(btf.member_offset("sock", "no_such_member").is_err());
+    }
+
+    #[test]
+    fn finds_sk_lookup_ingress_ifindex_on_this_kernel() {
+        let btf = Btf::kernel().expect("this kernel's BTF");
+        let off = btf
+            .member_offset("bpf_sk_lookup_kern", "ingress_ifindex")
+            .unwrap();
+        // The offset user space assumes before it knows the kernel.
+        assert_eq!(off, u32::from(crate::policy::SK_LOOKUP_IFINDEX_OFFSET));
     }
 }

@@ -14,8 +14,8 @@ use crate::{
     layout::default_pin_dir,
     policy::{
         DnsCapture, OwnerGroups, PolicyError, PolicySpec, parse_cidrs, parse_dns_servers,
-        parse_ids, parse_inbound_ports, parse_include, parse_mark, parse_port, parse_ports,
-        parse_services, resolv_conf_servers, resolve_proxy_cgroup,
+        parse_ids, parse_inbound_ports, parse_include, parse_interfaces, parse_mark, parse_port,
+        parse_ports, parse_services, resolv_conf_servers, resolve_proxy_cgroup,
     },
 };
 
@@ -385,7 +385,7 @@ pub struct ApplyArgs {
 
 /// The ids of every [`PolicyArgs`] argument (its field names), which
 /// `explain --pin-dir` excludes. A unit test keeps the list complete.
-pub const POLICY_ARG_IDS: [&str; 22] = [
+pub const POLICY_ARG_IDS: [&str; 23] = [
     "proxy_port",
     "inbound_capture_port",
     "tunnel_port",
@@ -398,6 +398,7 @@ pub const POLICY_ARG_IDS: [&str; 22] = [
     "exclude_ports",
     "inbound_ports",
     "exclude_inbound_ports",
+    "exclude_interfaces",
     "proxy_mark",
     "proxy_cgroup",
     "owner_groups_include",
@@ -460,6 +461,10 @@ pub struct ExplainArgs {
     /// only. Only DNS capture (--redirect-dns) ever takes UDP.
     #[arg(long)]
     pub udp: bool,
+    /// Inbound: the interface the connection arrives on, by name (as
+    /// --netns has it) or ifindex; matters with --exclude-interfaces.
+    #[arg(long = "in-interface")]
+    pub in_interface: Option<String>,
     /// An address the pod's network namespace owns (repeatable or
     /// comma-separated). Default: none besides 127.0.0.0/8, or with
     /// --pin-dir the addresses recorded there.
@@ -592,6 +597,16 @@ pub struct PolicyArgs {
         default_value = ""
     )]
     pub exclude_inbound_ports: String,
+    /// Interfaces (comma-separated names) whose traffic is never captured:
+    /// inbound connections arriving on them, and outbound ones whose route
+    /// (as it was at apply time) leaves through them.
+    #[arg(
+        short = 'c',
+        long = "exclude-interfaces",
+        visible_alias = "istio-exclude-interfaces",
+        default_value = ""
+    )]
+    pub exclude_interfaces: String,
     /// Sockets carrying this mark (SO_MARK, e.g. 0x1) are the proxy's and
     /// never captured. Setting a mark needs CAP_NET_ADMIN in the proxy.
     #[arg(long = "proxy-mark")]
@@ -783,6 +798,7 @@ impl PolicyArgs {
             owner_groups: self.owner_groups()?,
             services: self.services()?,
             dns: self.dns()?,
+            exclude_interfaces: parse_interfaces("--exclude-interfaces", &self.exclude_interfaces)?,
         })
     }
 

@@ -199,7 +199,7 @@ pub mod annotation {
     pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
     /// `-o`.
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-    /// `-c` (not implemented).
+    /// `-c`.
     pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
     /// `-k` (not implemented).
     pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
@@ -279,15 +279,15 @@ impl PluginConfig {
                 ));
             }
         }
-        for key in [
-            a::EXCLUDE_INTERFACES,
-            a::KUBEVIRT_INTERFACES,
-            a::REROUTE_VIRTUAL_INTERFACES,
-        ] {
+        for key in [a::KUBEVIRT_INTERFACES, a::REROUTE_VIRTUAL_INTERFACES] {
             if annotations.get(key).is_some_and(|v| !v.is_empty()) {
                 return Err(CniError::new(
                     7,
-                    format!("{key}: interface rules are not implemented yet"),
+                    format!(
+                        "{key}: traffic from a VM in the pod is forwarded, not delivered to a \
+                         socket: sending it to the proxy needs NAT, which redirect does not do \
+                         (see docs/semantics.md); keep istio-cni for pods running VMs"
+                    ),
                     "",
                 ));
             }
@@ -330,6 +330,7 @@ impl PluginConfig {
             exclude_ports: get(a::EXCLUDE_OUTBOUND_PORTS, &self.exclude_outbound_ports),
             inbound_ports: get(a::INCLUDE_INBOUND_PORTS, &self.include_inbound_ports),
             exclude_inbound_ports: exclude_inbound.join(","),
+            exclude_interfaces: get(a::EXCLUDE_INTERFACES, ""),
             proxy_mark: None,
             proxy_cgroup: None,
             owner_groups_include: String::new(),
@@ -420,12 +421,14 @@ mod tests {
                     (annotation::INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8"),
                     (annotation::EXCLUDE_INBOUND_PORTS, "22,15021"),
                     (annotation::EXCLUDE_OUTBOUND_PORTS, "3306"),
+                    (annotation::EXCLUDE_INTERFACES, "net1,net2"),
                 ]),
             )
             .unwrap()
         else {
             panic!()
         };
+        assert_eq!(p.exclude_interfaces, "net1,net2");
         assert_eq!(p.include_cidrs, "10.0.0.0/8");
         assert_eq!(p.exclude_inbound_ports, "22,15021,15020,15090");
         assert_eq!(p.exclude_ports, "3306");
@@ -479,6 +482,26 @@ mod tests {
             )
             .unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/99"), "{e}");
+        let e = c
+            .decide(
+                None,
+                &ann(&[
+                    (annotation::STATUS, "{}"),
+                    (annotation::EXCLUDE_INTERFACES, "net/1"),
+                ]),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("net/1"), "{e}");
+        let e = c
+            .decide(
+                None,
+                &ann(&[
+                    (annotation::STATUS, "{}"),
+                    (annotation::KUBEVIRT_INTERFACES, "net0ps2"),
+                ]),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("NAT"), "{e}");
         let e = parse_config(br#"{"cniVersion": "0.2.0"}"#).unwrap_err();
         assert!(e.to_string().contains("0.2.0"), "{e}");
         assert_eq!(parse_config(b"{").unwrap_err().code, 6);

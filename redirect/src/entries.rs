@@ -54,6 +54,13 @@ pub struct PolicyEntries {
     pub local_v4: Vec<Ipv4Addr>,
     /// `LOCAL_V6`: its IPv6 addresses.
     pub local_v6: Vec<Ipv6Addr>,
+    /// `EXCLUDED_IFACES`: the ifindexes of the excluded interfaces.
+    pub excluded_ifaces: Vec<u32>,
+    /// `ROUTES_V4`: `(address, prefix, 1 if it leaves through an excluded
+    /// interface else 0)`.
+    pub routes_v4: Vec<(Ipv4Addr, u8, u8)>,
+    /// `ROUTES_V6`.
+    pub routes_v6: Vec<(Ipv6Addr, u8, u8)>,
 }
 
 /// The policy maps of one object or one node, by name.
@@ -226,8 +233,18 @@ impl PolicyEntries {
                 IpAddr::V6(a) => local_v6.push(*a),
             }
         }
+        let (mut routes_v4, mut routes_v6) = (Vec::new(), Vec::new());
+        for (c, excluded) in crate::policy::route_entries(spec, facts) {
+            match c.addr {
+                IpAddr::V4(a) => routes_v4.push((a, c.prefix, u8::from(excluded))),
+                IpAddr::V6(a) => routes_v6.push((a, c.prefix, u8::from(excluded))),
+            }
+        }
         PolicyEntries {
             config,
+            excluded_ifaces: spec.excluded_ifindexes(facts),
+            routes_v4,
+            routes_v6,
             ports: spec.port_entries(),
             proxy_uids: spec.proxy_uids.clone(),
             proxy_gids: spec.proxy_gids.clone(),
@@ -248,6 +265,16 @@ impl PolicyEntries {
         [
             (map_names::SERVICES, &self.services),
             (map_names::DNS_SERVERS, &self.dns_servers),
+        ]
+    }
+
+    /// The maps of ids (UIDs, GIDs, ifindexes) and their entries.
+    fn id_lists(&self) -> [(&'static str, &Vec<u32>); 4] {
+        [
+            (map_names::PROXY_UIDS, &self.proxy_uids),
+            (map_names::PROXY_GIDS, &self.proxy_gids),
+            (map_names::OWNER_GROUPS, &self.owner_groups),
+            (map_names::EXCLUDED_IFACES, &self.excluded_ifaces),
         ]
     }
 
@@ -291,6 +318,7 @@ impl PolicyEntries {
             (map_names::DNS_SERVERS, self.dns_servers.len()),
             (map_names::LOCAL_V4, self.local_v4.len()),
             (map_names::LOCAL_V6, self.local_v6.len()),
+            (map_names::EXCLUDED_IFACES, self.excluded_ifaces.len()),
         ]
     }
 
@@ -311,15 +339,21 @@ impl PolicyEntries {
                 .insert(key, flags, 0)
                 .context(full(map_names::PORTS))?;
         }
-        for (name, ids) in [
-            (map_names::PROXY_UIDS, &self.proxy_uids),
-            (map_names::PROXY_GIDS, &self.proxy_gids),
-            (map_names::OWNER_GROUPS, &self.owner_groups),
-        ] {
+        for (name, ids) in self.id_lists() {
             let mut set = maps.hash::<IdKey, u8>(name)?;
             for x in ids {
                 set.insert(id_key(id, *x), 1, 0).context(full(name))?;
             }
+        }
+        let mut trie = maps.trie::<Cidr4Key>(map_names::ROUTES_V4)?;
+        for (a, p, v) in &self.routes_v4 {
+            trie.insert(&trie4(id, *a, *p), v, 0)
+                .with_context(|| format!("writing ROUTES_V4 ({a}/{p})"))?;
+        }
+        let mut trie = maps.trie::<Cidr6Key>(map_names::ROUTES_V6)?;
+        for (a, p, v) in &self.routes_v6 {
+            trie.insert(&trie6(id, *a, *p), v, 0)
+                .with_context(|| format!("writing ROUTES_V6 ({a}/{p})"))?;
         }
         for (name, list) in self.service_lists() {
             let mut services = maps.hash::<PolicyServiceKey, u8>(name)?;
@@ -411,15 +445,19 @@ impl PolicyEntries {
             };
             ignore_missing(ports.remove(&key), map_names::PORTS)?;
         }
-        for (name, ids) in [
-            (map_names::PROXY_UIDS, &self.proxy_uids),
-            (map_names::PROXY_GIDS, &self.proxy_gids),
-            (map_names::OWNER_GROUPS, &self.owner_groups),
-        ] {
+        for (name, ids) in self.id_lists() {
             let mut set = maps.hash::<IdKey, u8>(name)?;
             for x in ids {
                 ignore_missing(set.remove(&id_key(id, *x)), name)?;
             }
+        }
+        let mut trie = maps.trie::<Cidr4Key>(map_names::ROUTES_V4)?;
+        for (a, p, _) in &self.routes_v4 {
+            ignore_missing(trie.remove(&trie4(id, *a, *p)), map_names::ROUTES_V4)?;
+        }
+        let mut trie = maps.trie::<Cidr6Key>(map_names::ROUTES_V6)?;
+        for (a, p, _) in &self.routes_v6 {
+            ignore_missing(trie.remove(&trie6(id, *a, *p)), map_names::ROUTES_V6)?;
         }
         for (name, list) in self.service_lists() {
             let mut services = maps.hash::<PolicyServiceKey, u8>(name)?;
@@ -490,6 +528,7 @@ impl PolicyEntries {
             (map_names::PROXY_UIDS, &mut e.proxy_uids),
             (map_names::PROXY_GIDS, &mut e.proxy_gids),
             (map_names::OWNER_GROUPS, &mut e.owner_groups),
+            (map_names::EXCLUDED_IFACES, &mut e.excluded_ifaces),
         ] {
             for k in maps.hash::<IdKey, u8>(name)?.keys() {
                 let k = k.with_context(|| format!("reading {name}"))?;
@@ -561,6 +600,30 @@ impl PolicyEntries {
             }
             out.sort_unstable();
         }
+        for entry in maps.trie::<Cidr4Key>(map_names::ROUTES_V4)?.iter() {
+            let (k, v) = entry.context("reading ROUTES_V4")?;
+            let data = k.data();
+            if data[..8] == id.to_be_bytes() {
+                let a = Ipv4Addr::new(data[8], data[9], data[10], data[11]);
+                e.routes_v4
+                    .push((a, (k.prefix_len() - CIDR_KEY_POLICY_BITS) as u8, v));
+            }
+        }
+        e.routes_v4.sort_unstable();
+        for entry in maps.trie::<Cidr6Key>(map_names::ROUTES_V6)?.iter() {
+            let (k, v) = entry.context("reading ROUTES_V6")?;
+            let data = k.data();
+            if data[..8] == id.to_be_bytes() {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&data[8..]);
+                e.routes_v6.push((
+                    Ipv6Addr::from(b),
+                    (k.prefix_len() - CIDR_KEY_POLICY_BITS) as u8,
+                    v,
+                ));
+            }
+        }
+        e.routes_v6.sort_unstable();
         for k in maps.hash::<IdKey, u8>(map_names::LOCAL_V4)?.keys() {
             let k = k.context("reading LOCAL_V4")?;
             if k.policy == id {
@@ -602,6 +665,10 @@ impl PolicyEntries {
         }
         self.owner_groups.sort_unstable();
         self.owner_groups.dedup();
+        self.excluded_ifaces.sort_unstable();
+        self.excluded_ifaces.dedup();
+        self.routes_v4.sort_unstable();
+        self.routes_v6.sort_unstable();
         sort_services(&mut self.services);
         self.services.dedup();
         sort_services(&mut self.dns_servers);
@@ -632,7 +699,12 @@ impl PolicyEntries {
             w.extend_from_slice(&p.to_le_bytes());
             w.push(*f);
         }
-        for ids in [&self.proxy_uids, &self.proxy_gids, &self.owner_groups] {
+        for ids in [
+            &self.proxy_uids,
+            &self.proxy_gids,
+            &self.owner_groups,
+            &self.excluded_ifaces,
+        ] {
             len(&mut w, ids.len());
             for x in ids {
                 w.extend_from_slice(&x.to_le_bytes());
@@ -666,6 +738,16 @@ impl PolicyEntries {
         for a in &self.local_v6 {
             w.extend_from_slice(&a.octets());
         }
+        len(&mut w, self.routes_v4.len());
+        for (a, p, v) in &self.routes_v4 {
+            w.extend_from_slice(&a.octets());
+            w.extend_from_slice(&[*p, *v]);
+        }
+        len(&mut w, self.routes_v6.len());
+        for (a, p, v) in &self.routes_v6 {
+            w.extend_from_slice(&a.octets());
+            w.extend_from_slice(&[*p, *v]);
+        }
         w
     }
 
@@ -685,7 +767,12 @@ impl PolicyEntries {
             let [f] = r.array()?;
             e.ports.push((p, f));
         }
-        for ids in [&mut e.proxy_uids, &mut e.proxy_gids, &mut e.owner_groups] {
+        for ids in [
+            &mut e.proxy_uids,
+            &mut e.proxy_gids,
+            &mut e.owner_groups,
+            &mut e.excluded_ifaces,
+        ] {
             for _ in 0..r.len()? {
                 ids.push(u32::from_le_bytes(r.array()?));
             }
@@ -717,6 +804,16 @@ impl PolicyEntries {
         for _ in 0..r.len()? {
             e.local_v6.push(Ipv6Addr::from(r.array::<16>()?));
         }
+        for _ in 0..r.len()? {
+            let a: [u8; 4] = r.array()?;
+            let [p, v] = r.array()?;
+            e.routes_v4.push((Ipv4Addr::from(a), p, v));
+        }
+        for _ in 0..r.len()? {
+            let a: [u8; 16] = r.array()?;
+            let [p, v] = r.array()?;
+            e.routes_v6.push((Ipv6Addr::from(a), p, v));
+        }
         if r.at != b.len() {
             bail!("policy record: {} bytes too many", b.len() - r.at);
         }
@@ -730,7 +827,7 @@ fn sort_services(list: &mut [ServiceKey]) {
 }
 
 /// First bytes of a policy record.
-const MAGIC: &[u8; 8] = b"rdpol002";
+const MAGIC: &[u8; 8] = b"rdpol003";
 
 struct Reader<'a> {
     b: &'a [u8],
@@ -808,12 +905,24 @@ mod tests {
                 .chain(v6.iter().map(|(a, p)| cidr(&format!("{}/{p}", Ipv6Addr::from(*a)))))
                 .collect();
             s.owner_groups = OwnerGroups::Exclude(groups);
+            s.exclude_interfaces = vec!["net1".into(), "eth+".into()];
             let facts = NetnsFacts {
                 local_addrs: vec!["10.1.2.3".parse().unwrap(), "fd00::5".parse().unwrap()],
                 netns_cookie: 77,
+                interfaces: vec![("lo".into(), 1), ("eth0".into(), 2), ("net1".into(), 9)],
+                routes: v4
+                    .iter()
+                    .map(|(a, p)| crate::policy::Route {
+                        dst: cidr(&format!("{}/{p}", Ipv4Addr::from(*a))),
+                        dev: Some(if p % 2 == 0 { "net1" } else { "eth0" }.into()),
+                        metric: 0,
+                    })
+                    .collect(),
                 ..Default::default()
             };
             let e = PolicyEntries::new(&s, &facts, policy);
+            prop_assert_eq!(&e.excluded_ifaces, &vec![2, 9]);
+            prop_assert!(!e.routes_v4.is_empty() && !e.routes_v6.is_empty());
             prop_assert_eq!(PolicyEntries::from_bytes(&e.to_bytes()).unwrap(), e);
         }
     }

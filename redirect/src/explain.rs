@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::{
     cli::{DirectionArg, ExplainArgs},
     policy::{
-        Cidr, DnsCapture, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, UserPolicy,
+        Cidr, DnsCapture, NetnsFacts, OwnerGroups, PolicySpec, ProxyCgroup, Route, UserPolicy,
         parse_inbound_ports, parse_include, to_addr,
     },
 };
@@ -66,6 +66,9 @@ pub struct Connection {
     /// Outbound: a UDP datagram (only DNS capture takes UDP), not a TCP
     /// connect.
     pub udp: bool,
+    /// Inbound: the ifindex of the interface it arrives on (`-c`), 0 if
+    /// not given.
+    pub in_ifindex: u32,
 }
 
 /// A connection that cannot be explained as given. Names the flag and value.
@@ -112,6 +115,7 @@ impl Connection {
             mark: 0,
             in_proxy_cgroup: false,
             udp: false,
+            in_ifindex: 0,
         })
     }
 }
@@ -228,6 +232,7 @@ pub fn explain(
                 src,
                 dst,
                 dport: conn.dst.port(),
+                ifindex: conn.in_ifindex,
             });
             (v, None)
         }
@@ -373,6 +378,9 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
     if direction == Direction::In && args.udp {
         return Err(ConnectionError::OutboundOnly { flag: "--udp" }.into());
     }
+    if direction == Direction::Out && args.in_interface.is_some() {
+        bail!("--in-interface applies to --direction in only");
+    }
     conn.mark = args.mark.unwrap_or(0);
     conn.udp = args.udp;
     let (spec, pinned_facts, policy_from) = match (&args.pin_dir, &args.netns) {
@@ -402,7 +410,14 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
         }
     }
     let (facts, facts_from) = if let Some(ns) = &args.netns {
-        let facts = crate::netns::probe(Some(ns))?;
+        let mut facts = crate::netns::probe(Some(ns))?;
+        // A registered policy's excluded interfaces are known by ifindex
+        // and its routes as they were at registration: those, not the
+        // namespace's names and routes of now.
+        if let Some(pinned) = &pinned_facts {
+            facts.interfaces = pinned.interfaces.clone();
+            facts.routes = pinned.routes.clone();
+        }
         (facts, format!("probed in {}", ns.display()))
     } else if !args.local_addr.is_empty() {
         let facts = NetnsFacts {
@@ -420,6 +435,15 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation> {
     };
     let local_addrs = facts.local_addrs.clone();
     let policy = UserPolicy::new(spec, facts);
+    if let Some(name) = &args.in_interface {
+        conn.in_ifindex = policy.ifindex_of(name);
+        if conn.in_ifindex == 0 {
+            bail!(
+                "--in-interface {name}: no such interface in {facts_from} (give --netns, or \
+                 an ifindex)"
+            );
+        }
+    }
     Ok(explain(
         &policy,
         &local_addrs,
@@ -458,6 +482,10 @@ pub fn pinned_policy(pin_dir: &Path) -> Result<(PolicySpec, NetnsFacts, u64)> {
     let (spec, facts) = spec_of(p, pin_dir)?;
     Ok((spec, facts, st.generation))
 }
+
+/// The interface name pinned routes through an excluded interface are
+/// given (the pins do not keep names).
+const PINNED_EXCLUDED: &str = "(excluded)";
 
 /// The policy and facts a policy as `status` shows it says, read from the
 /// maps at `pin_dir`.
@@ -520,6 +548,14 @@ fn spec_of(p: &crate::status::PolicyStatus, pin_dir: &Path) -> Result<(PolicySpe
             (true, true) => OwnerGroups::All,
         },
         services,
+        // The pins hold ifindexes, not names: each is named by its number,
+        // and the routes by whether they leave through one of them.
+        exclude_interfaces: p
+            .exclude_ifindexes
+            .iter()
+            .map(|i| i.to_string())
+            .chain((!p.exclude_routes.is_empty()).then(|| PINNED_EXCLUDED.to_string()))
+            .collect(),
         dns: p
             .dns
             .as_ref()
@@ -537,9 +573,33 @@ fn spec_of(p: &crate::status::PolicyStatus, pin_dir: &Path) -> Result<(PolicySpe
             .transpose()
             .with_context(ctx)?,
     };
+    let routes = p
+        .exclude_routes
+        .iter()
+        .chain(&p.other_routes)
+        .map(|c| {
+            let dst = c.parse::<Cidr>().map_err(|e| anyhow::anyhow!("{c}: {e}"))?;
+            let dev = p
+                .exclude_routes
+                .contains(c)
+                .then(|| PINNED_EXCLUDED.to_string());
+            Ok(Route {
+                dst,
+                dev,
+                metric: 0,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .with_context(ctx)?;
     let facts = NetnsFacts {
         local_addrs,
         source_v4: p.source_v4.as_deref().and_then(|s| s.parse().ok()),
+        interfaces: p
+            .exclude_ifindexes
+            .iter()
+            .map(|i| (i.to_string(), *i))
+            .collect(),
+        routes,
         ..NetnsFacts::default()
     };
     Ok((spec, facts))

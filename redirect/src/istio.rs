@@ -176,10 +176,6 @@ pub struct IstioArgs {
         default_value = ""
     )]
     pub interception_mode: String,
-    /// istio-iptables `-c`: interfaces whose inbound traffic is never
-    /// captured. Not implemented yet: refused unless empty.
-    #[arg(short = 'c', long = "istio-exclude-interfaces", default_value = "")]
-    pub exclude_interfaces: String,
     /// istio-iptables `-k`: interfaces whose traffic is treated as outbound.
     /// Not implemented yet: refused unless empty.
     #[arg(short = 'k', long = "kube-virt-interfaces", default_value = "")]
@@ -474,12 +470,6 @@ impl IstioArgs {
                 mode = other,
                 "-m: unknown interception mode, treated as REDIRECT as istio-iptables does"
             ),
-        }
-        if !self.exclude_interfaces.is_empty() {
-            bail!(
-                "-c/--istio-exclude-interfaces {:?}: interface rules are not implemented yet",
-                self.exclude_interfaces
-            );
         }
         if !self.kube_virt_interfaces.is_empty() {
             bail!(

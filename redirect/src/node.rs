@@ -47,7 +47,7 @@ pub const MAX_PODS_LIMIT: u32 = 1 << 16;
 /// Node-wide entries a pod's policy may use on average, per map: the pools
 /// the node's policy maps are sized to (`--max-pods` times these). One pod
 /// may use more as long as the pool has room.
-pub const PER_POD: [(&str, u32); 10] = [
+pub const PER_POD: [(&str, u32); 11] = [
     (map_names::CONFIGS, 1),
     (map_names::POD_ADDRS, 8),
     (map_names::PORTS, 32),
@@ -58,6 +58,7 @@ pub const PER_POD: [(&str, u32); 10] = [
     (map_names::DNS_SERVERS, 4),
     (map_names::LOCAL_V4, 8),
     (map_names::LOCAL_V6, 8),
+    (map_names::EXCLUDED_IFACES, 2),
 ];
 
 /// Least entries of the node's `SERVICES` map, whatever `--max-pods`: as

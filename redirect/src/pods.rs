@@ -262,7 +262,9 @@ fn entries_for(
     facts: &crate::policy::NetnsFacts,
     record: &crate::node::NodeRecord,
 ) -> Result<PolicyEntries> {
+    crate::policy::warn_absent_interfaces(&req.policy, facts);
     let mut entries = PolicyEntries::new(&req.policy, facts, new_policy_id()?);
+    entries.config = crate::btf::with_ifindex_offset(entries.config)?;
     if let Some(path) = record.owner_path {
         entries.config.owner_path = path;
         entries.config.flags |= config_flags::OWNER_FROM_FILE;

@@ -103,6 +103,16 @@ pub enum PolicyError {
         /// What makes outbound capture possible.
         capture: String,
     },
+    /// Not an interface name.
+    #[error("{flag}: '{value}' is not an interface name ({reason})")]
+    BadInterface {
+        /// The flag (long form).
+        flag: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// Too many entries for one list.
     #[error("{flag}: {count} entries is more than the {max} this list holds")]
     TooMany {
@@ -272,7 +282,135 @@ pub struct PolicySpec {
     pub services: Vec<std::net::SocketAddr>,
     /// DNS capture (`--redirect-dns`), rule 5.
     pub dns: Option<DnsCapture>,
+    /// Interfaces whose traffic is never captured (`-c`), in the order
+    /// given: inbound connections arriving on them, outbound ones whose
+    /// route leaves through them.
+    pub exclude_interfaces: Vec<String>,
 }
+
+/// Most interfaces `--exclude-interfaces` may list.
+pub const MAX_INTERFACES: usize = 64;
+
+/// Parses `--exclude-interfaces` (comma-separated interface names), keeping
+/// order and dropping repeats. A name is what Linux takes for one: 1 to 15
+/// bytes, no `/`, `:` or white space, not `.` or `..`; a `+` at its end
+/// makes it a pattern for every name that starts with the rest, as in
+/// iptables.
+pub fn parse_interfaces(flag: &'static str, value: &str) -> Result<Vec<String>, PolicyError> {
+    ordered_list(flag, value, MAX_INTERFACES, |item| {
+        let bad = |reason| PolicyError::BadInterface {
+            flag,
+            value: item.to_string(),
+            reason,
+        };
+        if item.len() > 15 {
+            return Err(bad("longer than 15 bytes, the longest name Linux takes"));
+        }
+        if item == "." || item == ".." {
+            return Err(bad("not a name Linux takes"));
+        }
+        if item
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(bad("names cannot hold '/', ':' or white space"));
+        }
+        Ok(item.to_string())
+    })
+}
+
+/// Whether the interface `name` is `pattern`: the same name, or, for a
+/// pattern ending in `+`, one that starts with what comes before it
+/// (iptables' wildcard).
+pub fn interface_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('+') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
+/// One route of the pod's network namespace, as the loader read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Its destination prefix.
+    pub dst: Cidr,
+    /// The interface it leaves through; `None` for a route that leaves
+    /// through none (unreachable, blackhole, prohibit).
+    pub dev: Option<String>,
+    /// Its metric (the lowest wins among routes to the same prefix).
+    pub metric: u32,
+}
+
+/// The routes a policy with excluded interfaces needs, each with whether
+/// it leaves through one of them: the namespace's routes (lowest metric
+/// per prefix), then what the kernel's `local` table sends through `lo`
+/// before any other table is asked: 127.0.0.0/8, `::1` and every address
+/// the namespace owns. Looked up by longest prefix, this tells which
+/// interface a connection to a destination leaves through, as
+/// iptables' `-o` sees it (policy routing rules are not read). Empty when
+/// the policy excludes no interface.
+pub fn route_entries(spec: &PolicySpec, facts: &NetnsFacts) -> Vec<(Cidr, bool)> {
+    if spec.exclude_interfaces.is_empty() {
+        return Vec::new();
+    }
+    let excluded = |dev: Option<&str>| dev.is_some_and(|d| spec.excludes_interface(d));
+    let mut best: std::collections::BTreeMap<Cidr, (u32, bool)> = std::collections::BTreeMap::new();
+    for r in &facts.routes {
+        let e = excluded(r.dev.as_deref());
+        match best.get(&r.dst) {
+            Some((m, _)) if *m <= r.metric => {}
+            _ => {
+                best.insert(r.dst, (r.metric, e));
+            }
+        }
+    }
+    let lo = excluded(Some("lo"));
+    let local = [
+        Cidr {
+            addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)),
+            prefix: 8,
+        },
+        Cidr {
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            prefix: 128,
+        },
+    ]
+    .into_iter()
+    .chain(facts.local_addrs.iter().map(|a| Cidr {
+        addr: *a,
+        prefix: if a.is_ipv4() { 32 } else { 128 },
+    }));
+    for c in local {
+        best.insert(c, (0, lo));
+    }
+    // A route inside 127.0.0.0/8 would outrank it; the local table, asked
+    // first, sends all of it through lo.
+    for (c, (_, e)) in best.iter_mut() {
+        if matches!(c.addr, IpAddr::V4(a) if a.is_loopback()) {
+            *e = lo;
+        }
+    }
+    best.into_iter().map(|(c, (_, e))| (c, e)).collect()
+}
+
+/// Logs each excluded interface the namespace does not have: nothing
+/// arrives on it or leaves through it, as with iptables' `-i`/`-o` of an
+/// absent interface, until the policy is applied again once it exists.
+pub fn warn_absent_interfaces(spec: &PolicySpec, facts: &NetnsFacts) {
+    for name in spec.absent_interfaces(facts) {
+        tracing::warn!(
+            interface = name,
+            "--exclude-interfaces: the pod's network namespace has no such interface (yet); \
+             it excludes nothing until the policy is applied again after it is created"
+        );
+    }
+}
+
+/// Where the loader sends a policy's `-c` before it knows the running
+/// kernel: `ingress_ifindex`'s offset in `struct bpf_sk_lookup_kern` from
+/// Linux 5.17 to at least 6.18. The loader puts the running kernel's (from
+/// BTF) in its place.
+pub const SK_LOOKUP_IFINDEX_OFFSET: u16 = 40;
 
 /// Where the proxy's DNS listener is (istio's agent: 15053).
 pub const DNS_CAPTURE_PORT: u16 = 15053;
@@ -346,6 +484,7 @@ impl Default for PolicySpec {
             owner_groups: OwnerGroups::All,
             services: Vec::new(),
             dns: None,
+            exclude_interfaces: Vec::new(),
         }
     }
 }
@@ -567,6 +706,10 @@ pub struct NetnsFacts {
     pub netns_cookie: u64,
     /// IPv6 source address the routing picks for outside destinations.
     pub source_v6: Option<Ipv6Addr>,
+    /// The namespace's interfaces: name and ifindex.
+    pub interfaces: Vec<(String, u32)>,
+    /// The namespace's routes (main table, IPv4 and IPv6).
+    pub routes: Vec<Route>,
 }
 
 /// The service map key of `ip:port`.
@@ -688,7 +831,11 @@ impl PolicySpec {
             } else {
                 0
             },
-            reserved: 0,
+            ifindex_offset: if self.exclude_interfaces.is_empty() {
+                0
+            } else {
+                SK_LOOKUP_IFINDEX_OFFSET
+            },
             netns_cookie: facts.netns_cookie,
             source_v6: facts
                 .source_v6
@@ -728,6 +875,45 @@ impl PolicySpec {
             IpAddr::V4(a) => Some((a, c.prefix)),
             IpAddr::V6(_) => None,
         })
+    }
+
+    /// The ifindexes of the excluded interfaces the namespace has (one it
+    /// does not have matches nothing, as iptables' `-i` of an absent
+    /// interface).
+    pub fn excluded_ifindexes(&self, facts: &NetnsFacts) -> Vec<u32> {
+        let mut out: Vec<u32> = facts
+            .interfaces
+            .iter()
+            .filter(|(name, _)| self.excludes_interface(name))
+            .map(|(_, i)| *i)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether `-c` names the interface `name` (itself, or a `prefix+`
+    /// pattern that matches it, as iptables' `-i`/`-o` take them).
+    pub fn excludes_interface(&self, name: &str) -> bool {
+        self.exclude_interfaces
+            .iter()
+            .any(|x| interface_matches(x, name))
+    }
+
+    /// The excluded interfaces (or patterns) the namespace has none of.
+    pub fn absent_interfaces<'a>(
+        &'a self,
+        facts: &'a NetnsFacts,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        self.exclude_interfaces
+            .iter()
+            .filter(|x| {
+                !facts
+                    .interfaces
+                    .iter()
+                    .any(|(n, _)| interface_matches(x, n))
+            })
+            .map(String::as_str)
     }
 
     /// The owner-group filter's GIDs.
@@ -788,6 +974,18 @@ impl UserPolicy {
     /// Decides an outbound connection.
     pub fn decide(&self, conn: &Outbound) -> Verdict {
         decide_outbound(&self.config, self, conn)
+    }
+
+    /// The ifindex of the namespace's interface `name` (or `name` itself
+    /// if it is a number); 0 if there is none.
+    pub fn ifindex_of(&self, name: &str) -> u32 {
+        name.parse().unwrap_or_else(|_| {
+            self.facts
+                .interfaces
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, i)| *i)
+        })
     }
 
     /// Decides an inbound connection.
@@ -856,11 +1054,99 @@ impl PolicyMaps for UserPolicy {
             .as_ref()
             .is_some_and(|d| d.servers.contains(&from_addr(dst)))
     }
+
+    fn is_excluded_interface(&self, ifindex: u32) -> bool {
+        self.spec.excluded_ifindexes(&self.facts).contains(&ifindex)
+    }
+
+    fn routed_via_excluded_interface(&self, dst: &Addr) -> bool {
+        let ip = from_addr(dst);
+        route_entries(&self.spec, &self.facts)
+            .into_iter()
+            .filter(|(c, _)| c.contains(ip))
+            .max_by_key(|(c, _)| c.prefix)
+            .is_some_and(|(_, e)| e)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(dst: &str, dev: Option<&str>, metric: u32) -> Route {
+        Route {
+            dst: dst.parse().unwrap(),
+            dev: dev.map(str::to_string),
+            metric,
+        }
+    }
+
+    #[test]
+    fn interface_names_and_patterns() {
+        assert_eq!(
+            parse_interfaces("-c", "net1, eth0,net1,net+").unwrap(),
+            vec!["net1", "eth0", "net+"]
+        );
+        assert!(parse_interfaces("-c", "").unwrap().is_empty());
+        for bad in ["net/1", "eth0:1", ".", "..", "a-name-longer-than-15"] {
+            let e = parse_interfaces("--exclude-interfaces", bad).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        assert!(interface_matches("net+", "net1"));
+        assert!(interface_matches("net1", "net1"));
+        assert!(!interface_matches("net1", "net10"));
+        assert!(!interface_matches("net+", "eth0"));
+    }
+
+    /// Which interface a destination leaves through, as the route entries
+    /// say by longest prefix: the local table first (127/8, ::1, the
+    /// pod's addresses go through lo), the lowest metric per prefix, and
+    /// a route that leaves through no interface is not excluded.
+    #[test]
+    fn route_entries_tell_the_output_interface() {
+        let facts = NetnsFacts {
+            local_addrs: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+            routes: vec![
+                route("0.0.0.0/0", Some("eth0"), 0),
+                route("10.0.0.0/24", Some("eth0"), 0),
+                route("10.210.0.0/16", Some("net1"), 0),
+                route("10.210.7.0/24", Some("eth0"), 0),
+                route("10.220.0.0/16", Some("eth0"), 100),
+                route("10.220.0.0/16", Some("net1"), 10),
+                route("10.230.0.0/16", None, 0),
+                route("127.1.0.0/16", Some("eth0"), 0),
+                route("fd00:210::/64", Some("net1"), 256),
+                route("::/0", Some("eth0"), 1024),
+            ],
+            ..NetnsFacts::default()
+        };
+        let spec = |c: &[&str]| PolicySpec {
+            exclude_interfaces: c.iter().map(|s| s.to_string()).collect(),
+            ..PolicySpec::default()
+        };
+        let via = |c: &[&str], dst: &str| {
+            UserPolicy::new(spec(c), facts.clone())
+                .routed_via_excluded_interface(&to_addr(dst.parse().unwrap()))
+        };
+        assert!(route_entries(&spec(&[]), &facts).is_empty());
+        assert!(via(&["net1"], "10.210.0.1"));
+        assert!(!via(&["net1"], "10.210.7.1"));
+        assert!(via(&["net1"], "10.220.3.3"), "the lowest metric wins");
+        assert!(!via(&["net1"], "10.230.0.1"));
+        assert!(!via(&["net1"], "10.0.0.5"));
+        assert!(via(&["lo"], "10.0.0.5"));
+        assert!(
+            via(&["lo"], "127.1.2.3"),
+            "the local table has all of 127/8"
+        );
+        assert!(!via(&["eth0"], "127.1.2.3"));
+        assert!(via(&["eth0"], "192.0.2.1"));
+        assert!(via(&["net+"], "fd00:210::1"));
+        assert!(!via(&["net+"], "fd00:211::1"));
+        assert!(via(&["lo"], "::1"));
+        assert!(via(&["lo"], "fd00::5"));
+        assert!(!via(&["net1"], "192.0.2.1"));
+    }
 
     #[test]
     fn cidr_parsing() {

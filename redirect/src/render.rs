@@ -151,6 +151,13 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         .collect();
     let mut rule = |s: String| out.push(s);
 
+    // Excluded interfaces (`-c`) come first: nothing arriving on one or
+    // leaving through one walks istio's chains.
+    for i in &spec.exclude_interfaces {
+        rule(format!("-A PREROUTING -i {i} -j RETURN"));
+        rule(format!("-A OUTPUT -o {i} -j RETURN"));
+    }
+
     // The tunnel port never goes to the proxy; the two REDIRECT chains.
     rule(format!(
         "-A {INBOUND} -p tcp --dport {} -j RETURN",
@@ -444,6 +451,28 @@ mod tests {
         "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
     ];
+
+    /// istio's `basic-exclude-nic.golden` (`ExcludeInterfaces =
+    /// "not-istio-nic"`): the interface's two RETURN rules come right
+    /// after the chains are declared, before anything else.
+    #[test]
+    fn exclude_interfaces_golden() {
+        let spec = PolicySpec {
+            exclude_interfaces: vec!["not-istio-nic".into()],
+            ..PolicySpec::default()
+        };
+        let got = nat_rules(&spec, Family::V4);
+        let want = golden(&[
+            &HEAD[..4],
+            &[
+                "-A PREROUTING -i not-istio-nic -j RETURN",
+                "-A OUTPUT -o not-istio-nic -j RETURN",
+            ],
+            &HEAD[4..],
+            OUTPUT_HEAD,
+        ]);
+        assert_eq!(got, want);
+    }
 
     fn golden(parts: &[&[&str]]) -> Vec<String> {
         parts

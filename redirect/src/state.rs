@@ -29,7 +29,7 @@ pub const SIZES: [(&str, u32, u32); 6] = [
 
 /// Key and value size of every policy map: checked before a node install
 /// reuses its pinned policy maps (a one-shot apply makes new ones).
-pub const POLICY_SIZES: [(&str, u32, u32); 13] = [
+pub const POLICY_SIZES: [(&str, u32, u32); 17] = [
     (map_names::CONFIGS, 8, size_of::<Config>() as u32),
     (map_names::POD_ADDRS, size_of::<AddrKey>() as u32, 8),
     (map_names::PORTS, size_of::<PortKey>() as u32, 1),
@@ -43,6 +43,14 @@ pub const POLICY_SIZES: [(&str, u32, u32); 13] = [
     (map_names::EXCLUDE_V6, 4 + size_of::<Cidr6Key>() as u32, 1),
     (map_names::INCLUDE_V6, 4 + size_of::<Cidr6Key>() as u32, 1),
     (map_names::LOCAL_V6, size_of::<Ip6Key>() as u32, 1),
+    (
+        map_names::DNS_SERVERS,
+        size_of::<PolicyServiceKey>() as u32,
+        1,
+    ),
+    (map_names::EXCLUDED_IFACES, size_of::<IdKey>() as u32, 1),
+    (map_names::ROUTES_V4, 4 + size_of::<Cidr4Key>() as u32, 1),
+    (map_names::ROUTES_V6, 4 + size_of::<Cidr6Key>() as u32, 1),
 ];
 
 /// What a user runs to remove pinned maps of another layout: the command

@@ -70,6 +70,13 @@ pub struct PolicyStatus {
     pub services: Vec<String>,
     /// DNS capture (rule 5): `None` if off.
     pub dns: Option<DnsStatus>,
+    /// `-c`: the ifindexes of the excluded interfaces (in the pod's
+    /// namespace, when the policy was applied).
+    pub exclude_ifindexes: Vec<u32>,
+    /// `-c`: the pod's routes through an excluded interface.
+    pub exclude_routes: Vec<String>,
+    /// `-c`: its other routes (they outrank a shorter excluded one).
+    pub other_routes: Vec<String>,
     /// Addresses the pod's namespace owns.
     pub local_addrs: Vec<String>,
     /// Source address bound on redirected sockets.
@@ -372,7 +379,27 @@ impl PolicyStatus {
                 .map(|a| a.ip().to_string())
                 .collect(),
         });
+        let routes = |excluded: bool| -> Vec<String> {
+            let v = u8::from(excluded);
+            let mut out: Vec<(IpAddr, u8)> = e
+                .routes_v4
+                .iter()
+                .filter(|r| r.2 == v)
+                .map(|(a, p, _)| (IpAddr::V4(*a), *p))
+                .chain(
+                    e.routes_v6
+                        .iter()
+                        .filter(|r| r.2 == v)
+                        .map(|(a, p, _)| (IpAddr::V6(*a), *p)),
+                )
+                .collect();
+            out.sort();
+            out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect()
+        };
         PolicyStatus {
+            exclude_ifindexes: e.excluded_ifaces.clone(),
+            exclude_routes: routes(true),
+            other_routes: routes(false),
             proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
             proxy_cgroup_id: cfg
                 .has(config_flags::HAS_CGROUP)
@@ -486,6 +513,14 @@ impl std::fmt::Display for Status {
                 joined(&d.servers)
             };
             writeln!(f, "dns         port 53 of {to} -> {}", d.port)?;
+        }
+        if !p.exclude_ifindexes.is_empty() || !p.exclude_routes.is_empty() {
+            writeln!(
+                f,
+                "excl ifaces ifindex {}; routes through them {}",
+                joined(&p.exclude_ifindexes),
+                joined(&p.exclude_routes)
+            )?;
         }
         writeln!(
             f,
