@@ -49,6 +49,23 @@ pub fn upstream_extra6(i: u8) -> Ipv6Addr {
 /// Number of extra upstream addresses.
 pub const UPSTREAM_EXTRA: u8 = 9;
 
+/// The pod's address on its second interface (`net1`, see
+/// [`Pod::add_second_interface`]).
+pub const NET1_POD_IP: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
+/// The upstream host's address on the second link.
+pub const NET1_UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 1);
+/// An upstream address the pod reaches through `net1` (10.210.0.0/16 is
+/// routed there), not through its default route.
+pub const NET1_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
+/// A more specific route inside 10.210.0.0/16 that leaves through `eth0`.
+pub const NET1_HOLE: Ipv4Addr = Ipv4Addr::new(10, 210, 7, 1);
+/// The pod's IPv6 address on `net1`.
+pub const NET1_POD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, 2);
+/// The upstream host's IPv6 address on the second link.
+pub const NET1_UPSTREAM_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, 1);
+/// An upstream IPv6 address routed through `net1` (fd00:210::/64).
+pub const NET1_REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 1);
+
 /// The sample peers' binary (`tests/src/bin/redirect-sample.rs`), which
 /// [`Pod::start_server`] and [`Pod::connect`] run inside the pod.
 pub fn sample_bin() -> Result<PathBuf> {
@@ -228,6 +245,87 @@ impl Pod {
             std::fs::create_dir(&dir)
                 .with_context(|| format!("creating cgroup {}", dir.display()))?;
         }
+        Ok(())
+    }
+
+    /// Gives the pod a second interface, `net1` (as Multus would), linked to
+    /// the upstream host: [`NET1_POD_IP`]/24 and [`NET1_POD_IP6`]/64 on it,
+    /// 10.210.0.0/16 and fd00:210::/64 routed through it, but
+    /// 10.210.7.0/24 ([`NET1_HOLE`]) back through `eth0`. The upstream host
+    /// owns [`NET1_REMOTE`], [`NET1_HOLE`] and [`NET1_REMOTE6`].
+    pub fn add_second_interface(&self) -> Result<()> {
+        let (p, u) = (self.netns_name(Side::Pod), self.netns_name(Side::Upstream));
+        run(
+            "ip",
+            &[
+                "-n", &p, "link", "add", "net1", "type", "veth", "peer", "name", "net1", "netns",
+                &u,
+            ],
+        )?;
+        for (ns, addr, addr6) in [
+            (&p, NET1_POD_IP, NET1_POD_IP6),
+            (&u, NET1_UPSTREAM_IP, NET1_UPSTREAM_IP6),
+        ] {
+            let (a4, a6) = (format!("{addr}/24"), format!("{addr6}/64"));
+            run("ip", &["-n", ns, "addr", "add", &a4, "dev", "net1"])?;
+            run(
+                "ip",
+                &["-n", ns, "-6", "addr", "add", &a6, "dev", "net1", "nodad"],
+            )?;
+            run("ip", &["-n", ns, "link", "set", "net1", "up"])?;
+        }
+        let (via, via6) = (NET1_UPSTREAM_IP.to_string(), NET1_UPSTREAM_IP6.to_string());
+        run(
+            "ip",
+            &[
+                "-n",
+                &p,
+                "route",
+                "add",
+                "10.210.0.0/16",
+                "via",
+                &via,
+                "dev",
+                "net1",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &p,
+                "route",
+                "add",
+                "10.210.7.0/24",
+                "via",
+                &UPSTREAM_IP.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &p,
+                "-6",
+                "route",
+                "add",
+                "fd00:210::/64",
+                "via",
+                &via6,
+                "dev",
+                "net1",
+            ],
+        )?;
+        for a in [format!("{NET1_REMOTE}/32"), format!("{NET1_HOLE}/32")] {
+            run("ip", &["-n", &u, "addr", "add", &a, "dev", "lo"])?;
+        }
+        let a6 = format!("{NET1_REMOTE6}/128");
+        run(
+            "ip",
+            &["-n", &u, "-6", "addr", "add", &a6, "dev", "lo", "nodad"],
+        )?;
         Ok(())
     }
 

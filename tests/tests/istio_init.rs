@@ -12,7 +12,7 @@ use std::{
 
 use redirect_tests::{
     APP_PORT, Fixture, can_run,
-    pod::{As, POD_IP, Side, UPSTREAM_IP},
+    pod::{As, NET1_POD_IP, NET1_REMOTE, POD_IP, Side, UPSTREAM_IP},
     redirect_bin,
 };
 
@@ -234,7 +234,7 @@ fn what_is_not_implemented_is_refused_by_name_and_nothing_is_applied() {
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case> = vec![
         (vec!["-m", "TPROXY"], vec![], "TPROXY"),
-        (vec!["-c", "eth1"], vec![], "--istio-exclude-interfaces"),
+        (vec!["-c", "eth/1"], vec![], "--exclude-interfaces"),
         (vec!["-k", "net0ps2"], vec![], "--kube-virt-interfaces"),
         (
             vec![],
@@ -286,6 +286,52 @@ fn dns_capture_takes_the_nameservers_of_resolv_conf() {
         assert_eq!(dns["servers"], serde_json::json!(expected), "{status}");
         // TCP is captured as before.
         assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+    }
+}
+
+#[test]
+fn excluded_interfaces_from_the_flag_and_the_environment() {
+    need_root!();
+    let bin = IstioBin::new();
+    for (args, env) in [
+        (vec!["-c", "net1"], vec![]),
+        (vec!["--istio-exclude-interfaces=eth7,net+"], vec![]),
+        (vec![], vec![("ISTIO_EXCLUDE_INTERFACES", "net1")]),
+    ] {
+        let mut f = Fixture::new();
+        f.pod
+            .add_second_interface()
+            .expect("the pod's second interface");
+        let at = [format!("{NET1_REMOTE}:80")];
+        let refs: Vec<&str> = at.iter().map(String::as_str).collect();
+        f.pod
+            .start_server(Side::Upstream, As::PROXY_LESS, "upstream-net1", &refs)
+            .expect("upstream server on net1");
+        let mut all = DEFAULT_ARGS.to_vec();
+        all.extend_from_slice(&args);
+        let out = istio_iptables(&f, &bin, INIT, &all, &env, &no_node(&f));
+        assert!(out.status.success(), "{args:?} {env:?}: {}", text(&out));
+        // Through net1: left alone, both ways; through eth0: captured.
+        assert_eq!(
+            f.who_answers(As::APP, &format!("{NET1_REMOTE}:80")),
+            "upstream-net1",
+            "{args:?} {env:?}"
+        );
+        assert_eq!(
+            f.who_answers_in(&format!("{NET1_POD_IP}:{APP_PORT}")),
+            "app",
+            "{args:?} {env:?}"
+        );
+        assert_eq!(f.who_answers(As::APP, &upstream(80)), "proxy");
+        assert_eq!(f.who_answers_in(&format!("{POD_IP}:{APP_PORT}")), "proxy");
+        let status = f.status().expect("status");
+        assert!(
+            !status["policy"]["exclude_ifindexes"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{status}"
+        );
     }
 }
 

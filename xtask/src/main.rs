@@ -187,7 +187,7 @@ fn main() -> Result<()> {
 }
 
 /// Suites `cargo xtask test` runs a second time in node mode.
-const NODE_MODE_SUITES: [&str; 9] = [
+const NODE_MODE_SUITES: [&str; 10] = [
     "inbound",
     "outbound",
     "ipv6",
@@ -197,6 +197,7 @@ const NODE_MODE_SUITES: [&str; 9] = [
     "differential",
     "haproxy",
     "dns",
+    "interfaces",
 ];
 
 /// Tests of those suites about one-shot `apply` itself (its flags, its

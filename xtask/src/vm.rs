@@ -37,7 +37,7 @@ use crate::{apt_install, env_cargo, output, root, run, target_dir};
 /// (under emulation `istio_init` alone took seven minutes, `apply_safety`'s
 /// forty-eight concurrent applies about as long, and CI has two VM runs to
 /// fit).
-const TESTS: [&str; 8] = [
+const TESTS: [&str; 9] = [
     "inbound",
     "ipv6",
     "exemptions",
@@ -46,6 +46,7 @@ const TESTS: [&str; 8] = [
     "owner",
     "node",
     "dns",
+    "interfaces",
 ];
 /// Tests skipped in the VM: those that need iptables, and the DNS tests
 /// of the policy (which queries are captured, from which owner, to which
