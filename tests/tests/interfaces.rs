@@ -129,6 +129,17 @@ fn excluded_interface_traffic_is_not_captured() {
         (&format!("in [{POD_IP6}]:{APP_PORT}"), "proxy"),
     ]);
     assert_eq!(answers(&f), want);
+    // sock_ops does not know the interface: the application's socket of a
+    // connection -c kept from the proxy has its own address as original
+    // destination, which is what conntrack answers for a connection nobody
+    // redirected (docs/semantics.md).
+    let v = f.connect_in(&format!("{NET1_POD_IP}:{APP_PORT}"));
+    let r = v.reply.expect("the app answers");
+    assert_eq!(r.server, "app");
+    assert_eq!(
+        r.orig_dst.as_deref(),
+        Some(format!("{NET1_POD_IP}:{APP_PORT}").as_str())
+    );
     // `status` shows what is excluded, and `explain` reads it back from the
     // pins and decides as the kernel did.
     let status = f.status().expect("status");
