@@ -169,6 +169,16 @@ pub struct MapsPlan {
     /// `POD_ADDRS`: the addresses `sk_lookup` finds the pod by.
     #[serde(rename = "POD_ADDRS")]
     pub pod_addrs: Summary<String>,
+    /// `EXCLUDED_IFACES`: the ifindexes of the interfaces `-c` excludes.
+    #[serde(rename = "EXCLUDED_IFACES")]
+    pub excluded_ifaces: Summary<u32>,
+    /// `ROUTES_V4` and `ROUTES_V6`: the routes through an excluded
+    /// interface.
+    #[serde(rename = "ROUTES_EXCLUDED")]
+    pub routes_excluded: Summary<String>,
+    /// ... and the others (they outrank a shorter excluded one).
+    #[serde(rename = "ROUTES_OTHER")]
+    pub routes_other: Summary<String>,
 }
 
 /// Everything `apply` would do.
@@ -298,7 +308,26 @@ pub fn maps_plan_of(e: &PolicyEntries, facts: &crate::policy::NetnsFacts) -> Map
         include_v6: cidrs6(&e.include_v6),
         local_v6: Summary::new(e.local_v6.iter().map(ToString::to_string)),
         pod_addrs: Summary::new(e.pod_addrs().map(|a| a.to_string())),
+        excluded_ifaces: Summary::new(e.excluded_ifaces.iter().copied()),
+        routes_excluded: routes(e, 1),
+        routes_other: routes(e, 0),
     }
+}
+
+/// The route entries of `e` whose value is `v`, as `prefix/len`.
+fn routes(e: &PolicyEntries, v: u8) -> Summary<String> {
+    Summary::new(
+        e.routes_v4
+            .iter()
+            .filter(|r| r.2 == v)
+            .map(|(a, p, _)| format!("{a}/{p}"))
+            .chain(
+                e.routes_v6
+                    .iter()
+                    .filter(|r| r.2 == v)
+                    .map(|(a, p, _)| format!("{a}/{p}")),
+            ),
+    )
 }
 
 /// Checks `req` as `apply` does and returns what apply would do. Touches
@@ -309,6 +338,9 @@ pub fn plan(req: &ApplyRequest) -> Result<Plan> {
     }
     check_cgroup(&req.cgroup)?;
     let facts = netns::probe(req.netns.as_deref())?;
+    // -c on a kernel whose sk_lookup cannot tell the interface.
+    crate::btf::with_ifindex_offset(req.policy.config(&facts))?;
+    crate::policy::warn_absent_interfaces(&req.policy, &facts);
     refuse_bpffs_root(&req.pin_dir)?;
     let cgroup = File::open(&req.cgroup)
         .with_context(|| format!("--cgroup {}: cannot open", req.cgroup.display()))?;
@@ -523,6 +555,13 @@ impl fmt::Display for MapsPlan {
         write_summary(f, map_names::INCLUDE_V6, &m.include_v6, include_note)?;
         write_summary(f, map_names::LOCAL_V6, &m.local_v6, "")?;
         write_summary(f, map_names::POD_ADDRS, &m.pod_addrs, "")?;
+        write_summary(f, map_names::EXCLUDED_IFACES, &m.excluded_ifaces, "")?;
+        write_summary(
+            f,
+            "ROUTES_V4/_V6",
+            &m.routes_excluded,
+            " (through an excluded interface)",
+        )?;
         Ok(())
     }
 }

@@ -223,6 +223,51 @@ fn excluding_lo_leaves_the_proxys_calls_to_its_own_pod_alone() {
 }
 
 #[test]
+fn dry_run_shows_the_excluded_interfaces_and_routes() {
+    need_root!();
+    let f = fixture();
+    let cgroup = f.pod.cgroup.display().to_string();
+    let netns = f.pod.netns_path(Side::Pod).display().to_string();
+    let pin = f.pin_dir.display().to_string();
+    let out = f.redirect(&[
+        "apply",
+        "--dry-run",
+        "--json",
+        "--cgroup",
+        &cgroup,
+        "--netns",
+        &netns,
+        "--pin-dir",
+        &pin,
+        "-i",
+        "*",
+        "-c",
+        "net1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan JSON");
+    let maps = &plan["maps"];
+    assert_eq!(maps["EXCLUDED_IFACES"]["count"], 1, "{maps}");
+    let excluded = maps["ROUTES_EXCLUDED"]["entries"].as_array().unwrap();
+    assert!(
+        excluded.contains(&serde_json::json!("10.210.0.0/16")),
+        "{maps}"
+    );
+    assert!(
+        maps["ROUTES_OTHER"]["entries"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("10.210.7.0/24")),
+        "{maps}"
+    );
+    assert!(!f.pin_dir.exists(), "a dry run pins nothing");
+}
+
+#[test]
 fn an_interface_the_pod_does_not_have_excludes_nothing() {
     need_root!();
     let f = fixture();
