@@ -60,6 +60,7 @@ pub mod pods;
 pub mod policy;
 #[cfg(feature = "loader")]
 pub mod render;
+pub mod routes;
 #[cfg(feature = "loader")]
 pub mod state;
 #[cfg(feature = "loader")]

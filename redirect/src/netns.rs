@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::policy::{Cidr, NetnsFacts, Route};
+use crate::policy::NetnsFacts;
 
 /// Checks that `path` is a network namespace file (`/proc/PID/ns/net`,
 /// `/run/netns/NAME`, ...) and returns it opened.
@@ -75,13 +75,15 @@ pub fn in_netns<T: Send + 'static>(
 /// Addresses the namespace owns, and its source address for the outside.
 pub fn probe(netns: Option<&Path>) -> Result<NetnsFacts> {
     in_netns(netns, || {
+        let interfaces = interfaces()?;
+        let routes = crate::routes::main_routes(&interfaces)?;
         Ok(NetnsFacts {
             local_addrs: local_addrs()?,
             source_v4: source_v4(),
             source_v6: source_v6(),
             netns_cookie: netns_cookie()?,
-            interfaces: interfaces()?,
-            routes: routes()?,
+            interfaces,
+            routes,
         })
     })
 }
@@ -107,73 +109,6 @@ pub fn interfaces() -> Result<Vec<(String, u32)>> {
     unsafe { libc::if_freenameindex(head) };
     out.sort();
     Ok(out)
-}
-
-/// `RTF_REJECT`: an unreachable, blackhole or prohibit route.
-const RTF_REJECT: u32 = 0x0200;
-
-/// The current thread's namespace's routes: IPv4's main table
-/// (`/proc/thread-self/net/route`) and IPv6's (`ipv6_route`).
-pub fn routes() -> Result<Vec<Route>> {
-    let v4 = std::fs::read_to_string("/proc/thread-self/net/route")
-        .context("reading /proc/thread-self/net/route")?;
-    let mut out = parse_routes_v4(&v4);
-    // A kernel without IPv6 has no ipv6_route.
-    if let Ok(v6) = std::fs::read_to_string("/proc/thread-self/net/ipv6_route") {
-        out.extend(parse_routes_v6(&v6));
-    }
-    Ok(out)
-}
-
-/// The routes of `/proc/net/route` (a header line, then `Iface Destination
-/// Gateway Flags RefCnt Use Metric Mask ...`, addresses as hex words in
-/// memory order).
-pub fn parse_routes_v4(text: &str) -> Vec<Route> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let word = |i: usize| f.get(i).and_then(|x| u32::from_str_radix(x, 16).ok());
-            let (dst, flags, metric, mask) = (word(1)?, word(3)?, word(6)?, word(7)?);
-            let prefix = mask
-                .to_ne_bytes()
-                .iter()
-                .map(|b| b.count_ones())
-                .sum::<u32>() as u8;
-            let dev = (flags & RTF_REJECT == 0 && f[0] != "*").then(|| f[0].to_string());
-            Some(Route {
-                dst: Cidr {
-                    addr: IpAddr::V4(Ipv4Addr::from(dst.to_ne_bytes())),
-                    prefix,
-                },
-                dev,
-                metric,
-            })
-        })
-        .collect()
-}
-
-/// The routes of `/proc/net/ipv6_route` (`dest plen src splen nexthop
-/// metric refcnt use flags dev`, in hex).
-pub fn parse_routes_v6(text: &str) -> Vec<Route> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let dst = u128::from_str_radix(f.first()?, 16).ok()?;
-            let prefix = u8::from_str_radix(f.get(1)?, 16).ok()?;
-            let metric = u32::from_str_radix(f.get(5)?, 16).ok()?;
-            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-            let dev = f.get(9)?;
-            Some(Route {
-                dst: Cidr {
-                    addr: IpAddr::V6(Ipv6Addr::from(dst)),
-                    prefix,
-                },
-                dev: (flags & RTF_REJECT == 0).then(|| dev.to_string()),
-                metric,
-            })
-        })
-        .collect()
 }
 
 /// Every address configured on an interface of the current namespace.
@@ -262,41 +197,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_proc_routes() {
-        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                  eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                  net1\t000200C0\t00000000\t0001\t0\t0\t5\t00FFFFFF\t0\t0\t0\n\
-                  *\t0000000A\t00000000\t0201\t0\t0\t0\t000000FF\t0\t0\t0\n";
-        let r = parse_routes_v4(v4);
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
-        assert_eq!(r[0].dev.as_deref(), Some("eth0"));
-        assert_eq!(r[1].dst.to_string(), "192.0.2.0/24");
-        assert_eq!((r[1].dev.as_deref(), r[1].metric), (Some("net1"), 5));
-        assert_eq!(r[2].dst.to_string(), "10.0.0.0/8");
-        assert_eq!(r[2].dev, None);
-        let v6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 \
-                  00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
-                  00000000000000000000000000000001 80 00000000000000000000000000000000 00 \
-                  00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo\n\
-                  20010db8000000000000000000000000 20 00000000000000000000000000000000 00 \
-                  00000000000000000000000000000000 00000400 00000001 00000000 00200200       lo\n";
-        let r = parse_routes_v6(v6);
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[0].dst.to_string(), "fd00::/64");
-        assert_eq!((r[0].dev.as_deref(), r[0].metric), (Some("eth0"), 256));
-        assert_eq!(r[1].dst.to_string(), "::1/128");
-        assert_eq!(r[1].dev.as_deref(), Some("lo"));
-        assert_eq!(
-            r[2].dev, None,
-            "a rejecting route leaves through no interface"
-        );
-    }
-
-    #[test]
     fn reads_this_namespace() {
         let ifs = interfaces().unwrap();
         assert!(ifs.iter().any(|(n, i)| n == "lo" && *i == 1), "{ifs:?}");
-        routes().unwrap();
     }
 }
