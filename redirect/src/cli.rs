@@ -509,6 +509,11 @@ pub struct IptablesArgs {
     /// Which rule set.
     #[arg(long, value_enum, default_value = "both")]
     pub family: FamilyArg,
+    /// istio-iptables' `-k`: virtual interfaces (a VM in the pod) whose
+    /// traffic goes to the outbound proxy port. Rendered only: `apply`
+    /// refuses it, as it needs NAT.
+    #[arg(short = 'k', long = "kube-virt-interfaces", default_value = "")]
+    pub kube_virt_interfaces: String,
     /// The policy.
     #[command(flatten)]
     pub policy: PolicyArgs,

@@ -697,12 +697,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Iptables(args) => {
             let spec = args.policy.to_spec()?;
+            let virt = redirect::policy::parse_interfaces(
+                "--kube-virt-interfaces",
+                &args.kube_virt_interfaces,
+            )?;
             print!(
                 "{}",
                 match args.family {
-                    FamilyArg::V4 => render::render(&spec, Family::V4),
-                    FamilyArg::V6 => render::render(&spec, Family::V6),
-                    FamilyArg::Both => render::render_both(&spec),
+                    FamilyArg::V4 => render::render_virt(&spec, Family::V4, &virt),
+                    FamilyArg::V6 => render::render_virt(&spec, Family::V6, &virt),
+                    FamilyArg::Both => render::render_both_virt(&spec, &virt),
                 }
             );
         }

@@ -2,8 +2,9 @@
 //! policy, as `iptables-restore` / `ip6tables-restore` input.
 //!
 //! [`render`] is a pure function of a [`PolicySpec`]. It follows
-//! `tools/istio-iptables/pkg/capture/run.go` (REDIRECT mode, no DNS capture,
-//! no virtual or excluded interfaces) rule for rule and in the same order,
+//! `tools/istio-iptables/pkg/capture/run.go` (REDIRECT mode, with DNS
+//! capture, excluded interfaces and, render-only, virtual interfaces) rule
+//! for rule and in the same order,
 //! and prints the `nat` table the way istio's rule builder does: first `-N`
 //! for each chain it creates, then every rule. The lines match istio's own
 //! golden test data (`capture/testdata/*.golden`, the `nat` part) for the
@@ -139,6 +140,15 @@ pub fn include_has_loopback(spec: &PolicySpec) -> bool {
 /// The lines of the `nat` table istio-iptables installs for `spec` in
 /// `family`, without the `*nat` header and the `COMMIT` trailer.
 pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
+    nat_rules_virt(spec, family, &[])
+}
+
+/// [`nat_rules`] with istio-iptables' `-k` (`--kube-virt-interfaces`):
+/// traffic arriving on these interfaces (from a VM in the pod) goes to the
+/// outbound proxy port. Rendered only: redirect cannot apply it (it needs
+/// NAT; docs/semantics.md), but `redirect iptables` prints what
+/// istio-iptables would install.
+pub fn nat_rules_virt(spec: &PolicySpec, family: Family, virt: &[String]) -> Vec<String> {
     let dns = dns_servers(spec, family);
     // Whether this family's OUTPUT jumps to the DNS chain.
     let dns_jump = dns
@@ -156,6 +166,11 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
     for i in &spec.exclude_interfaces {
         rule(format!("-A PREROUTING -i {i} -j RETURN"));
         rule(format!("-A OUTPUT -o {i} -j RETURN"));
+    }
+    // Virtual interfaces (`-k`): inserted at the head of PREROUTING, so
+    // that nothing of istio's inbound capture sees their traffic...
+    for i in virt {
+        rule(format!("-I PREROUTING 1 -i {i} -j RETURN"));
     }
 
     // The tunnel port never goes to the proxy; the two REDIRECT chains.
@@ -327,10 +342,20 @@ pub fn nat_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
         ));
     }
     // 9. Included CIDRs of this family, or everything.
+    // ... and above those, what they send to the outbound proxy port: all
+    // of it, or what goes to an included CIDR.
     match &spec.include_cidrs {
-        Include::All => rule(format!("-A {OUTPUT} -j {REDIRECT}")),
+        Include::All => {
+            rule(format!("-A {OUTPUT} -j {REDIRECT}"));
+            for i in virt {
+                rule(format!("-I PREROUTING 1 -i {i} -j {REDIRECT}"));
+            }
+        }
         Include::List(l) => {
             for c in l.iter().filter(|c| family.matches(c)) {
+                for i in virt {
+                    rule(format!("-I PREROUTING 1 -i {i} -d {c} -j {REDIRECT}"));
+                }
                 rule(format!("-A {OUTPUT} -d {c} -j {REDIRECT}"));
             }
         }
@@ -389,8 +414,13 @@ pub fn raw_rules(spec: &PolicySpec, family: Family) -> Vec<String> {
 /// `*raw` and [`raw_rules`]. Loading it replaces those whole tables of the
 /// namespace, as istio-iptables' own restore does.
 pub fn render(spec: &PolicySpec, family: Family) -> String {
+    render_virt(spec, family, &[])
+}
+
+/// [`render`] with `-k`'s rules ([`nat_rules_virt`]).
+pub fn render_virt(spec: &PolicySpec, family: Family, virt: &[String]) -> String {
     let mut s = String::from("*nat\n");
-    for line in nat_rules(spec, family) {
+    for line in nat_rules_virt(spec, family, virt) {
         s.push_str(&line);
         s.push('\n');
     }
@@ -411,6 +441,11 @@ pub fn render(spec: &PolicySpec, family: Family) -> String {
 /// loads it. Not loadable as a whole: give each half to its own tool, or use
 /// [`render`] for one family.
 pub fn render_both(spec: &PolicySpec) -> String {
+    render_both_virt(spec, &[])
+}
+
+/// [`render_both`] with `-k`'s rules ([`nat_rules_virt`]).
+pub fn render_both_virt(spec: &PolicySpec, virt: &[String]) -> String {
     let mut s = String::new();
     for family in [Family::V4, Family::V6] {
         let _ = writeln!(
@@ -419,7 +454,7 @@ pub fn render_both(spec: &PolicySpec) -> String {
             family.label(),
             family.restore_command()
         );
-        s.push_str(&render(spec, family));
+        s.push_str(&render_virt(spec, family, virt));
     }
     s
 }
@@ -472,6 +507,47 @@ mod tests {
             OUTPUT_HEAD,
         ]);
         assert_eq!(got, want);
+    }
+
+    /// istio's `kube-virt-interfaces.golden` (include `*`, virtual
+    /// interfaces eth1 and eth2).
+    #[test]
+    fn kube_virt_interfaces_golden() {
+        let spec = PolicySpec {
+            include_cidrs: Include::All,
+            ..PolicySpec::default()
+        };
+        let virt = ["eth1".to_string(), "eth2".to_string()];
+        let got = nat_rules_virt(&spec, Family::V4, &virt);
+        let want = golden(&[
+            &HEAD[..4],
+            &[
+                "-I PREROUTING 1 -i eth1 -j RETURN",
+                "-I PREROUTING 1 -i eth2 -j RETURN",
+            ],
+            &HEAD[4..],
+            OUTPUT_HEAD,
+            &[
+                "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+                "-I PREROUTING 1 -i eth1 -j ISTIO_REDIRECT",
+                "-I PREROUTING 1 -i eth2 -j ISTIO_REDIRECT",
+            ],
+        ]);
+        assert_eq!(got, want);
+        // With a CIDR list: one insert per CIDR and interface, before the
+        // CIDR's own rule.
+        let spec = PolicySpec {
+            include_cidrs: Include::List(vec!["10.0.0.0/8".parse().unwrap()]),
+            ..PolicySpec::default()
+        };
+        let got = nat_rules_virt(&spec, Family::V4, &virt[..1]);
+        assert_eq!(
+            got[got.len() - 2..],
+            [
+                "-I PREROUTING 1 -i eth1 -d 10.0.0.0/8 -j ISTIO_REDIRECT".to_string(),
+                "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT".to_string(),
+            ]
+        );
     }
 
     fn golden(parts: &[&[&str]]) -> Vec<String> {

@@ -66,6 +66,8 @@ const POLICIES: &[&[&str]] = &[
         "-u",
         "",
     ],
+    // Excluded interfaces, a name and a pattern.
+    &["-i", "*", "-b", "*", "-c", "eth1,net+"],
     // DNS capture: nameservers of both families (the raw table's zones
     // too), and every address.
     &[
