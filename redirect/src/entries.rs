@@ -278,6 +278,21 @@ impl PolicyEntries {
         ]
     }
 
+    /// The `ROUTES_V4` and `ROUTES_V6` prefixes that leave through an
+    /// excluded interface (`excluded`) or not, as `prefix/len`, in address
+    /// order (IPv4 first).
+    pub fn routes_through(&self, excluded: bool) -> Vec<String> {
+        let v = u8::from(excluded);
+        let mut v4: Vec<_> = self.routes_v4.iter().filter(|r| r.2 == v).collect();
+        let mut v6: Vec<_> = self.routes_v6.iter().filter(|r| r.2 == v).collect();
+        v4.sort_unstable();
+        v6.sort_unstable();
+        v4.into_iter()
+            .map(|(a, p, _)| format!("{a}/{p}"))
+            .chain(v6.into_iter().map(|(a, p, _)| format!("{a}/{p}")))
+            .collect()
+    }
+
     /// The policy id.
     pub fn policy(&self) -> u64 {
         self.config.policy

@@ -309,25 +309,9 @@ pub fn maps_plan_of(e: &PolicyEntries, facts: &crate::policy::NetnsFacts) -> Map
         local_v6: Summary::new(e.local_v6.iter().map(ToString::to_string)),
         pod_addrs: Summary::new(e.pod_addrs().map(|a| a.to_string())),
         excluded_ifaces: Summary::new(e.excluded_ifaces.iter().copied()),
-        routes_excluded: routes(e, 1),
-        routes_other: routes(e, 0),
+        routes_excluded: Summary::new(e.routes_through(true)),
+        routes_other: Summary::new(e.routes_through(false)),
     }
-}
-
-/// The route entries of `e` whose value is `v`, as `prefix/len`.
-fn routes(e: &PolicyEntries, v: u8) -> Summary<String> {
-    Summary::new(
-        e.routes_v4
-            .iter()
-            .filter(|r| r.2 == v)
-            .map(|(a, p, _)| format!("{a}/{p}"))
-            .chain(
-                e.routes_v6
-                    .iter()
-                    .filter(|r| r.2 == v)
-                    .map(|(a, p, _)| format!("{a}/{p}")),
-            ),
-    )
 }
 
 /// Checks `req` as `apply` does and returns what apply would do. Touches

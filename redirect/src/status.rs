@@ -379,27 +379,10 @@ impl PolicyStatus {
                 .map(|a| a.ip().to_string())
                 .collect(),
         });
-        let routes = |excluded: bool| -> Vec<String> {
-            let v = u8::from(excluded);
-            let mut out: Vec<(IpAddr, u8)> = e
-                .routes_v4
-                .iter()
-                .filter(|r| r.2 == v)
-                .map(|(a, p, _)| (IpAddr::V4(*a), *p))
-                .chain(
-                    e.routes_v6
-                        .iter()
-                        .filter(|r| r.2 == v)
-                        .map(|(a, p, _)| (IpAddr::V6(*a), *p)),
-                )
-                .collect();
-            out.sort();
-            out.into_iter().map(|(a, p)| format!("{a}/{p}")).collect()
-        };
         PolicyStatus {
             exclude_ifindexes: e.excluded_ifaces.clone(),
-            exclude_routes: routes(true),
-            other_routes: routes(false),
+            exclude_routes: e.routes_through(true),
+            other_routes: e.routes_through(false),
             proxy_mark: cfg.has(config_flags::HAS_MARK).then_some(cfg.proxy_mark),
             proxy_cgroup_id: cfg
                 .has(config_flags::HAS_CGROUP)
